@@ -1,0 +1,365 @@
+"""Loading interaction datasets into one in-memory form: an item table plus per-user item sequences.
+
+Two input formats:
+
+* the Beauty-like directory format (`load_dataset`): `items.jsonl` (one JSON object a line with
+  `item_id`, `title`, `brand`, `categories`) and `interactions.csv` (`user_id,item_id,position`, position
+  = 0-based chronological order within the user);
+* the original Amazon Review files (`load_amazon_raw`): reviews and metadata as JSON lines (optionally
+  gzipped), k-core filtered here. `write_dataset` stores the result in the directory format.
+
+Item text for the embedding model (`item_text`) is
+
+    "<title> | Brand: <brand> | Categories: <cat_1> > <cat_2> > ..."
+
+with empty parts left out; an item with no title, brand or categories gets its item id as text so that
+it still has a (distinct) embedding. Such items are kept and counted in `Dataset.stats`.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ITEMS_FILE = "items.jsonl"
+INTERACTIONS_FILE = "interactions.csv"
+INTERACTION_COLUMNS = ("user_id", "item_id", "position")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and line) and what is wrong."""
+
+
+@dataclass
+class Dataset:
+    items: pd.DataFrame  # columns: item_id, title, brand, categories (list[str]), text
+    sequences: list[np.ndarray]  # per user: chronological int64 indices into `items`
+    user_ids: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+
+# ---- locating data ----------------------------------------------------------------------------------
+
+
+def default_data_dir() -> Path:
+    """`../shared/data` beside the repository root (the directory holding the `nezha` package)."""
+    repo_root = Path(__file__).resolve().parents[2]
+    return repo_root.parent / "shared" / "data"
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The data root: `data_dir` if given, else $NEZHA_DATA_DIR, else `default_data_dir()` if it exists."""
+    if data_dir is not None:
+        source = f"data dir {str(data_dir)!r}"
+        path = Path(data_dir)
+    elif os.environ.get("NEZHA_DATA_DIR"):
+        source = f"NEZHA_DATA_DIR={os.environ['NEZHA_DATA_DIR']!r}"
+        path = Path(os.environ["NEZHA_DATA_DIR"])
+    else:
+        source = f"default data dir {str(default_data_dir())!r}"
+        path = default_data_dir()
+    if not path.is_dir():
+        raise DataError(
+            f"{source} does not exist or is not a directory; pass --data-dir DIR or set NEZHA_DATA_DIR "
+            f"to a directory holding one sub-directory per dataset (e.g. DIR/amazon-beauty/{ITEMS_FILE})"
+        )
+    return path.resolve()
+
+
+def resolve_dataset_dir(dataset: str, data_dir: str | Path | None) -> Path:
+    """`dataset` as a directory: an existing path as given, else `<data dir>/<dataset>`."""
+    direct = Path(dataset)
+    if direct.is_dir() and (direct / ITEMS_FILE).exists():
+        return direct.resolve()
+    root = resolve_data_dir(data_dir)
+    path = root / dataset
+    if not path.is_dir():
+        available = sorted(p.name for p in root.iterdir() if (p / ITEMS_FILE).exists())
+        raise DataError(f"dataset {dataset!r} not found in {root}; available: {available or 'none'}")
+    return path
+
+
+# ---- item text --------------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return " ".join(str(value).split())
+
+
+def _categories(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        value = [value]
+    return [c for c in (_clean(v) for v in value) if c]
+
+
+def item_text(item_id: str, title: str, brand: str, categories: list[str]) -> str:
+    """The embedding text of one item (format in the module docstring)."""
+    parts = []
+    if title:
+        parts.append(title)
+    if brand:
+        parts.append(f"Brand: {brand}")
+    if categories:
+        parts.append("Categories: " + " > ".join(categories))
+    return " | ".join(parts) if parts else item_id
+
+
+def _items_frame(records: list[dict[str, Any]], source: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise item records into the item table; errors on an empty catalog or duplicate ids."""
+    if not records:
+        raise DataError(f"{source}: no items (empty catalog)")
+    ids = [str(r["item_id"]) for r in records]
+    titles = [_clean(r.get("title")) for r in records]
+    brands = [_clean(r.get("brand")) for r in records]
+    cats = [_categories(r.get("categories")) for r in records]
+    items = pd.DataFrame({"item_id": ids, "title": titles, "brand": brands, "categories": cats})
+    dup = items["item_id"][items["item_id"].duplicated()]
+    if len(dup):
+        raise DataError(f"{source}: {dup.nunique()} duplicate item id(s), e.g. {sorted(set(dup))[:5]}")
+    items["text"] = [item_text(*row) for row in zip(ids, titles, brands, cats, strict=True)]
+    stats = {
+        "items_missing_title": sum(not t for t in titles),
+        "items_without_text": sum(not (t or b or c) for t, b, c in zip(titles, brands, cats, strict=True)),
+    }
+    return items, stats
+
+
+# ---- directory format -------------------------------------------------------------------------------
+
+
+def _read_items_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if record.get("item_id") in (None, ""):
+                raise DataError(f"{path}:{lineno}: missing 'item_id'")
+            records.append(record)
+    return records
+
+
+def _sequences_from_frame(
+    frame: pd.DataFrame, item_index: pd.Index, order_column: str
+) -> tuple[list[np.ndarray], list[str]]:
+    """Per-user index sequences ordered by `order_column` (stable: ties keep file order).
+
+    Users come in order of first appearance; `frame.item_id` must all be in `item_index`.
+    """
+    user_codes, user_ids = pd.factorize(frame["user_id"], sort=False)
+    item_idx = item_index.get_indexer(frame["item_id"]).astype(np.int64)
+    order = np.lexsort((frame[order_column].to_numpy(), user_codes))  # lexsort is stable
+    counts = np.bincount(user_codes, minlength=len(user_ids))
+    sequences = np.split(item_idx[order], np.cumsum(counts)[:-1])
+    return sequences, [str(u) for u in user_ids]
+
+
+def _finish_stats(items: pd.DataFrame, sequences: list[np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    used = np.zeros(len(items), dtype=bool)
+    if len(sequences):
+        used[np.concatenate(sequences)] = True
+    stats.update(
+        num_items=len(items),
+        num_users=len(sequences),
+        num_interactions=int(lengths.sum()),
+        mean_sequence_length=float(lengths.mean()) if len(lengths) else 0.0,
+        items_without_interactions=int((~used).sum()),
+    )
+    return stats
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a Beauty-like directory (`items.jsonl` + `interactions.csv`).
+
+    Interactions of unknown items are dropped with a warning that gives their count; every other
+    problem (missing file or column, malformed line, duplicate item id, empty catalog) is a DataError.
+    """
+    path = Path(path)
+    items_path, inter_path = path / ITEMS_FILE, path / INTERACTIONS_FILE
+    missing = [p.name for p in (items_path, inter_path) if not p.is_file()]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)} (expected {ITEMS_FILE} and {INTERACTIONS_FILE})")
+    items, stats = _items_frame(_read_items_jsonl(items_path), str(items_path))
+
+    try:
+        frame = pd.read_csv(inter_path, dtype={"user_id": str, "item_id": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{inter_path}: cannot parse CSV ({exc})") from None
+    absent = [c for c in INTERACTION_COLUMNS if c not in frame.columns]
+    if absent:
+        raise DataError(f"{inter_path}: missing column(s) {absent}; expected {list(INTERACTION_COLUMNS)}")
+    blank = (frame["user_id"] == "") | (frame["item_id"] == "")
+    position = pd.to_numeric(frame["position"], errors="coerce")
+    bad = blank | position.isna()
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # +1 header, +1 one-based
+        raise DataError(f"{inter_path}:{first}: empty user_id/item_id or non-numeric position ({int(bad.sum())} such rows)")
+    frame = frame.assign(position=position)
+
+    item_index = pd.Index(items["item_id"])
+    known = item_index.get_indexer(frame["item_id"]) >= 0
+    unknown = int((~known).sum())
+    if unknown:
+        log.warning(
+            "%s: dropping %d interaction(s) with %d item id(s) not in %s",
+            inter_path, unknown, frame.loc[~known, "item_id"].nunique(), ITEMS_FILE,
+        )
+        frame = frame[known]
+    if frame.empty:
+        raise DataError(f"{inter_path}: no interactions with known items")
+    sequences, user_ids = _sequences_from_frame(frame, item_index, "position")
+    stats["unknown_item_interactions"] = unknown
+    ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=_finish_stats(items, sequences, stats))
+    log.info(
+        "loaded %s: %d items, %d users, %d interactions",
+        path, ds.num_items, ds.num_users, ds.stats["num_interactions"],
+    )
+    return ds
+
+
+def write_dataset(ds: Dataset, out_dir: str | Path) -> Path:
+    """Write `ds` in the directory format that `load_dataset` (and `nezha prepare --data-dir`) reads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ITEMS_FILE).open("w", encoding="utf-8") as f:
+        for row in ds.items[["item_id", "title", "brand", "categories"]].itertuples(index=False):
+            record = {"item_id": row.item_id, "title": row.title, "brand": row.brand, "categories": list(row.categories)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    item_ids = ds.items["item_id"].to_numpy()
+    lengths = [len(s) for s in ds.sequences]
+    frame = pd.DataFrame(
+        {
+            "user_id": np.repeat(np.asarray(ds.user_ids, dtype=object), lengths),
+            "item_id": item_ids[np.concatenate(ds.sequences)] if ds.sequences else [],
+            "position": np.concatenate([np.arange(n) for n in lengths]) if lengths else [],
+        }
+    )
+    frame.to_csv(out / INTERACTIONS_FILE, index=False)
+    return out
+
+
+# ---- original Amazon Review files -------------------------------------------------------------------
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSON-lines file, gzipped or not.
+
+    The 2014 Amazon metadata files hold Python dict literals rather than JSON; those are parsed with
+    `ast.literal_eval` (literals only, no code is run).
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open("rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    record = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    raise DataError(f"{path}:{lineno}: malformed line (neither JSON nor a Python literal)") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected an object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _meta_categories(record: dict[str, Any]) -> list[str]:
+    """2014 metadata: `categories` is a list of category paths (lists) -> the first path; 2018: `category`."""
+    value = record.get("categories", record.get("category"))
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return _categories(value[0])
+    return _categories(value)
+
+
+def k_core_filter(frame: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively keep interactions whose user and item both have >= k interactions, until stable."""
+    while True:
+        user_deg = frame.groupby("user_id")["item_id"].transform("size")
+        item_deg = frame.groupby("item_id")["user_id"].transform("size")
+        keep = (user_deg >= k) & (item_deg >= k)
+        if keep.all():
+            return frame
+        frame = frame[keep]
+
+
+def load_amazon_raw(reviews_path: str | Path, meta_path: str | Path, k_core: int = 5) -> Dataset:
+    """Build a Dataset from original Amazon Review files (reviews + metadata, JSON lines, gzip or plain).
+
+    Reviews need `reviewerID`, `asin`, `unixReviewTime`; reviews of items absent from the metadata are
+    dropped (logged with their count) before iterative `k_core`-core filtering of users and items.
+    Sequences are ordered by `unixReviewTime` (ties keep file order); items keep metadata-file order
+    and users order of first review.
+    """
+    reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    rows = []
+    for lineno, r in _json_lines(reviews_path):
+        try:
+            rows.append((str(r["reviewerID"]), str(r["asin"]), int(r["unixReviewTime"])))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{reviews_path}:{lineno}: needs reviewerID, asin and an integer unixReviewTime") from None
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "time"])
+    raw_interactions = len(frame)
+
+    records = []
+    for lineno, m in _json_lines(meta_path):
+        if m.get("asin") in (None, ""):
+            raise DataError(f"{meta_path}:{lineno}: missing 'asin'")
+        records.append(
+            {"item_id": str(m["asin"]), "title": m.get("title"), "brand": m.get("brand"), "categories": _meta_categories(m)}
+        )
+    meta = pd.DataFrame(records, columns=["item_id", "title", "brand", "categories"]).drop_duplicates("item_id")
+
+    known = frame["item_id"].isin(meta["item_id"])
+    unknown = int((~known).sum())
+    if unknown:
+        log.warning("%s: dropping %d review(s) of items missing from %s", reviews_path, unknown, meta_path)
+    frame = k_core_filter(frame[known], k_core)
+    if frame.empty:
+        raise DataError(f"{reviews_path}: nothing left after {k_core}-core filtering")
+
+    meta = meta[meta["item_id"].isin(frame["item_id"])]
+    items, stats = _items_frame(meta.to_dict("records"), str(meta_path))
+    sequences, user_ids = _sequences_from_frame(frame, pd.Index(items["item_id"]), "time")
+    stats.update(raw_interactions=raw_interactions, unknown_item_interactions=unknown, k_core=k_core)
+    ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=_finish_stats(items, sequences, stats))
+    log.info(
+        "%s: %d-core gives %d items, %d users, %d interactions (of %d reviews)",
+        reviews_path, k_core, ds.num_items, ds.num_users, ds.stats["num_interactions"], raw_interactions,
+    )
+    return ds

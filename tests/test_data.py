@@ -1,0 +1,236 @@
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from nezha.data.datasets import (
+    DataError,
+    default_data_dir,
+    load_amazon_raw,
+    load_dataset,
+    resolve_data_dir,
+    resolve_dataset_dir,
+    write_dataset,
+)
+from nezha.data.split import Split, leave_one_out, load_sequences, save_sequences
+
+ITEMS = [
+    {"item_id": "a", "title": "Red Lipstick", "brand": "Acme", "categories": ["Beauty", "Makeup", "Lips"]},
+    {"item_id": "b", "title": "Face Cream", "brand": "", "categories": ["Beauty", "Skin Care"]},
+    {"item_id": "c", "title": "", "brand": "Acme", "categories": []},
+    {"item_id": "d", "title": None, "brand": None, "categories": None},
+]
+
+
+def write_dir(path, items=ITEMS, interactions="user_id,item_id,position\nu1,b,1\nu1,a,0\nu2,c,0\nu1,c,2\nu2,a,1\n"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items) if isinstance(items, list) else items)
+    (path / "interactions.csv").write_text(interactions)
+    return path
+
+
+# ---- directory format -------------------------------------------------------------------------------
+
+
+def test_load_dataset_orders_by_position_and_builds_text(tmp_path):
+    ds = load_dataset(write_dir(tmp_path / "toy"))
+    assert ds.user_ids == ["u1", "u2"]  # order of first appearance
+    assert [s.tolist() for s in ds.sequences] == [[0, 1, 2], [2, 0]]
+    assert all(s.dtype == np.int64 for s in ds.sequences)
+    assert ds.items["text"].tolist() == [
+        "Red Lipstick | Brand: Acme | Categories: Beauty > Makeup > Lips",
+        "Face Cream | Categories: Beauty > Skin Care",
+        "Brand: Acme",
+        "d",  # no text at all: the item id stands in
+    ]
+    assert ds.items["categories"].tolist()[3] == []
+    assert ds.stats["items_missing_title"] == 2
+    assert ds.stats["items_without_text"] == 1
+    assert ds.stats["items_without_interactions"] == 1
+    assert ds.stats["num_interactions"] == 5 and ds.stats["unknown_item_interactions"] == 0
+
+
+def test_unknown_items_are_dropped_with_a_count(tmp_path, caplog):
+    inter = "user_id,item_id,position\nu1,a,0\nu1,zz,1\nu1,b,2\nu2,zz,0\nu2,yy,1\n"
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(write_dir(tmp_path / "toy", interactions=inter))
+    assert "dropping 3 interaction(s) with 2 item id(s)" in caplog.text
+    assert ds.stats["unknown_item_interactions"] == 3
+    assert ds.user_ids == ["u1"] and ds.sequences[0].tolist() == [0, 1]
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    items = json.dumps(ITEMS[0]) + "\n{not json\n"
+    with pytest.raises(DataError, match=r"items\.jsonl:2: malformed JSON"):
+        load_dataset(write_dir(tmp_path / "toy", items=items))
+
+
+def test_item_line_without_id(tmp_path):
+    items = json.dumps(ITEMS[0]) + "\n" + json.dumps({"title": "x"}) + "\n"
+    with pytest.raises(DataError, match=r"items\.jsonl:2: missing 'item_id'"):
+        load_dataset(write_dir(tmp_path / "toy", items=items))
+
+
+def test_duplicate_item_ids(tmp_path):
+    with pytest.raises(DataError, match=r"1 duplicate item id\(s\), e\.g\. \['a'\]"):
+        load_dataset(write_dir(tmp_path / "toy", items=[*ITEMS, ITEMS[0]]))
+
+
+def test_empty_catalog(tmp_path):
+    with pytest.raises(DataError, match="empty catalog"):
+        load_dataset(write_dir(tmp_path / "toy", items="\n"))
+
+
+def test_missing_columns_and_files(tmp_path):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['position'\]"):
+        load_dataset(write_dir(tmp_path / "toy", interactions="user_id,item_id\nu1,a\n"))
+    with pytest.raises(DataError, match=r"interactions\.csv:3: empty user_id/item_id or non-numeric position"):
+        load_dataset(write_dir(tmp_path / "toy2", interactions="user_id,item_id,position\nu1,a,0\nu1,b,x\n"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="missing items.jsonl, interactions.csv"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_no_interactions_with_known_items(tmp_path):
+    with pytest.raises(DataError, match="no interactions with known items"):
+        load_dataset(write_dir(tmp_path / "toy", interactions="user_id,item_id,position\nu1,zz,0\n"))
+
+
+def test_resolve_data_dir(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="pass --data-dir DIR or set NEZHA_DATA_DIR"):
+        resolve_data_dir(tmp_path / "nope")
+    monkeypatch.setenv("NEZHA_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path.resolve()
+    monkeypatch.setenv("NEZHA_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="NEZHA_DATA_DIR="):
+        resolve_data_dir(None)
+    monkeypatch.delenv("NEZHA_DATA_DIR")
+    assert default_data_dir().parts[-2:] == ("shared", "data")
+
+    write_dir(tmp_path / "toy")
+    assert resolve_dataset_dir("toy", tmp_path) == tmp_path / "toy"
+    assert resolve_dataset_dir(str(tmp_path / "toy"), None) == (tmp_path / "toy").resolve()
+    with pytest.raises(DataError, match=r"dataset 'other' not found .* available: \['toy'\]"):
+        resolve_dataset_dir("other", tmp_path)
+
+
+def test_real_beauty_counts():
+    try:
+        path = resolve_dataset_dir("amazon-beauty", None)
+    except DataError as exc:
+        pytest.skip(f"real dataset not available: {exc}")
+    ds = load_dataset(path)
+    assert ds.num_items == 12_035 and ds.num_users == 19_383
+    assert ds.stats["num_interactions"] == 138_870
+    assert min(len(s) for s in ds.sequences) >= 2
+    split = leave_one_out(ds.sequences)
+    assert len(split.test) == len(split.valid) == ds.num_users - split.skipped_users
+    assert split.skipped_users == sum(len(s) < 3 for s in ds.sequences)
+    assert len(split.train) == sum(len(s) - 3 for s in ds.sequences if len(s) >= 3)
+
+
+# ---- original Amazon files --------------------------------------------------------------------------
+
+
+def write_raw(tmp_path, reviews, meta, gz=True):
+    rpath = tmp_path / ("reviews.json.gz" if gz else "reviews.json")
+    text = "".join(json.dumps(r) + "\n" for r in reviews)
+    if gz:
+        with gzip.open(rpath, "wt") as f:
+            f.write(text)
+    else:
+        rpath.write_text(text)
+    mpath = tmp_path / "meta.json"
+    mpath.write_text("".join(m + "\n" for m in meta))
+    return rpath, mpath
+
+
+def review(user, item, t):
+    return {"reviewerID": user, "asin": item, "unixReviewTime": t, "overall": 5.0}
+
+
+def test_amazon_raw_k_core_cascades(tmp_path):
+    # k=2. Iteration 1 removes item c (1 review) and user u4 (1 review); that leaves item d with 1
+    # review (iteration 2), and then u3 with none. Only u1, u2 x a, b survive.
+    reviews = [
+        review("u1", "b", 20), review("u1", "a", 10),
+        review("u2", "a", 5), review("u2", "b", 5),  # tie: file order kept
+        review("u3", "c", 1), review("u3", "d", 2),
+        review("u4", "d", 3),
+        review("u5", "zz", 4),  # item missing from the metadata
+    ]
+    meta = [
+        # 2014 format: Python literal, categories as a list of paths
+        "{'asin': 'a', 'title': 'Lipstick', 'brand': 'Acme', 'categories': [['Beauty', 'Makeup'], ['Sale']]}",
+        json.dumps({"asin": "b", "title": "Cream", "category": ["Beauty", "Skin"]}),  # 2018 format
+        json.dumps({"asin": "c", "title": "C"}),
+        json.dumps({"asin": "d", "title": "D"}),
+    ]
+    ds = load_amazon_raw(*write_raw(tmp_path, reviews, meta), k_core=2)
+    assert ds.items["item_id"].tolist() == ["a", "b"]
+    assert ds.items["categories"].tolist() == [["Beauty", "Makeup"], ["Beauty", "Skin"]]
+    assert ds.user_ids == ["u1", "u2"]
+    assert [s.tolist() for s in ds.sequences] == [[0, 1], [0, 1]]
+    assert ds.stats["unknown_item_interactions"] == 1 and ds.stats["raw_interactions"] == 8
+
+    # written in the directory format, it loads back identically
+    back = load_dataset(write_dataset(ds, tmp_path / "out"))
+    assert back.user_ids == ds.user_ids
+    assert [s.tolist() for s in back.sequences] == [s.tolist() for s in ds.sequences]
+    assert back.items["text"].tolist() == ds.items["text"].tolist()
+
+
+def test_amazon_raw_errors(tmp_path):
+    rpath, mpath = write_raw(tmp_path, [{"reviewerID": "u1", "asin": "a"}], ['{"asin": "a"}'], gz=False)
+    with pytest.raises(DataError, match=r"reviews\.json:1: needs reviewerID, asin and an integer unixReviewTime"):
+        load_amazon_raw(rpath, mpath)
+    mpath.write_text('{"asin": "a"}\n{oops\n')
+    rpath.write_text(json.dumps(review("u1", "a", 1)) + "\n")
+    with pytest.raises(DataError, match=r"meta\.json:2: malformed line"):
+        load_amazon_raw(rpath, mpath)
+    mpath.write_text('{"asin": "a"}\n')
+    with pytest.raises(DataError, match="nothing left after 5-core filtering"):
+        load_amazon_raw(rpath, mpath)
+    with pytest.raises(DataError, match="file not found"):
+        load_amazon_raw(tmp_path / "missing.json", mpath)
+
+
+# ---- leave-one-out ----------------------------------------------------------------------------------
+
+
+def as_lists(examples):
+    return [h.tolist() for h in examples.histories], examples.targets.tolist()
+
+
+def test_leave_one_out_exact():
+    seqs = [np.array([0, 1, 2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9])]
+    split = leave_one_out(seqs, max_history=2)
+    assert split.skipped_users == 1
+    assert as_lists(split.train) == ([[0], [0, 1]], [1, 2])
+    assert as_lists(split.valid) == ([[1, 2], [7]], [3, 8])
+    assert as_lists(split.test) == ([[2, 3], [7, 8]], [4, 9])
+    assert split.sizes() == {"train": 2, "valid": 2, "test": 2}
+
+    full = leave_one_out(seqs, max_history=20)
+    assert as_lists(full.test) == ([[0, 1, 2, 3], [7, 8]], [4, 9])
+    with pytest.raises(ValueError, match="max_history"):
+        leave_one_out(seqs, max_history=0)
+
+
+def test_split_and_sequences_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 100, size=n) for n in rng.integers(1, 30, size=50)]
+    split = leave_one_out(seqs, max_history=5)
+    split.save(tmp_path / "split.npz")
+    back = Split.load(tmp_path / "split.npz")  # loads with allow_pickle=False
+    assert back.skipped_users == split.skipped_users
+    for name in ("train", "valid", "test"):
+        assert as_lists(getattr(back, name)) == as_lists(getattr(split, name))
+        assert getattr(back, name).targets.dtype == np.int64
+
+    save_sequences(tmp_path / "seq.npz", seqs, [f"user{i}" for i in range(50)])
+    back_seqs, users = load_sequences(tmp_path / "seq.npz")
+    assert [s.tolist() for s in back_seqs] == [s.tolist() for s in seqs]
+    assert users == [f"user{i}" for i in range(50)]
