@@ -1,0 +1,85 @@
+"""Checkpoints: `model.safetensors` + `nezha.json` (+ a copy of the catalog). Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from nezha.model.backbones import BackboneError, backbone_from_config, build_backbone
+from nezha.model.model import DTYPES, ModelConfig, NezhaModel
+from nezha.model.tokens import TokenLayout
+
+WEIGHTS = "model.safetensors"
+META = "nezha.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> NezhaModel:
+    """A fresh model: a preset (random init) or local-path backbone with our tokens added."""
+    sizes = tuple(config.codebook_sizes)
+    num_new = TokenLayout(0, sizes).num_new_tokens
+    backbone, base_vocab = build_backbone(config.backbone, num_new, DTYPES[config.dtype], seed=seed)
+    torch.manual_seed(seed + 1)
+    return NezhaModel(backbone, TokenLayout(base_vocab, sizes), config)
+
+
+def save_checkpoint(model: NezhaModel, out_dir: str | Path, catalog_dir: str | Path | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write weights + config atomically enough for readers: a temp dir renamed over the target."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))
+    backbone_config = model.backbone.config.to_dict()
+    meta = {
+        "format": 1,
+        "model": asdict(model.config),
+        "base_vocab": model.layout.base_vocab,
+        "backbone_config": backbone_config,
+        "extra": extra or {},
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    if catalog_dir is not None:
+        shutil.copytree(catalog_dir, tmp / "catalog")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a nezha checkpoint (needs {META} and {WEIGHTS}); "
+                              "train one with `nezha train` or `nezha quickstart`")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: str | None = None) -> NezhaModel:
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        config = ModelConfig(**meta["model"])
+        if dtype is not None:
+            config.dtype = dtype
+        backbone = backbone_from_config(meta["backbone_config"], DTYPES[config.dtype])
+        model = NezhaModel(backbone, TokenLayout(int(meta["base_vocab"]), tuple(config.codebook_sizes)), config)
+        load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    except (KeyError, TypeError, ValueError, BackboneError, SafetensorError, RuntimeError, OSError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    return model.to(device).eval()

@@ -1,0 +1,123 @@
+"""NezhaModel: an HF causal-LM backbone plus the heads its objectives need.
+
+Objectives (any combination, "joint" = nezha + lm):
+- nezha: prompt = history + <SP_1..SP_L>; draft head trained with teacher forcing (mean CE over levels).
+- lm:    prompt = history + target ID; next-token CE on the L target tokens (the beam-search baseline).
+- mtp:   L parallel heads on h_0 alone, no placeholders and no transition (the MTP baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from nezha.model.draft_head import TRANSITIONS, DraftHead
+from nezha.model.tokens import TokenLayout, position_ids_from_mask
+
+OBJECTIVES = ("nezha", "lm", "mtp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def normalise_objectives(objectives: Iterable[str]) -> tuple[str, ...]:
+    chosen: list[str] = []
+    for name in objectives:
+        for part in ("nezha", "lm") if name == "joint" else (name,):
+            if part not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r}; choose from {OBJECTIVES + ('joint',)}")
+            if part not in chosen:
+                chosen.append(part)
+    if not chosen:
+        raise ValueError("at least one objective is needed")
+    return tuple(chosen)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"
+    codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
+    transition: str = "rnn"
+    objectives: list[str] = field(default_factory=lambda: ["nezha"])
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"unknown transition {self.transition!r}; choose one of {TRANSITIONS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {tuple(DTYPES)}")
+        self.objectives = list(normalise_objectives(self.objectives))
+
+
+class NezhaModel(nn.Module):
+    def __init__(self, backbone: PreTrainedModel, layout: TokenLayout, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layout = layout
+        self.config = config
+        hidden = backbone.config.hidden_size
+        objectives = config.objectives
+        self.draft_head = DraftHead(hidden, layout.sizes, config.transition) if "nezha" in objectives else None
+        self.mtp_head = DraftHead(hidden, layout.sizes, "none") if "mtp" in objectives else None
+        dtype = backbone.get_input_embeddings().weight.dtype
+        for head in (self.draft_head, self.mtp_head):
+            if head is not None:
+                head.to(dtype)  # one dtype end to end: no silent bf16/fp32 mixing
+
+    @property
+    def decoders(self) -> tuple[str, ...]:
+        """Which decoders this model can serve."""
+        names = []
+        if self.draft_head is not None:
+            names.append("nezha")
+        if "lm" in self.config.objectives:
+            names += ["beam", "hf-beam"]
+        if self.mtp_head is not None:
+            names.append("mtp")
+        return tuple(names)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states [B, P, H] of one prefill (the LM head is not applied)."""
+        out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def draft_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_0 [B, H], placeholder states h_1..h_L [B, L, H]) from a left-padded prompt ending in the placeholders."""
+        levels = self.layout.levels
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return hidden[:, -levels - 1], hidden[:, -levels:]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training forward = the losses (so DDP/DeepSpeed wrappers see one forward call)."""
+        return self.losses(batch)
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-objective mean CE and their sum under "loss".
+
+        batch: targets [B, L] codes; draft_input_ids/draft_mask (history + placeholders) when nezha or
+        mtp is trained; lm_input_ids/lm_mask (history + target tokens) when lm is trained.
+        """
+        targets = batch["targets"]
+        out: dict[str, torch.Tensor] = {}
+        if self.draft_head is not None or self.mtp_head is not None:
+            h0, contexts = self.draft_inputs(batch["draft_input_ids"], batch["draft_mask"])
+            if self.draft_head is not None:
+                out["nezha"] = _level_ce(self.draft_head.teacher_forced_logits(h0, contexts, targets), targets)
+            if self.mtp_head is not None:
+                out["mtp"] = _level_ce(self.mtp_head.teacher_forced_logits(h0, None, targets), targets)
+        if "lm" in self.config.objectives:
+            levels = self.layout.levels
+            hidden = self.hidden_states(batch["lm_input_ids"], batch["lm_mask"])
+            logits = self.backbone.get_output_embeddings()(hidden[:, -levels - 1 : -1]).float()
+            labels = batch["lm_input_ids"][:, -levels:]
+            out["lm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        out["loss"] = torch.stack(list(out.values())).sum()
+        return out
+
+
+def _level_ce(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    return torch.stack([F.cross_entropy(lg.float(), targets[:, i]) for i, lg in enumerate(logits)]).mean()
