@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from nezha.decoding import decode, draft_beam_search
+from nezha.model.checkpoint import create_model
+from nezha.model.draft_head import DraftHead
+from nezha.model.model import ModelConfig
+from nezha.verify import PrefixVerifier, pack, unpack
+
+SIZES = [5, 4, 3]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, 3, (25, 3)) + [0, 1, 0], axis=0)  # a sparse catalog
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES)
+    model = create_model(ModelConfig(backbone="tiny", codebook_sizes=SIZES, objectives=["joint", "mtp"])).eval()
+    histories = [codes[rng.integers(0, len(codes), n)] for n in (1, 3, 6)]
+    return model, verifier, histories, codes
+
+
+@pytest.mark.parametrize("decoder", ["nezha", "mtp", "beam", "hf-beam-constrained"])
+def test_decoders_return_only_valid_sorted_ids(setup, decoder):
+    model, verifier, histories, _ = setup
+    result = decode(model, decoder, histories, verifier, beam=6)
+    assert result.ids.shape == result.scores.shape == (3, 6)
+    assert result.invalid.tolist() == [0, 0, 0]
+    assert verifier.contains(result.ids).all()
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
+    for row in result.ids.tolist():
+        assert len(set(row)) == len(row)
+
+
+def test_our_beam_search_equals_constrained_hf_generate(setup):
+    model, verifier, histories, _ = setup
+    ours = decode(model, "beam", histories, verifier, beam=6)
+    hf = decode(model, "hf-beam-constrained", histories, verifier, beam=6)
+    assert torch.equal(ours.ids, hf.ids)
+    assert torch.allclose(ours.scores, hf.scores, atol=1e-4)
+
+
+def test_unverified_modes_count_and_drop_invalid_ids(setup):
+    model, verifier, histories, _ = setup
+    free = decode(model, "nezha", histories, verifier, beam=8, verify="none")
+    end = decode(model, "nezha", histories, verifier, beam=8, verify="end")
+    assert torch.equal(free.invalid, end.invalid)
+    assert free.invalid.sum() > 0  # random weights wander off the sparse catalog
+    valid_end = end.ids[end.ids >= 0]
+    assert verifier.contains(valid_end).all()
+    assert ((end.ids >= 0).sum(1) == 8 - end.invalid).all()
+    with pytest.raises(ValueError, match="verify mode"):
+        decode(model, "nezha", histories, verifier, beam=4, verify="sometimes")
+
+
+def test_unknown_or_missing_decoder_is_a_clear_error(setup):
+    model, verifier, histories, _ = setup
+    with pytest.raises(ValueError, match="unknown decoder"):
+        decode(model, "greedy", histories, verifier, beam=4)
+    nezha_only = create_model(ModelConfig(backbone="tiny", codebook_sizes=SIZES))
+    with pytest.raises(ValueError, match="serves nezha"):
+        decode(nezha_only, "beam", histories, verifier, beam=4)
+
+
+@pytest.mark.parametrize("transition", ["rnn", "gru", "lstm", "mlp", "add", "none"])
+def test_exhaustive_draft_beam_equals_brute_force_ranking(transition, setup):
+    _, _, _, codes = setup
+    torch.manual_seed(1)
+    head = DraftHead(16, SIZES, transition).eval()
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES)
+    h0, ctx = torch.randn(2, 16), torch.randn(2, 3, 16)
+    full = int(np.prod(SIZES))
+    with torch.no_grad():
+        result = draft_beam_search(head, h0, ctx, verifier, beam=full, topk=len(codes))
+        # brute force: teacher-forced log-prob of every valid item
+        targets = torch.from_numpy(codes)
+        scores = []
+        for b in range(2):
+            logits = head.teacher_forced_logits(h0[b : b + 1].expand(len(codes), -1),
+                                                ctx[b : b + 1].expand(len(codes), -1, -1), targets)
+            scores.append(sum(torch.log_softmax(lg, -1).gather(1, targets[:, i : i + 1]).squeeze(1)
+                              for i, lg in enumerate(logits)))
+    for b in range(2):
+        order = torch.argsort(scores[b], descending=True)
+        expected_ids = torch.from_numpy(pack(codes, SIZES))[order]
+        assert torch.allclose(result.scores[b], scores[b][order], atol=1e-5)
+        assert torch.equal(result.ids[b], expected_ids)
+
+
+def test_beam_wider_than_catalog_pads_with_minus_one(setup):
+    model, verifier, histories, codes = setup
+    result = decode(model, "nezha", histories, verifier, beam=200)
+    alive = result.ids >= 0
+    assert (alive.sum(1) == len(codes)).all()
+    assert torch.isinf(result.scores[~alive]).all()
+    decoded = {tuple(r) for r in unpack(result.ids[0][alive[0]].numpy(), SIZES).tolist()}
+    assert decoded == {tuple(r) for r in codes.tolist()}
