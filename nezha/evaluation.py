@@ -1,0 +1,181 @@
+"""`nezha evaluate`: quality (Hit/NDCG@K on full-catalog generation) and latency of each decoder, side by side.
+
+Every decoder gets the same history tokens; latency is wall time per request at batch 1 and per batch in a
+batched setting, synchronised on GPU, after warm-up, on the device named in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nezha.catalog import Catalog
+from nezha.data.split import Examples, Split, load_sequences
+from nezha.decoding import decode, decoder_available
+from nezha.metrics import hit_ndcg, popularity_ranking
+from nezha.model.checkpoint import load_checkpoint, read_meta
+from nezha.model.model import NezhaModel
+from nezha.verify.verifier import PrefixVerifier
+
+log = logging.getLogger(__name__)
+
+EVAL_DECODERS = ("nezha", "beam", "hf-beam", "hf-beam-constrained", "mtp", "popular")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
+                  beam: int, topk: int | None = None, batch_size: int = 256, verify: str = "prefix",
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ranked packed IDs [N, k] with -1 padding, invalid IDs per user [N]) for every example."""
+    ranked, invalid = [], []
+    starts = range(0, len(examples), batch_size)
+    for first in tqdm(starts, desc=decoder, disable=not progress, leave=False):
+        histories = [catalog.codes[h] for h in examples.histories[first : first + batch_size]]
+        result = decode(model, decoder, histories, verifier, beam, topk, verify)
+        ranked.append(result.ids.cpu().numpy())
+        invalid.append(result.invalid.cpu().numpy())
+    return np.concatenate(ranked), np.concatenate(invalid)
+
+
+def measure_latency(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier,
+                    examples: Examples, beam: int, batch_size: int, repeats: int, warmup: int = 3,
+                    verify: str = "prefix") -> dict[str, float]:
+    """Wall-clock ms per call of `batch_size` requests (p50, p99, mean) and per request (mean / batch)."""
+    device = next(model.parameters()).device
+    times = []
+    for i in range(warmup + repeats):
+        first = (i * batch_size) % max(1, len(examples) - batch_size)
+        histories = [catalog.codes[h] for h in examples.histories[first : first + batch_size]]
+        synchronize(device)
+        start = time.perf_counter()
+        decode(model, decoder, histories, verifier, beam, verify=verify)
+        synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000.0)
+    arr = np.asarray(times)
+    return {"batch": batch_size, "p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
+            "mean": float(arr.mean()), "per_request_mean": float(arr.mean() / batch_size)}
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a checkpoint's decoders on the validation or test split."""
+
+    checkpoint: str = "runs/train/best"
+    prepared: str | None = field(default=None, metadata={"help": "prepared dir (default: the one it was trained on)"})
+    decoders: list[str] = field(default_factory=lambda: ["nezha", "beam", "hf-beam", "mtp", "popular"])
+    split: str = "test"
+    beam: int = 20
+    verify: str = "prefix"
+    batch_size: int = 64
+    max_users: int = field(default=0, metadata={"help": "score a random subset of users (0: all)"})
+    latency_requests: int = field(default=50, metadata={"help": "timed calls per setting (0: skip latency)"})
+    latency_batch: int = 32
+    device: str = "auto"
+    seed: int = 0
+    json: str | None = None
+    progress: bool = True
+
+
+def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[np.ndarray], torch.device]:
+    from nezha.prepare import load_prepared  # local: prepare pulls in the embedding stack
+
+    device = resolve_device(cfg.device)
+    meta = read_meta(cfg.checkpoint)
+    prepared = cfg.prepared or meta.get("extra", {}).get("prepared")
+    if not prepared:
+        raise ValueError("the checkpoint does not say which prepared dataset it was trained on: pass --prepared")
+    model = load_checkpoint(cfg.checkpoint, device)
+    catalog, split, _ = load_prepared(prepared)
+    sequences, _users = load_sequences(Path(prepared) / "sequences.npz")
+    return model, catalog, split, sequences, device
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.split not in ("valid", "test"):
+        raise ValueError(f"split must be valid or test, got {cfg.split!r}")
+    unknown = [d for d in cfg.decoders if d not in EVAL_DECODERS]
+    if unknown:
+        raise ValueError(f"unknown decoder(s) {unknown}; choose from {EVAL_DECODERS}")
+    model, catalog, split, sequences, device = load_eval_inputs(cfg)
+    examples = split.valid if cfg.split == "valid" else split.test
+    if cfg.max_users and len(examples) > cfg.max_users:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(examples), cfg.max_users, replace=False))
+        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    targets = catalog.packed[examples.targets]
+    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "split": cfg.split, "users": len(examples),
+                              "device": device_name(device), "config": asdict(cfg), "decoders": {}}
+    for decoder in cfg.decoders:
+        if decoder == "popular":
+            ranking = popularity_ranking(sequences, catalog.num_items)[: cfg.beam]
+            ranked = np.broadcast_to(catalog.packed[ranking], (len(examples), len(ranking)))
+            entry: dict[str, Any] = {**hit_ndcg(ranked, targets), "invalid_rate": 0.0}
+        elif not decoder_available(model, decoder):
+            log.warning("skipping %s: the checkpoint serves %s", decoder, ", ".join(model.decoders))
+            continue
+        else:
+            start = time.perf_counter()
+            ranked, invalid = rank_examples(model, decoder, catalog, verifier, examples, cfg.beam,
+                                            batch_size=cfg.batch_size, verify=cfg.verify, progress=cfg.progress)
+            entry = {**hit_ndcg(ranked, targets), "invalid_rate": float(invalid.sum() / (len(examples) * cfg.beam)),
+                     "quality_pass_seconds": time.perf_counter() - start}
+            if cfg.latency_requests:
+                single = measure_latency(model, decoder, catalog, verifier, examples, cfg.beam, 1,
+                                         cfg.latency_requests, verify=cfg.verify)
+                batched = measure_latency(model, decoder, catalog, verifier, examples, cfg.beam, cfg.latency_batch,
+                                          max(3, cfg.latency_requests // 5), verify=cfg.verify)
+                # Top-level p50/p99 are per request at batch 1 (what a serving call waits).
+                entry["latency_ms"] = {"p50": single["p50"], "p99": single["p99"], "mean": single["mean"],
+                                       "batch1": single, "batched": batched}
+        entry["device"] = report["device"]
+        report["decoders"][decoder] = entry
+        log.info("%s: hit@10 %.4f ndcg@10 %.4f", decoder, entry["hit@10"], entry["ndcg@10"])
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of a report (one row per decoder)."""
+    header = f"{'decoder':<22}{'H@5':>8}{'H@10':>8}{'N@5':>8}{'N@10':>8}{'invalid':>9}{'b1 p50':>9}{'b1 p99':>9}{'batched/req':>12}"
+    lines = [f"split {report['split']}, {report['users']} users, device {report['device']}", header]
+    for name, e in report["decoders"].items():
+        lat = e.get("latency_ms", {})
+        b1 = lat.get("batch1", {})
+        batched = lat.get("batched", {})
+        fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
+        lines.append(f"{name:<22}{e['hit@5']:>8.4f}{e['hit@10']:>8.4f}{e['ndcg@5']:>8.4f}{e['ndcg@10']:>8.4f}"
+                     f"{e['invalid_rate']:>9.4f}{fmt(b1.get('p50')):>9}{fmt(b1.get('p99')):>9}"
+                     f"{fmt(batched.get('per_request_mean')):>12}")
+    lines.append("latency in ms; b1 = one request per call; batched/req = mean call time / batch size")
+    return "\n".join(lines)

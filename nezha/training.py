@@ -1,0 +1,276 @@
+"""Single-process training (the Ray trainer reuses these pieces: it only swaps the optimiser stepper and shards).
+
+AdamW with separate learning rates for the backbone, the token embeddings and the heads, warm-up + cosine
+schedule, gradient clipping, validation every N steps with the best checkpoint kept, a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nezha.catalog import Catalog
+from nezha.data.split import Examples
+from nezha.evaluation import rank_examples, resolve_device
+from nezha.metrics import hit_ndcg
+from nezha.model.checkpoint import create_model, save_checkpoint
+from nezha.model.model import ModelConfig, NezhaModel
+from nezha.model.tokens import build_prompts
+from nezha.prepare import load_prepared
+from nezha.verify.verifier import PrefixVerifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Train a NEZHA model (and/or its baselines) on a prepared dataset."""
+
+    prepared: str = field(default="runs/prepared", metadata={"help": "output dir of `nezha prepare`"})
+    out: str = field(default="runs/train", metadata={"help": "where best/ and last/ checkpoints go"})
+    backbone: str = field(default="small", metadata={"help": "preset (tiny, small, 30m, 0.6b, 1b, 3b) or local HF dir"})
+    transition: str = "rnn"
+    objectives: list[str] = field(default_factory=lambda: ["nezha"],
+                                  metadata={"help": "nezha, lm, mtp, joint (= nezha,lm); comma-separated"})
+    dtype: str = "float32"
+    epochs: float = 3.0
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run the epochs)"})
+    batch_size: int = 128
+    lr: float = 1e-3
+    embedding_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier of the token embeddings"})
+    head_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier of the draft/MTP heads"})
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
+    eval_users: int = field(default=2000, metadata={"help": "validation users per evaluation (0: all)"})
+    eval_beam: int = 20
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    progress: bool = True
+
+    def model_config(self, codebook_sizes: Sequence[int]) -> ModelConfig:
+        return ModelConfig(backbone=self.backbone, codebook_sizes=list(codebook_sizes), transition=self.transition,
+                           objectives=list(self.objectives), dtype=self.dtype)
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    examples_per_second: float
+
+
+class Stepper(Protocol):
+    """How one optimisation step happens: plain torch here, a DeepSpeed engine in train/."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def backward_and_step(self, loss: torch.Tensor) -> None: ...
+    def current_lr(self) -> float: ...
+
+
+def param_groups(model: NezhaModel, lr: float, embedding_lr_mult: float, head_lr_mult: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Three groups by module identity (not by name matching): embeddings, heads, the rest of the backbone."""
+    embeddings = {id(model.backbone.get_input_embeddings().weight)}
+    output = model.backbone.get_output_embeddings()
+    if output is not None:
+        embeddings.add(id(output.weight))
+    heads = {id(p) for head in (model.draft_head, model.mtp_head) if head is not None for p in head.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "embeddings": [], "heads": []}
+    for param in model.parameters():  # parameters() yields tied weights once
+        if not param.requires_grad:
+            continue
+        key = "embeddings" if id(param) in embeddings else "heads" if id(param) in heads else "backbone"
+        groups[key].append(param)
+    mult = {"backbone": 1.0, "embeddings": embedding_lr_mult, "heads": head_lr_mult}
+    return [{"params": ps, "lr": lr * mult[k], "weight_decay": weight_decay, "name": k}
+            for k, ps in groups.items() if ps]
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class TorchStepper:
+    def __init__(self, model: NezhaModel, cfg: TrainConfig, total_steps: int) -> None:
+        self.model = model
+        groups = param_groups(model, cfg.lr, cfg.embedding_lr_mult, cfg.head_lr_mult, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
+        self.grad_clip = cfg.grad_clip
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model(batch)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                  bucket_batches: int = 50) -> list[np.ndarray]:
+    """One epoch of index batches for this rank: shuffled, then length-bucketed.
+
+    Histories are mostly short but a batch pads to its longest, so each window of `bucket_batches`
+    batches is sorted by length before it is cut; the batches are shuffled again afterwards. Every rank
+    gets the same number of full batches (ranks must step together).
+    """
+    rng = np.random.default_rng(seed)
+    per_rank = len(lengths) // world_size
+    order = rng.permutation(len(lengths))[rank::world_size][:per_rank]
+    window = batch_size * bucket_batches
+    batches = []
+    for first in range(0, per_rank, window):
+        chunk = order[first : first + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batch(model: NezhaModel, catalog: Catalog, histories: Sequence[np.ndarray], targets: np.ndarray,
+               device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Tensors for `NezhaModel.losses` from item-index histories and targets."""
+    layout = model.layout
+    history_codes = [catalog.codes[h] for h in histories]
+    target_codes = catalog.codes[targets]
+    batch = {"targets": torch.from_numpy(target_codes).to(device)}
+    if model.draft_head is not None or model.mtp_head is not None:
+        batch["draft_input_ids"], batch["draft_mask"] = build_prompts(layout, history_codes, True, device)
+    if "lm" in model.config.objectives:
+        batch["lm_input_ids"], batch["lm_mask"] = build_prompts(
+            layout, history_codes, False, device, suffix=layout.codes_to_tokens(target_codes))
+    return batch
+
+
+def validation_decoder(model: NezhaModel) -> str:
+    """The decoder that scores a checkpoint: NEZHA when present, else MTP, else beam search."""
+    return next(d for d in ("nezha", "mtp", "beam") if d in model.decoders)
+
+
+def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, examples: Examples, beam: int,
+             max_users: int = 0, batch_size: int = 256) -> dict[str, float]:
+    if max_users and len(examples) > max_users:
+        keep = np.random.default_rng(0).choice(len(examples), max_users, replace=False)
+        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    was_training = model.training
+    model.eval()
+    ranked, _invalid = rank_examples(model, validation_decoder(model), catalog, verifier, examples, beam,
+                                     batch_size=batch_size)
+    model.train(was_training)
+    return hit_ndcg(ranked, catalog.packed[examples.targets], ks=(1, 5, 10))
+
+
+def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Stepper] | None = None,
+          rank: int = 0, world_size: int = 1,
+          on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None) -> TrainResult:
+    """Train on `cfg.prepared`; rank 0 validates and writes `out/best` (by validation NDCG@10) and `out/last`.
+
+    `stepper_factory(model, total_steps)` replaces plain AdamW (train/ passes a DeepSpeed engine);
+    `on_evaluation(metrics, best_checkpoint_or_None)` is called on rank 0 after each validation.
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    catalog, split, _quantizer = load_prepared(cfg.prepared)
+    catalog_dir = Path(cfg.prepared) / "catalog"
+    model = create_model(cfg.model_config(catalog.codebook_sizes), seed=cfg.seed).to(device)
+    model.train()
+    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+
+    train_examples = split.train
+    per_rank = len(train_examples) // world_size
+    steps_per_epoch = max(1, per_rank // cfg.batch_size)  # = len(epoch_batches(...)): windows are whole batches
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch
+    stepper = stepper_factory(model, total_steps) if stepper_factory else TorchStepper(model, cfg, total_steps)
+    out = Path(cfg.out)
+    best_dir, last_dir = out / "best", out / "last"
+    log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s",
+             cfg.backbone, len(train_examples), per_rank, world_size, total_steps, cfg.batch_size, device,
+             ",".join(model.decoders))
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, float] = {}
+    extra = {"train_config": asdict(cfg), "prepared": str(Path(cfg.prepared).resolve())}
+    start = time.perf_counter()
+    seen = 0
+    step = 0
+    epoch = 0
+    bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    running = 0.0
+    lengths = np.fromiter((len(h) for h in train_examples.histories), dtype=np.int64, count=len(train_examples))
+    while step < total_steps:
+        for idx in epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, rank, world_size):
+            batch = make_batch(model, catalog, [train_examples.histories[i] for i in idx],
+                               train_examples.targets[idx], device)
+            losses = stepper.forward(batch)
+            stepper.backward_and_step(losses["loss"])
+            step += 1
+            seen += len(idx)
+            loss_value = float(losses["loss"].detach())  # one sync per step, for the log and the bar
+            running = loss_value if step == 1 else 0.95 * running + 0.05 * loss_value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{stepper.current_lr():.2e}")
+            if rank == 0 and step % cfg.log_every == 0:
+                rate = seen * world_size / (time.perf_counter() - start)
+                log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f examples/s", step, total_steps, running,
+                         " ".join(f"{k} {float(v):.3f}" for k, v in losses.items() if k != "loss"),
+                         stepper.current_lr(), rate)
+            if rank == 0 and (step % eval_every == 0 or step == total_steps):
+                metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users)
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": running, **metrics}
+                history.append(record)
+                improved = not best or metrics["ndcg@10"] > best["ndcg@10"]
+                if improved:
+                    best = dict(record)
+                    save_checkpoint(model, best_dir, catalog_dir, {**extra, "validation": record})
+                log.info("validation at step %d: %s%s", step,
+                         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
+                if on_evaluation:
+                    on_evaluation(record, best_dir if improved else None)
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        save_checkpoint(model, last_dir, catalog_dir, {**extra, "steps": step})
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+    rate = seen * world_size / seconds
+    log.info("trained %d steps in %.1f s (%.0f examples/s); best validation ndcg@10 %.4f", step, seconds, rate,
+             best.get("ndcg@10", float("nan")))
+    return TrainResult(best_dir, last_dir, best, history, step, seconds, rate)
