@@ -1,0 +1,317 @@
+"""The live catalog against a real redis-server: atomic changes, the follower, gaps, restarts, outages, CLI."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from redis_fixtures import RedisServer, redis_server  # noqa: F401
+
+from nezha.catalog import Catalog
+from nezha.catalog_cli import (
+    FeedEntry,
+    IdTakenError,
+    InvalidItemError,
+    ItemExistsError,
+    ItemNotFoundError,
+    NewItem,
+    NoCatalogError,
+    RedisCatalog,
+    StoreUnavailableError,
+    add_new_items,
+    codes_of,
+    redact_url,
+)
+from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_new_item
+from nezha.verify.codec import pack
+from serve.catalog_store import CatalogFollower, InProcessStore, LocalCatalog
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_prepared: Path) -> Catalog:
+    return Catalog.load(tiny_prepared / "catalog")
+
+
+@pytest.fixture(scope="module")
+def quantizer(tiny_prepared: Path) -> ResidualQuantizer:
+    return ResidualQuantizer.load(tiny_prepared / "quantizer.safetensors")
+
+
+def free_ids(used: set[int], sizes: tuple[int, ...], n: int) -> list[int]:
+    return [p for p in range(int(np.prod(sizes))) if p not in used][:n]
+
+
+@pytest.fixture
+def store(redis_server: RedisServer, catalog: Catalog) -> Iterator[RedisCatalog]:  # noqa: F811
+    s = RedisCatalog(redis_server.url)
+    s.push(catalog, source="test")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def follower(redis_server: RedisServer, store: RedisCatalog, catalog: Catalog) -> Iterator[CatalogFollower]:  # noqa: F811
+    f = CatalogFollower(RedisCatalog(redis_server.url), LocalCatalog.from_catalog(catalog), block_ms=100,
+                        max_backoff_s=0.2)
+    f.sync_once()
+    f.start()
+    yield f
+    f.stop()
+    f.join(timeout=5)
+
+
+def test_push_is_idempotent_and_bumps_version(store: RedisCatalog, catalog: Catalog) -> None:
+    first = store.snapshot()
+    assert first is not None and first.items == dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
+    assert store.push(catalog) == first.version + 1
+    second = store.snapshot()
+    assert second.items == first.items and second.epoch != first.epoch
+    assert store.push(catalog, if_empty=True) is None  # a catalog is there: left alone
+    status = store.status()
+    assert status["size"] == catalog.num_items and status["durability"] == "aof-always"
+    assert status["codebook_sizes"] == list(catalog.codebook_sizes)
+
+
+def test_changes_are_atomic_all_or_nothing(store: RedisCatalog, catalog: Catalog) -> None:
+    version = store.snapshot().version
+    new_ids = free_ids(set(catalog.packed.tolist()), catalog.codebook_sizes, 2)
+    with pytest.raises(ItemExistsError, match=catalog.item_ids[0]):
+        store.add([("NEW-A", new_ids[0]), (catalog.item_ids[0], new_ids[1])])
+    with pytest.raises(IdTakenError, match=catalog.item_ids[1]):
+        store.add([("NEW-A", int(catalog.packed[1]))])
+    with pytest.raises(ItemNotFoundError):
+        store.remove([catalog.item_ids[0], "NO-SUCH-ITEM"])
+    with pytest.raises(InvalidItemError, match="duplicate"):
+        store.add([("NEW-A", new_ids[0]), ("NEW-A", new_ids[1])])
+    after = store.snapshot()
+    assert after.version == version and "NEW-A" not in after.items and catalog.item_ids[0] in after.items
+
+    assert store.add([("NEW-A", new_ids[0])]) == version + 1
+    assert store.remove(["NEW-A", catalog.item_ids[0]]) == version + 2
+    entries = store.read_feed(version, None)
+    assert [(e.version, e.op) for e in entries] == [(version + 1, "add"), (version + 2, "remove")]
+    assert entries[1].items == [("NEW-A", new_ids[0]), (catalog.item_ids[0], int(catalog.packed[0]))]
+
+
+def test_follower_applies_changes_within_a_second(store: RedisCatalog, follower: CatalogFollower,
+                                                  catalog: Catalog) -> None:
+    local = follower.local
+    new_id = free_ids(local.used_ids(), catalog.codebook_sizes, 1)[0]
+    start = time.monotonic()
+    version = store.add([("NEW-B", new_id)])
+    assert local.wait_for(version, timeout=1.0), "add not applied within 1 s"
+    assert local.lookup(["NEW-B"]) == ([new_id], [])
+    assert bool(local.verifier.contains(torch.tensor([new_id]))[0])
+    version = store.remove(["NEW-B"])
+    assert local.wait_for(version, timeout=1.0)
+    assert time.monotonic() - start < 2.0
+    assert local.lookup(["NEW-B"]) == ([], ["NEW-B"]) and local.items_of([new_id])[0] == [None]
+    assert not bool(local.verifier.contains(torch.tensor([new_id]))[0])
+    assert follower.degraded() == []
+
+
+def test_follower_resyncs_after_a_push(store: RedisCatalog, follower: CatalogFollower, catalog: Catalog) -> None:
+    resyncs = follower.health.resyncs
+    version = store.push(catalog)
+    assert follower.local.wait_for(version, 2.0) and follower.health.resyncs == resyncs + 1
+
+
+@pytest.mark.parametrize("keep", [1, 0], ids=["feed-gap", "feed-emptied"])
+def test_follower_resyncs_when_the_feed_was_trimmed_past_it(redis_server: RedisServer, store: RedisCatalog,  # noqa: F811
+                                                            catalog: Catalog, keep: int) -> None:
+    follower = CatalogFollower(RedisCatalog(redis_server.url), LocalCatalog.from_catalog(catalog), block_ms=100)
+    follower.sync_once()  # in step, but not following yet: it misses the entries below
+    version = follower.local.version
+    for n, packed in enumerate(free_ids(follower.local.used_ids(), catalog.codebook_sizes, 3)):
+        store.add([(f"GAP-{n}", packed)])
+    store.client.xtrim(store.feed, maxlen=keep, approximate=False)
+    follower.start()
+    try:
+        assert follower.local.wait_for(version + 3, 2.0)
+        assert follower.local.lookup(["GAP-0", "GAP-1", "GAP-2"])[1] == []
+        assert follower.health.resyncs == 2  # start-up + the gap
+    finally:
+        follower.stop()
+
+
+def test_outage_refuses_writes_and_keeps_acknowledged_ones(redis_server: RedisServer, store: RedisCatalog,  # noqa: F811
+                                                           follower: CatalogFollower, catalog: Catalog) -> None:
+    local = follower.local
+    a, b, c = free_ids(local.used_ids(), catalog.codebook_sizes, 3)
+    acked = store.add([("ACK-A", a)])
+    assert local.wait_for(acked, 1.0)
+
+    redis_server.kill()
+    with pytest.raises(StoreUnavailableError, match="refused"):
+        store.add([("LOST-B", b)])
+    assert wait_until(lambda: bool(follower.degraded()))
+    assert "catalog store unavailable" in follower.degraded()[0]
+    assert local.lookup(["ACK-A", catalog.item_ids[0]])[1] == []  # still serving its copy
+
+    redis_server.start()  # same AOF directory: acknowledged writes come back
+    assert wait_until(lambda: follower.degraded() == [], timeout=5)
+    version = store.add([("ACK-C", c)])
+    assert local.wait_for(version, 1.0)
+    snapshot = store.snapshot()
+    assert "ACK-A" in snapshot.items and "ACK-C" in snapshot.items and "LOST-B" not in snapshot.items
+    assert local.lookup(["ACK-A", "ACK-C", "LOST-B"])[1] == ["LOST-B"]
+
+
+def test_restart_without_persistence_is_detected(tmp_path: Path, catalog: Catalog) -> None:
+    server = RedisServer(tmp_path / "volatile", persistent=False)
+    server.start()
+    try:
+        store = RedisCatalog(server.url)
+        store.push(catalog)
+        new_id = free_ids(set(catalog.packed.tolist()), catalog.codebook_sizes, 1)[0]
+        store.add([("KEPT-LOCALLY", new_id)])
+        follower = CatalogFollower(RedisCatalog(server.url), LocalCatalog.from_catalog(catalog), block_ms=100,
+                                   max_backoff_s=0.2)
+        follower.sync_once()
+        follower.start()
+        assert follower.local.version == 2
+        server.restart()  # empty: the catalog is gone
+        assert wait_until(lambda: "holds no catalog" in " ".join(follower.degraded()))
+        assert follower.local.lookup(["KEPT-LOCALLY"])[1] == []  # replicas keep serving their copy
+        with pytest.raises(NoCatalogError):
+            store.add([("X", new_id)])
+        version = store.push(catalog)  # version 1 < the follower's 2, new epoch: full resync
+        assert version == 1
+        assert wait_until(lambda: follower.degraded() == [] and follower.local.version == 1)
+        assert follower.local.lookup(["KEPT-LOCALLY"])[1] == ["KEPT-LOCALLY"]
+        follower.stop()
+    finally:
+        server.kill()
+
+
+def test_text_items_get_nearest_free_ids_and_retry_a_lost_race(store: RedisCatalog, catalog: Catalog,
+                                                               quantizer: ResidualQuantizer) -> None:
+    sizes = catalog.codebook_sizes
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=quantizer.dim).astype(np.float32)
+    x /= np.linalg.norm(x)
+    used = store.used_ids()
+    expected_first = int(pack(assign_new_item(x, quantizer, used), sizes))
+
+    class Racing:
+        """A store where another writer takes the chosen ID between used_ids() and add()."""
+
+        def __init__(self) -> None:
+            self.raced = False
+
+        def used_ids(self) -> set[int]:
+            return store.used_ids()
+
+        def add(self, pairs: list[tuple[str, int]]) -> int:
+            if not self.raced:
+                self.raced = True
+                store.add([("RIVAL", expected_first)])
+            return store.add(pairs)
+
+    version, pairs = add_new_items(Racing(), [NewItem("TEXT-1", text="a"), NewItem("TEXT-2", text="b")], sizes,
+                                   lambda: quantizer, lambda texts: np.stack([x] * len(texts)))
+    got = dict(pairs)
+    assert expected_first not in got.values() and len(set(got.values())) == 2
+    snapshot = store.snapshot()
+    assert snapshot.version == version and snapshot.items["TEXT-1"] == got["TEXT-1"]
+    assert snapshot.items["RIVAL"] == expected_first
+    with pytest.raises(InvalidItemError, match="exactly one"):
+        add_new_items(store, [NewItem("BOTH", codes=[0, 0, 0], text="x")], sizes, None, lambda t: x)
+    with pytest.raises(InvalidItemError, match="do not fit"):
+        add_new_items(store, [NewItem("BAD", codes=[99, 0, 0])], sizes, None, lambda t: x)
+    with pytest.raises(InvalidItemError, match="quantizer"):
+        add_new_items(store, [NewItem("NOQ", text="x")], sizes, None, lambda t: x)
+
+
+def test_concurrent_writers_never_share_an_id(store: RedisCatalog, catalog: Catalog) -> None:
+    target = free_ids(store.used_ids(), catalog.codebook_sizes, 1)[0]
+    results: list[str] = []
+
+    def writer(name: str) -> None:
+        try:
+            store.add([(name, target)])
+            results.append("ok")
+        except IdTakenError:
+            results.append("taken")
+
+    threads = [threading.Thread(target=writer, args=(f"W{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ok"] + ["taken"] * 7
+
+
+def test_in_process_store(catalog: Catalog) -> None:
+    local = LocalCatalog.from_catalog(catalog)
+    store = InProcessStore(local)
+    new_id = free_ids(local.used_ids(), catalog.codebook_sizes, 1)[0]
+    assert store.add([("LOCAL-1", new_id)]) == 1 and local.lookup(["LOCAL-1"]) == ([new_id], [])
+    with pytest.raises(ItemExistsError):
+        store.add([("LOCAL-1", new_id)])
+    with pytest.raises(IdTakenError):
+        store.add([("LOCAL-2", new_id)])
+    assert store.remove(["LOCAL-1"]) == 2 and local.items_of([new_id]) == ([None], 2)
+    with pytest.raises(ItemNotFoundError):
+        store.remove(["LOCAL-1"])
+
+
+def test_local_catalog_applies_entries_in_order_and_drops_removed_ids(catalog: Catalog) -> None:
+    local = LocalCatalog.from_catalog(catalog)
+    old_item, packed = catalog.item_ids[0], int(catalog.packed[0])
+    before = local.verifier.contains(torch.tensor([packed]))  # a decode that began before the change...
+    local.apply([FeedEntry(1, "remove", [(old_item, packed)]), FeedEntry(2, "add", [("HEIR", packed)])])
+    assert bool(before[0]) and local.items_of([packed]) == (["HEIR"], 2)  # ...maps to the new owner
+    assert local.lookup([old_item, "HEIR"]) == ([packed], [old_item])
+    local.apply([FeedEntry(3, "remove", [("HEIR", packed)])])
+    assert local.items_of([packed]) == ([None], 3) and not bool(local.verifier.contains(torch.tensor([packed]))[0])
+    assert len(local) == catalog.num_items - 1
+
+
+def test_redact_url() -> None:
+    assert redact_url("rediss://default:hunter2@cache.example:6380/0") == "rediss://default:***@cache.example:6380/0"
+    assert redact_url("redis://:pw@localhost/1") == "redis://:***@localhost/1"
+    assert redact_url("redis://127.0.0.1:7000/0") == "redis://127.0.0.1:7000/0"
+    assert redact_url("rediss://h:6380/0?password=pw&ssl_ca_certs=/ca.pem") == \
+        "rediss://h:6380/0?password=***&ssl_ca_certs=/ca.pem"
+
+
+def test_cli_push_status_add_remove(redis_server: RedisServer, tiny_prepared: Path, tmp_path: Path,  # noqa: F811
+                                    capsys: pytest.CaptureFixture[str], catalog: Catalog) -> None:
+    from nezha.cli import main
+
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "catalog").mkdir(parents=True)
+    catalog.save(checkpoint / "catalog")
+    url = ["--redis-url", redis_server.url]
+    assert main(["catalog", "push", "--checkpoint", str(checkpoint), *url]) == 0
+    assert "version 1" in capsys.readouterr().out
+    assert main(["catalog", "push", "--checkpoint", str(checkpoint), "--if-empty", *url]) == 0
+    assert "left unchanged" in capsys.readouterr().out
+    new_id = free_ids(set(catalog.packed.tolist()), catalog.codebook_sizes, 1)[0]
+    codes = ",".join(str(c) for c in codes_of(new_id, catalog.codebook_sizes))
+    assert main(["catalog", "add", "--item-id", "CLI-1", "--codes", codes, *url]) == 0
+    assert f"({new_id})" in capsys.readouterr().out
+    assert main(["catalog", "add", "--item-id", "CLI-2", "--text", "Acme shampoo",
+                 "--quantizer", str(tiny_prepared / "quantizer.safetensors"), *url]) == 0
+    assert "added CLI-2" in capsys.readouterr().out
+    assert main(["catalog", "remove", "CLI-1", *url]) == 0
+    assert main(["catalog", "status", *url]) == 0
+    out = capsys.readouterr().out
+    assert '"version": 4' in out and f'"size": {catalog.num_items + 1}' in out
+    with pytest.raises(SystemExit, match="not in the catalog"):
+        main(["catalog", "remove", "CLI-1", *url])

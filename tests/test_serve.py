@@ -1,0 +1,341 @@
+"""The recommendation service end to end: real Ray Serve over HTTP, 2 decoder replicas, a real redis-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis_fixtures import RedisServer, free_port
+
+from nezha.catalog import Catalog
+from nezha.catalog_cli import RedisCatalog, codes_of
+
+pytestmark = pytest.mark.slow
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+HISTORY = ["I010", "I011", "I012"]  # the tiny dataset's users walk forward through the catalog
+
+
+@dataclass
+class Service:
+    client: httpx.Client
+    redis: RedisServer
+    catalog: Catalog
+    port: int
+    checkpoint: Path
+
+    def recommend(self, **body: Any) -> httpx.Response:
+        return self.client.post("/v1/recommend", json={"history": HISTORY, "k": 5, **body})
+
+    def burst(self, n: int = 12, **body: Any) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(lambda _: self.recommend(**body), range(n)))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        return [r.json() for r in responses]
+
+    def wait_replicas(self, predicate: Callable[[dict[str, Any]], bool], replicas: int = 2,
+                      timeout: float = 20.0) -> dict[str, dict[str, Any]]:
+        """Poll with bursts until `replicas` distinct replicas answered with a body satisfying `predicate`."""
+        good: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.burst():
+                if predicate(body):
+                    good[body["replica"]] = body
+            if len(good) >= replicas:
+                return good
+            time.sleep(0.1)
+        raise AssertionError(f"only {len(good)} of {replicas} replicas satisfied the condition in {timeout} s")
+
+    def free_codes(self) -> list[int]:
+        """Codes of a semantic ID no item holds now (read from Redis, the source of truth)."""
+        used = RedisCatalog(self.redis.url).used_ids()
+        sizes = self.catalog.codebook_sizes
+        return codes_of(next(p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used), sizes)
+
+
+@pytest.fixture(scope="module")
+def service(ray_session: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Service]:
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    redis = RedisServer(tmp_path_factory.mktemp("serve-redis"))
+    redis.start()
+    catalog = Catalog.load(tiny_checkpoint / "catalog")
+    RedisCatalog(redis.url).push(catalog, source=str(tiny_checkpoint))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    cfg = ServeConfig(checkpoint=str(tiny_checkpoint), redis_url=redis.url, admin_token="test-admin-token",
+                      autoscaling_config={"min_replicas": 2, "max_replicas": 2}, ray_actor_options={"num_cpus": 0.5},
+                      beam=10, decoders=["nezha", "mtp", "beam"],
+                      max_history_items=50, max_exclude=20, max_body_bytes=16384, batch_wait_timeout_s=0.05,
+                      feed_block_ms=200)
+    serve.run(build_app(cfg), name="nezha", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        yield Service(client, redis, catalog, port, tiny_checkpoint)
+    finally:
+        client.close()
+        serve.shutdown()
+        redis.kill()
+
+
+def test_recommend_round_trip(service: Service) -> None:
+    r = service.recommend(k=5)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    items = body["items"]
+    assert 1 <= len(items) <= 5 and len({i["item_id"] for i in items}) == len(items)
+    assert all(i["item_id"] in service.catalog.item_ids for i in items)
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    assert body["decoder"] == "nezha" and body["k"] == 5 and body["catalog_version"] >= 1
+    assert body["latency_ms"] > 0 and body["replica"] and body["batch"]["size"] >= 1
+    for decoder in ("mtp", "beam"):
+        r = service.recommend(decoder=decoder, k=3)
+        assert r.status_code == 200 and r.json()["decoder"] == decoder and r.json()["items"], r.text
+
+
+def test_exclude_is_never_returned(service: Service) -> None:
+    top = [i["item_id"] for i in service.recommend(k=3).json()["items"]]
+    body = service.recommend(k=3, exclude=top[:2]).json()
+    got = [i["item_id"] for i in body["items"]]
+    assert not set(got) & set(top[:2]) and len(got) == 3
+
+
+def test_concurrent_requests_share_decode_batches(service: Service) -> None:
+    bodies = service.burst(24)
+    batches = {(b["replica"], b["batch"]["id"]) for b in bodies}
+    assert len(batches) < 24 and max(b["batch"]["size"] for b in bodies) > 1
+    metrics = service.client.get("/metrics").text
+    assert 'nezha_decode_batches_total{decoder="nezha"}' in metrics
+    assert "nezha_decode_batch_size_bucket" in metrics and "nezha_request_latency_seconds_bucket" in metrics
+
+
+def test_health_ready_and_metrics(service: Service) -> None:
+    assert service.client.get("/healthz").json() == {"status": "ok"}
+    ready = service.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["degraded"] == []
+    assert ready.json()["catalog"]["mode"] == "redis"
+    metrics = service.client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in ("nezha_requests_total", "nezha_invalid_ids_dropped_total", "nezha_catalog_version",
+                 "nezha_catalog_size"):
+        assert name in metrics.text
+    assert "/openapi.json" not in metrics.text and service.client.get("/openapi.json").status_code == 200
+
+
+LONG = [f"X{i}" for i in range(51)]
+BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
+    ("unknown item", {"history": ["I001", "NOPE"]}, 422, "NOPE"),
+    ("duplicate items", {"history": ["I001", "I002", "I001"]}, 422, "duplicate"),
+    ("empty history", {"history": []}, 422, "history"),
+    ("history too long", {"history": LONG}, 422, "at most 50"),
+    ("history not a list", {"history": "I001"}, 422, "history"),
+    ("history of ints", {"history": [1, 2]}, 422, "history"),
+    ("empty item id", {"history": [""]}, 422, "history"),
+    ("huge item id", {"history": ["x" * 300]}, 422, "history"),
+    ("k zero", {"history": ["I001"], "k": 0}, 422, "k"),
+    ("k over beam", {"history": ["I001"], "k": 11}, 422, "1..10"),
+    ("k as string", {"history": ["I001"], "k": "5"}, 422, "k"),
+    ("k as float", {"history": ["I001"], "k": 2.5}, 422, "k"),
+    ("k as bool", {"history": ["I001"], "k": True}, 422, "k"),
+    ("k enormous", {"history": ["I001"], "k": 10**30}, 422, "k"),
+    ("decoder unknown", {"history": ["I001"], "decoder": "greedy"}, 422, "nezha, mtp, beam"),
+    ("decoder not offered", {"history": ["I001"], "decoder": "hf-beam"}, 422, "nezha, mtp, beam"),
+    ("decoder not a string", {"history": ["I001"], "decoder": 3}, 422, "decoder"),
+    ("too many excludes", {"history": ["I001"], "exclude": LONG[:21]}, 422, "exclude"),
+    ("exclude not a list", {"history": ["I001"], "exclude": "I002"}, 422, "exclude"),
+    ("unknown field", {"history": ["I001"], "user": "u1"}, 422, "user"),
+    ("body is a list", ["I001"], 422, "body"),
+    ("body is null", None, 422, "body"),
+]
+
+
+@pytest.mark.parametrize(("payload", "status", "needle"), [c[1:] for c in BAD_REQUESTS],
+                         ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_clear_4xx(service: Service, payload: Any, status: int, needle: str) -> None:
+    r = service.client.post("/v1/recommend", json=payload)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) >= {"error", "detail"} and needle in r.text and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize(("content", "headers", "status"), [
+    (b"{not json", {"content-type": "application/json"}, 422),
+    (b"", {"content-type": "application/json"}, 422),
+    (b'{"history": ["' + b"a" * 20000 + b'"]}', {"content-type": "application/json"}, 413),
+    (iter([b'{"history": ["', b"a" * 20000, b'"]}']), {"content-type": "application/json"}, 413),  # chunked
+], ids=["invalid json", "empty body", "oversize", "oversize chunked"])
+def test_malformed_bodies(service: Service, content: Any, headers: dict[str, str], status: int) -> None:
+    r = service.client.post("/v1/recommend", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and "Traceback" not in r.text
+
+
+def test_wrong_route_and_method_are_json(service: Service) -> None:
+    assert service.client.get("/v1/recommend").status_code == 405
+    r = service.client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_admin_needs_the_bearer_token(service: Service) -> None:
+    assert service.client.get("/v1/catalog").status_code == 401
+    assert service.client.get("/v1/catalog", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert service.client.get("/v1/catalog", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    r = service.client.delete("/v1/catalog/items/I001", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403 and service.recommend(history=["I001"]).status_code == 200
+    status = service.client.get("/v1/catalog", headers=ADMIN).json()
+    assert status["store"]["version"] >= 1 and status["store"]["durability"] == "aof-always"
+
+
+def test_admin_bad_input(service: Service) -> None:
+    post = service.client.post
+    cases = [
+        ({"items": [{"item_id": "Z1", "codes": [0, 0, 0], "text": "both"}]}, 422),
+        ({"items": [{"item_id": "Z1"}]}, 422),
+        ({"items": [{"item_id": "Z1", "codes": [99, 0, 0]}]}, 422),
+        ({"items": [{"item_id": "Z1", "codes": [0, 0]}]}, 422),
+        ({"items": []}, 422),
+        ({"items": [{"item_id": "I001", "codes": [5, 5, 5]}]}, 409),
+    ]
+    for payload, status in cases:
+        r = post("/v1/catalog/items", json=payload, headers=ADMIN)
+        assert r.status_code == status, (payload, r.text)
+        assert "Traceback" not in r.text
+    r = service.client.delete("/v1/catalog/items/NO-SUCH-ITEM", headers=ADMIN)
+    assert r.status_code == 404 and "NO-SUCH-ITEM" in r.json()["detail"]
+
+
+def test_catalog_changes_reach_both_replicas(service: Service) -> None:
+    top = service.recommend(k=1).json()["items"][0]["item_id"]
+    codes = codes_of(int(service.catalog.packed[service.catalog.index_of(top)]), service.catalog.codebook_sizes)
+
+    removed = service.client.delete(f"/v1/catalog/items/{top}", headers=ADMIN)
+    assert removed.status_code == 200 and removed.json()["applied_on_replica"] is True
+    version = removed.json()["version"]
+    service.wait_replicas(lambda b: b["catalog_version"] >= version)
+    for body in service.burst(16, k=10):  # propagated: never returned again, on any replica
+        assert top not in [i["item_id"] for i in body["items"]]
+    r = service.recommend(history=[*HISTORY, top])
+    assert r.status_code == 422 and top in r.json()["item_ids"]
+
+    added = service.client.post("/v1/catalog/items", json={"items": [{"item_id": top, "codes": codes}]},
+                                headers=ADMIN)
+    assert added.status_code == 200 and added.json()["added"][0]["codes"] == codes
+    version = added.json()["version"]
+    service.wait_replicas(lambda b: b["catalog_version"] >= version and b["items"][0]["item_id"] == top)
+
+
+def test_text_add_gets_a_new_unique_id(service: Service) -> None:
+    r = service.client.post("/v1/catalog/items", headers=ADMIN,
+                            json={"items": [{"item_id": "NEW-TEXT-1", "text": "Acme shampoo no. 99"},
+                                            {"item_id": "NEW-TEXT-2", "text": "Acme shampoo no. 99"}]})
+    assert r.status_code == 200, r.text
+    added = r.json()["added"]
+    ids = {a["semantic_id"] for a in added}
+    assert len(ids) == 2 and not ids & set(service.catalog.packed.tolist())
+    version = r.json()["version"]
+    service.wait_replicas(lambda b: b["catalog_version"] >= version)
+    assert service.recommend(history=["NEW-TEXT-1", "I010"]).status_code == 200
+
+
+def test_redis_outage_keeps_serving_and_refuses_writes(service: Service) -> None:
+    acked = service.client.post("/v1/catalog/items", headers=ADMIN,
+                                json={"items": [{"item_id": "ACKED", "codes": service.free_codes()}]})
+    assert acked.status_code == 200, acked.text
+
+    free = service.free_codes()
+    service.redis.kill()
+    refused = service.client.post("/v1/catalog/items", headers=ADMIN,
+                                  json={"items": [{"item_id": "REFUSED", "codes": free}]})
+    assert refused.status_code == 503 and refused.json()["error"] == "store_unavailable"
+    assert "refused" in refused.json()["detail"]
+    assert service.recommend().status_code == 200  # served from each replica's copy
+    degraded: dict[str, Any] = {}
+    for _ in range(100):
+        ready = service.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        if ready.json()["degraded"]:
+            degraded = ready.json()
+            break
+    assert "catalog store unavailable" in degraded["degraded"][0]
+    metrics = service.client.get("/metrics").text
+    assert "nezha_catalog_degraded" in metrics
+
+    service.redis.start()  # the append-only file brings back every acknowledged write
+    service.wait_replicas(lambda b: b["catalog_version"] >= acked.json()["version"])
+    after = service.client.post("/v1/catalog/items", headers=ADMIN,
+                                json={"items": [{"item_id": "AFTER", "codes": free}]})
+    assert after.status_code == 200, after.text
+    service.wait_replicas(lambda b: b["catalog_version"] >= after.json()["version"])
+    assert service.recommend(history=["ACKED", "AFTER"]).status_code == 200
+    r = service.recommend(history=["REFUSED"])
+    assert r.status_code == 422 and "REFUSED" in r.json()["item_ids"]
+    store = RedisCatalog(service.redis.url).snapshot()
+    assert {"ACKED", "AFTER"} <= set(store.items) and "REFUSED" not in store.items
+
+
+def test_embedded_catalog_without_redis(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    monkeypatch.delenv("NEZHA_REDIS_URL", raising=False)
+    used = set(service.catalog.packed.tolist())
+    codes = codes_of(next(p for p in range(216) if p not in used), service.catalog.codebook_sizes)
+    cfg = ServeConfig(checkpoint=str(service.checkpoint), admin_token="test-admin-token", beam=10,
+                      autoscaling_config={"min_replicas": 1, "max_replicas": 3}, ray_actor_options={"num_cpus": 0.5})
+    serve.run(build_app(cfg), name="embedded", route_prefix="/embedded")
+    try:
+        status = service.client.get("/embedded/v1/catalog", headers=ADMIN).json()
+        assert status["catalog"]["mode"] == "embedded" and status["store"]["mode"] == "embedded"
+        r = service.client.post("/embedded/v1/catalog/items", headers=ADMIN,
+                                json={"items": [{"item_id": "EMB-1", "codes": codes}]})
+        assert r.status_code == 200 and r.json()["mode"] == "embedded"
+        r = service.client.post("/embedded/v1/recommend", json={"history": ["EMB-1"], "k": 3})
+        assert r.status_code == 200 and r.json()["catalog_version"] == 1
+        assert service.client.get("/embedded/readyz").json()["degraded"] == []
+    finally:
+        serve.delete("embedded")
+
+
+@pytest.mark.parametrize("path", ["serve.config.yaml", "cluster/serve.gpu.yaml"])
+def test_shipped_serve_configs_are_valid(path: str) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from nezha.config import from_dict
+    from serve.app import ServeConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` check
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:app_builder"
+    cfg = from_dict(ServeConfig, app["args"])
+    assert cfg.default_decoder in cfg.decoders and cfg.max_k <= cfg.max_beam
+    if path == "serve.config.yaml":
+        assert config["http_options"]["host"] == "127.0.0.1" and cfg.device == "auto"
+
+
+def test_config_errors_are_clear() -> None:
+    from nezha.config import ConfigError, from_dict
+    from serve.app import ServeConfig
+
+    with pytest.raises(ConfigError, match="unknown"):
+        from_dict(ServeConfig, {"decoders": ["nezha", "greedy"]})
+    with pytest.raises(ConfigError, match="default_decoder"):
+        ServeConfig(decoders=["mtp"])
+    with pytest.raises(ConfigError, match="max_k"):
+        ServeConfig(beam=10, max_beam=20, max_k=30)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ServeConfig, {"replicas": 2})
+    assert from_dict(ServeConfig, {"beam": "8", "decoders": "nezha,mtp"}).max_k == 8  # `serve run ... beam=8`
