@@ -61,6 +61,24 @@ def test_verifier_prefix_semantics(dense_limit):
     assert pack(items, sizes)[0] in verifier and len(verifier) == 3
 
 
+def test_child_mask_row_tables_agree_with_prefix_lookups():
+    """The dense children rows (fast path) give exactly what K*T prefix lookups give, padding included."""
+    sizes = [4, 5, 6]
+    rng = np.random.default_rng(0)
+    items = np.stack([rng.integers(0, s, 40) for s in sizes], -1)
+    fast = PrefixVerifier(pack(items, sizes), sizes)
+    slow = PrefixVerifier(pack(items, sizes), sizes, dense_limit=1)  # no dense tables, so no children rows
+    assert all(rows is not None for rows in fast._tables.children)
+    assert all(rows is None for rows in slow._tables.children)
+    for length in range(3):
+        space = fast.weights[length]
+        prefixes = torch.cat([torch.arange(space), torch.tensor([-1, space])]).unsqueeze(0)  # [B=1, K] with padding
+        got = fast.child_mask(prefixes, length)
+        assert got.shape == (*prefixes.shape, sizes[length])
+        assert torch.equal(got, slow.child_mask(prefixes, length)), length
+        assert not got[prefixes < 0].any() and not got[prefixes >= space].any()
+
+
 def test_verifier_add_remove_and_replace():
     sizes = [4, 4]
     verifier = PrefixVerifier([], sizes)

@@ -48,7 +48,7 @@ def beam_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torc
         logp = torch.log_softmax(last_logits.float(), dim=-1)[..., offset : offset + size]
         candidates = scores.unsqueeze(-1) + logp
         if verify == "prefix":
-            candidates = candidates.masked_fill(~verifier.child_mask(prefix, level), float("-inf"))
+            candidates = torch.where(verifier.child_mask(prefix, level), candidates, float("-inf"))
         width_before = candidates.shape[1]
         width = min(beam, width_before * size)
         scores, flat = candidates.flatten(1).topk(width, dim=-1)

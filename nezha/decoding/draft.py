@@ -31,7 +31,7 @@ def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor 
         logits = head.logits(level, state, context)  # [B, k, T]
         candidates = scores.unsqueeze(-1) + torch.log_softmax(logits.float(), dim=-1)
         if verify == "prefix":
-            candidates = candidates.masked_fill(~verifier.child_mask(prefix, level), float("-inf"))
+            candidates = torch.where(verifier.child_mask(prefix, level), candidates, float("-inf"))
         width = min(beam, candidates.shape[1] * size)
         scores, flat = candidates.flatten(1).topk(width, dim=-1)
         parent, code = flat // size, flat % size

@@ -29,6 +29,9 @@ DEFAULT_DENSE_LIMIT = 1 << 24
 class _Tables:
     dense: tuple[torch.Tensor | None, ...]  # per length 1..L: bool[prod T_<l] or None
     sorted_values: tuple[torch.Tensor | None, ...]  # per length 1..L: sorted unique int64 or None
+    # per length 0..L-1: bool[prod T_<l, T_l], row p = which codes extend prefix p (None where the
+    # longer prefix has no dense table). The beam step's mask is then one row gather, not K*T lookups.
+    children: tuple[torch.Tensor | None, ...]
 
 
 class PrefixVerifier:
@@ -88,8 +91,14 @@ class PrefixVerifier:
 
     def child_mask(self, prefix_values: torch.Tensor, length: int) -> torch.Tensor:
         """[..., T_length] bool: which next codes extend each length-`length` prefix to a valid prefix."""
+        space = self.weights[length]
+        in_range = ((prefix_values >= 0) & (prefix_values < space)).unsqueeze(-1)  # e.g. -1 padding: no children
+        children = self._tables.children[length]
+        if children is not None:
+            rows = children.index_select(0, prefix_values.clamp(0, space - 1).reshape(-1))
+            return rows.view(*prefix_values.shape, -1) & in_range
         codes = torch.arange(self.sizes[length], device=prefix_values.device, dtype=torch.int64)
-        return self.contains(prefix_values.unsqueeze(-1) + codes * self.weights[length], length + 1)
+        return self.contains(prefix_values.unsqueeze(-1) + codes * space, length + 1) & in_range
 
     # ---- catalog changes -----------------------------------------------------------------------------
     def update(self, add: Iterable[int] = (), remove: Iterable[int] = ()) -> None:
@@ -136,4 +145,8 @@ class PrefixVerifier:
             else:
                 dense.append(None)
                 sorted_values.append(torch.from_numpy(prefixes).to(self.device))
-        return _Tables(tuple(dense), tuple(sorted_values))
+        # Level-0-least-significant radix: a length-(l+1) prefix is p + c * W_l, so its dense table viewed
+        # as [T_l, W_l] holds the children of p in column p.
+        children = tuple(None if table is None else table.view(size, -1).t().contiguous()
+                         for table, size in zip(dense, self.sizes))
+        return _Tables(tuple(dense), tuple(sorted_values), children)
