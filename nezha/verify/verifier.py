@@ -148,5 +148,5 @@ class PrefixVerifier:
         # Level-0-least-significant radix: a length-(l+1) prefix is p + c * W_l, so its dense table viewed
         # as [T_l, W_l] holds the children of p in column p.
         children = tuple(None if table is None else table.view(size, -1).t().contiguous()
-                         for table, size in zip(dense, self.sizes))
+                         for table, size in zip(dense, self.sizes, strict=True))
         return _Tables(tuple(dense), tuple(sorted_values), children)
