@@ -1,4 +1,4 @@
-"""The `nezha` command: prepare, train, evaluate, quickstart (and the subcommands other packages add)."""
+"""The `nezha` command: import-amazon, prepare, train, evaluate, quickstart, bench, catalog."""
 
 from __future__ import annotations
 
@@ -26,6 +26,30 @@ def _prepare(args: argparse.Namespace) -> None:
           f"{s['num_users']} users, codebooks {s['codebook_sizes']}, collision rate "
           f"{ids['raw_collision_rate']:.4f} -> {ids.get('final_collision_rate', 0.0):.4f}, split {s['split_sizes']}, "
           f"{s['timings']['total_s']:.1f} s")
+
+
+@dataclass
+class ImportAmazonConfig:
+    """Convert original Amazon Review files (reviews + metadata) into a dataset directory for `nezha prepare`."""
+
+    reviews: str = field(default="", metadata={"help": "reviews file, JSON lines (.json or .json.gz)"})
+    meta: str = field(default="", metadata={"help": "metadata file, JSON lines (.json or .json.gz)"})
+    out: str = field(default="", metadata={"help": "dataset directory to write (items.jsonl, interactions.csv)"})
+    k_core: int = field(default=5, metadata={"help": "keep users and items with at least this many reviews"})
+
+
+def _import_amazon(args: argparse.Namespace) -> None:
+    from nezha.data.datasets import load_amazon_raw, write_dataset
+
+    cfg = config_from_args(ImportAmazonConfig, args)
+    missing = [name for name in ("reviews", "meta", "out") if not getattr(cfg, name)]
+    if missing:
+        raise ConfigError(f"pass {' and '.join('--' + name for name in missing)}")
+    ds = load_amazon_raw(cfg.reviews, cfg.meta, k_core=cfg.k_core)
+    out = write_dataset(ds, cfg.out)
+    print(f"wrote {out}: {ds.num_items} items, {ds.num_users} users, {ds.stats['num_interactions']} interactions "
+          f"({ds.stats['unknown_item_interactions']} reviews of items without metadata dropped); "
+          f"next: nezha prepare --dataset {out}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -93,23 +117,20 @@ Command = tuple[str, type | None, Callable[[argparse.Namespace], None]]
 
 
 def _commands() -> list[Command]:
+    from nezha import bench, catalog_cli
     from nezha.evaluation import EvalConfig
     from nezha.prepare import PrepareConfig
     from nezha.training import TrainConfig
 
-    commands: list[Command] = [
+    return [
+        ("import-amazon", ImportAmazonConfig, _import_amazon),
         ("prepare", PrepareConfig, _prepare),
         ("train", TrainConfig, _train),
         ("evaluate", EvalConfig, _evaluate),
         ("quickstart", QuickstartConfig, _quickstart),
+        ("bench", None, bench.register),  # these build their own sub-parsers
+        ("catalog", None, catalog_cli.register),
     ]
-    for module, name in (("nezha.bench", "bench"), ("nezha.catalog_cli", "catalog")):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ImportError:
-            continue
-        commands.append((name, None, register))
-    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,6 +197,23 @@ def test_amazon_raw_errors(tmp_path):
         load_amazon_raw(tmp_path / "missing.json", mpath)
 
 
+def test_import_amazon_command_writes_a_preparable_dataset(tmp_path, capsys):
+    from nezha.cli import main
+
+    reviews = [review(u, i, t) for t, (u, i) in enumerate([("u1", "a"), ("u1", "b"), ("u2", "b"), ("u2", "a")])]
+    meta = [json.dumps({"asin": "a", "title": "Lipstick"}), json.dumps({"asin": "b", "title": "Cream"})]
+    rpath, mpath = write_raw(tmp_path, reviews, meta)
+    out = tmp_path / "beauty-raw"
+    assert main(["import-amazon", "--reviews", str(rpath), "--meta", str(mpath), "--out", str(out), "--k-core", "2"]) == 0
+    assert "2 items, 2 users, 4 interactions" in capsys.readouterr().out
+    assert [s.tolist() for s in load_dataset(out).sequences] == [[0, 1], [1, 0]]
+    # missing flags and unreadable input: exit 2 with a one-line reason, no traceback
+    assert main(["import-amazon", "--out", str(out)]) == 2
+    assert "pass --reviews and --meta" in capsys.readouterr().err
+    assert main(["import-amazon", "--reviews", str(tmp_path / "nope.json"), "--meta", str(mpath), "--out", str(out)]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
 # ---- leave-one-out ----------------------------------------------------------------------------------
 
 
