@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
             if rank == 0 and step % cfg.log_every == 0:
                 rate = seen * world_size / (time.perf_counter() - start)
                 log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f examples/s", step, total_steps, running,
-                         " ".join(f"{k} {float(v):.3f}" for k, v in losses.items() if k != "loss"),
+                         " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items() if k != "loss"),
                          stepper.current_lr(), rate)
             if rank == 0 and (step % eval_every == 0 or step == total_steps):
                 metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users)
