@@ -83,7 +83,7 @@ class QuickstartConfig:
     backbone: str = "small"
     transition: str = "gru"
     objectives: list[str] = field(default_factory=lambda: ["nezha", "lm", "mtp"])
-    epochs: float = 3.0
+    epochs: float = 2.0
     batch_size: int = 128
     lr: float = 2e-3
     beam: int = 20
