@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,18 @@ def test_bad_checkpoints_are_refused_with_a_clear_error(tmp_path):
     model = create_model(ModelConfig(codebook_sizes=SIZES))
     path = save_checkpoint(model, tmp_path / "ck")
     weights = path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    intact = weights.read_bytes()
+    flipped = bytearray(intact)
+    flipped[-5] ^= 0xFF  # inside the last tensor: safetensors itself would load this silently
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_checkpoint(path)
+    weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_checkpoint(path)
+    meta = json.loads((path / "nezha.json").read_text())
+    del meta["weights_sha256"]  # without a checksum safetensors still refuses a truncated file
+    (path / "nezha.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot load"):
         load_checkpoint(path)
     (path / "nezha.json").write_text("{not json")

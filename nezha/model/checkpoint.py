@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -44,6 +45,7 @@ def save_checkpoint(model: NezhaModel, out_dir: str | Path, catalog_dir: str | P
     backbone_config = model.backbone.config.to_dict()
     meta = {
         "format": 1,
+        "weights_sha256": _sha256(tmp / WEIGHTS),
         "model": asdict(model.config),
         "base_vocab": model.layout.base_vocab,
         "backbone_config": backbone_config,
@@ -55,6 +57,14 @@ def save_checkpoint(model: NezhaModel, out_dir: str | Path, catalog_dir: str | P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -69,10 +79,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
 
 
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata, after checking its weights against the checksum saved with them."""
+    path = Path(path)
+    meta = read_meta(path)
+    # safetensors notices a truncated file but not flipped bytes inside a tensor: the checksum does.
+    expected = meta.get("weights_sha256")
+    if expected is not None and _sha256(path / WEIGHTS) != expected:
+        raise CheckpointError(f"{path / WEIGHTS} is corrupted: its SHA-256 differs from the one in {META}")
+    return meta
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: str | None = None) -> NezhaModel:
     path = Path(path)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     try:
         config = ModelConfig(**meta["model"])
         if dtype is not None:
