@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, model_validator
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,7 +62,7 @@ from nezha.catalog_cli import (
 )
 from nezha.config import ConfigError, from_dict
 from nezha.decoding import DECODERS, decode, decoder_available
-from nezha.model.checkpoint import load_checkpoint, read_meta
+from nezha.model.checkpoint import load_checkpoint, read_meta, verify_checkpoint
 from serve.catalog_store import CatalogFollower, InProcessStore, LocalCatalog
 from serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
@@ -119,6 +120,9 @@ class ServeConfig:
         "help": "the ingress only awaits decoder replicas: keep it far above their total capacity"})
     ingress_num_cpus: float = 0.1
     ready_timeout_s: float = field(default=5.0, metadata={"help": "how long /readyz waits for a decoder replica"})
+    request_timeout_s: float = field(default=5.0, metadata={
+        "help": "how long a recommend or admin call waits for its decoder replica before 504 (keep it below "
+                "http_options.request_timeout_s, the proxy's own limit)"})
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.decoders if d not in DECODERS]
@@ -131,6 +135,8 @@ class ServeConfig:
         self.max_k = self.beam if self.max_k is None else self.max_k
         if not 1 <= self.max_k <= self.max_beam:
             raise ConfigError(f"max_k must be in 1..max_beam ({self.max_beam}), got {self.max_k}")
+        if self.request_timeout_s <= 0 or self.ready_timeout_s <= 0:
+            raise ConfigError("request_timeout_s and ready_timeout_s must be > 0")
         for name in ("max_history_items", "max_batch_size", "max_body_bytes", "max_ongoing_requests",
                      "ingress_replicas", "ingress_max_ongoing_requests"):
             if getattr(self, name) < 1:
@@ -470,14 +476,18 @@ class BodySizeLimit:
 
 
 class Unavailable(Exception):
-    """No decoder replica could take the call (backpressure, none running, timeout)."""
+    """No decoder replica could take the call (backpressure, none running, the replica died): safe to retry."""
+
+
+class TimedOut(Exception):
+    """The decoder replica did not answer within request_timeout_s."""
 
 
 Forward = Callable[..., Awaitable[dict[str, Any]]]
 
 
 def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> FastAPI:
-    """The HTTP API; `forward(method, *args, timeout=None)` calls a decoder replica and returns its reply."""
+    """The HTTP API; `forward(method, *args, timeout=seconds)` calls a decoder replica and returns its reply."""
     api = FastAPI(title="NEZHA recommendations", version="1",
                   description="Generative recommendation with the NEZHA decoder over a live item catalog.")
     api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes,
@@ -506,13 +516,21 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
     @api.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         count(request, 503)
-        return _json_error(503, "unavailable", str(exc))
+        return _json_error(503, "unavailable", str(exc), retryable=True)
+
+    @api.exception_handler(TimedOut)
+    async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
+        count(request, 504)
+        return _json_error(504, "timeout", str(exc))
 
     @api.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         count(request, 500)
         return _json_error(500, "internal_error", "internal error; the server log has the details")
+
+    async def call(method: str, *args: Any) -> dict[str, Any]:
+        return await forward(method, *args, timeout=cfg.request_timeout_s)
 
     async def require_admin(request: Request) -> None:
         """Bearer-token check (constant-time) for the catalog admin routes."""
@@ -557,7 +575,7 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
         problem = check_limits(req)
         if problem is not None:
             return respond("/v1/recommend", start, _error(422, "invalid_request", problem))
-        return respond("/v1/recommend", start, await forward("recommend", req.model_dump()))
+        return respond("/v1/recommend", start, await call("recommend", req.model_dump()))
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -567,7 +585,7 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
     async def readyz() -> JSONResponse:
         try:
             status = await forward("ready", timeout=cfg.ready_timeout_s)
-        except Unavailable as exc:
+        except (Unavailable, TimedOut) as exc:
             return _json_error(503, "not_ready", str(exc), ready=False)
         catalog = status["catalog"]
         metrics.observe_catalog(status["replica"], catalog["version"], catalog["size"], bool(status["degraded"]))
@@ -579,16 +597,16 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
 
     @api.get("/v1/catalog", dependencies=[Depends(require_admin)])
     async def catalog_status() -> JSONResponse:
-        return respond("/v1/catalog", time.perf_counter(), await forward("catalog_status"))
+        return respond("/v1/catalog", time.perf_counter(), await call("catalog_status"))
 
     @api.post("/v1/catalog/items", dependencies=[Depends(require_admin)])
     async def add_items(req: AddItemsRequest) -> JSONResponse:
         items = [i.model_dump(exclude_none=True) for i in req.items]
-        return respond("/v1/catalog/items", time.perf_counter(), await forward("add_items", items))
+        return respond("/v1/catalog/items", time.perf_counter(), await call("add_items", items))
 
     @api.delete("/v1/catalog/items/{item_id}", dependencies=[Depends(require_admin)])
     async def remove_item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)]) -> JSONResponse:
-        return respond("/v1/catalog/items", time.perf_counter(), await forward("remove_items", [item_id]))
+        return respond("/v1/catalog/items", time.perf_counter(), await call("remove_items", [item_id]))
 
     return api
 
@@ -606,18 +624,24 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:  # called by Serve once per replica, after __init__
         return create_api(self.cfg, self._forward, self.metrics)
 
-    async def _forward(self, method: str, *args: Any, timeout: float | None = None) -> dict[str, Any]:
+    async def _forward(self, method: str, *args: Any, timeout: float) -> dict[str, Any]:
         try:
-            call = getattr(self.recommender, method).remote(*args)
-            return await (asyncio.wait_for(call, timeout) if timeout else call)
-        except (BackPressureError, DeploymentUnavailableError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"no decoder replica could take the request ({type(exc).__name__})") from None
+            return await asyncio.wait_for(getattr(self.recommender, method).remote(*args), timeout)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"the decoder replica did not answer within {timeout} s") from None
+        except (BackPressureError, DeploymentUnavailableError, RayActorError, ActorUnavailableError) as exc:
+            # A replica that died mid-request has not applied anything (admin writes are atomic in Redis),
+            # so the caller may retry; Serve routes the retry to a live replica.
+            raise Unavailable(f"no decoder replica could take the request ({type(exc).__name__}); "
+                              "retry") from None
 
 
 # ---- building the application ----------------------------------------------------------------------------
 def build_app(cfg: ServeConfig) -> serve.Application:
     cfg = cfg.resolved()
-    read_meta(cfg.checkpoint)  # fail here, with the reason, rather than in every replica
+    # Refuse a bad checkpoint here, with the reason, before any running replica is replaced by one that fails.
+    verify_checkpoint(cfg.checkpoint)
+    Catalog.load(FsPath(cfg.checkpoint) / "catalog")
     scaling: dict[str, Any] = {"autoscaling_config": cfg.autoscaling_config}
     if cfg.redis_url is None:
         log.warning("no Redis URL (%s): the catalog lives in-process, so the decoder runs as 1 replica", REDIS_URL_ENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,9 @@ def ray_session():
 
     started = not ray.is_initialized()
     if started:
+        # On 2 busy cores a fresh Serve proxy can take over Serve's 5 s x 3 readiness checks to import
+        # its web stack; the controller then kills it and `serve.start` fails. Give it time instead.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
         # Workers start in the driver's cwd with it on sys.path, which is how replicas import `serve`.
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray

@@ -1,0 +1,85 @@
+"""A real recommendation service for tests: Ray Serve over HTTP on 127.0.0.1, 2 decoder replicas, a redis-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis_fixtures import RedisServer, free_port
+
+from nezha.catalog import Catalog
+from nezha.catalog_cli import RedisCatalog, codes_of
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+HISTORY = ["I010", "I011", "I012"]  # the tiny dataset's users walk forward through the catalog
+
+
+@dataclass
+class Service:
+    client: httpx.Client
+    redis: RedisServer
+    catalog: Catalog
+    port: int
+    checkpoint: Path
+
+    def recommend(self, **body: Any) -> httpx.Response:
+        return self.client.post("/v1/recommend", json={"history": HISTORY, "k": 5, **body})
+
+    def burst(self, n: int = 12, **body: Any) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(lambda _: self.recommend(**body), range(n)))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        return [r.json() for r in responses]
+
+    def wait_replicas(self, predicate: Callable[[dict[str, Any]], bool], replicas: int = 2,
+                      timeout: float = 20.0) -> dict[str, dict[str, Any]]:
+        """Poll with bursts until `replicas` distinct replicas answered with a body satisfying `predicate`."""
+        good: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.burst():
+                if predicate(body):
+                    good[body["replica"]] = body
+            if len(good) >= replicas:
+                return good
+            time.sleep(0.1)
+        raise AssertionError(f"only {len(good)} of {replicas} replicas satisfied the condition in {timeout} s")
+
+    def free_codes(self) -> list[int]:
+        """Codes of a semantic ID no item holds now (read from Redis, the source of truth)."""
+        used = RedisCatalog(self.redis.url).used_ids()
+        sizes = self.catalog.codebook_sizes
+        return codes_of(next(p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used), sizes)
+
+
+@contextmanager
+def running_service(checkpoint: Path, redis_dir: Path, **overrides: Any) -> Iterator[Service]:
+    """Serve (own HTTP port) + redis-server + the app; needs a running Ray. Tears everything down."""
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    redis = RedisServer(redis_dir)
+    redis.start()
+    try:
+        catalog = Catalog.load(checkpoint / "catalog")
+        RedisCatalog(redis.url).push(catalog, source=str(checkpoint))
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+        settings: dict[str, Any] = dict(
+            checkpoint=str(checkpoint), redis_url=redis.url, admin_token="test-admin-token",
+            autoscaling_config={"min_replicas": 2, "max_replicas": 2}, ray_actor_options={"num_cpus": 0.5},
+            beam=10, decoders=["nezha", "mtp", "beam"], max_history_items=50, max_exclude=20, max_body_bytes=16384,
+            batch_wait_timeout_s=0.05, feed_block_ms=200)
+        serve.run(build_app(ServeConfig(**{**settings, **overrides})), name="nezha", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield Service(client, redis, catalog, port, checkpoint)
+    finally:
+        serve.shutdown()
+        redis.kill()
