@@ -76,3 +76,12 @@ def ray_session():
     yield ray
     if started and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real recommendation service per test module: Serve over HTTP, 2 replicas, a redis-server."""
+    from serve_fixtures import running_service
+
+    with running_service(tiny_checkpoint, tmp_path_factory.mktemp("serve-redis")) as svc:
+        yield svc

@@ -10,7 +10,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,20 +20,13 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_fixtures import RedisServer
-from serve_fixtures import ADMIN, Service, running_service
+from serve_fixtures import ADMIN, Service
 
 from nezha.catalog import CatalogError
 from nezha.catalog_cli import RedisCatalog, codes_of
 from nezha.model.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def service(ray_session: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Service]:
-    with running_service(tiny_checkpoint, tmp_path_factory.mktemp("reliability-redis")) as svc:
-        yield svc
 
 
 def free_codes(service: Service, n: int) -> list[list[int]]:

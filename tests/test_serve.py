@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_fixtures import ADMIN, HISTORY, Service, running_service
+from serve_fixtures import ADMIN, HISTORY, Service
 
 from nezha.catalog_cli import RedisCatalog, codes_of
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture(scope="module")
-def service(ray_session: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Service]:
-    with running_service(tiny_checkpoint, tmp_path_factory.mktemp("serve-redis")) as svc:
-        yield svc
-
 
 def test_recommend_round_trip(service: Service) -> None:
     r = service.recommend(k=5)
