@@ -23,7 +23,7 @@ from redis_fixtures import RedisServer
 from serve_fixtures import ADMIN, Service
 
 from nezha.catalog import CatalogError
-from nezha.catalog_cli import RedisCatalog, codes_of
+from nezha.catalog_cli import RedisCatalog, StoreUnavailableError, codes_of
 from nezha.model.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.slow
@@ -260,15 +260,18 @@ def test_generated_requests_over_real_items_decode_or_get_a_clear_4xx(service: S
 
 
 # ---- secrets ---------------------------------------------------------------------------------------------------
-def test_a_password_protected_redis_works_and_the_password_never_reaches_logs(
+def test_a_tls_redis_with_a_password_works_and_the_password_never_reaches_logs(
         ray_session: None, tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from nezha.catalog import Catalog
     from serve.app import Recommender, ServeConfig
 
     secret = "s3cret-pw-0042"
-    redis = RedisServer(tmp_path / "redis", password=secret)
+    redis = RedisServer(tmp_path / "redis", password=secret, tls=True)
     redis.start()
     try:
+        assert redis.url.startswith("rediss://")
+        with pytest.raises(StoreUnavailableError):  # the plain protocol is refused: TLS only
+            RedisCatalog(redis.url.replace("rediss://", "redis://").split("?")[0]).remote_state()
         RedisCatalog(redis.url).push(Catalog.load(tiny_checkpoint / "catalog"), source="test")
         cfg = ServeConfig(checkpoint=str(tiny_checkpoint), redis_url=redis.url, admin_token="admin-tok-0042",
                           beam=10).resolved()
@@ -281,7 +284,7 @@ def test_a_password_protected_redis_works_and_the_password_never_reaches_logs(
                 time.sleep(0.5)  # the follower notices the outage and logs it
             finally:
                 replica.follower.stop()
-        assert "catalog: Redis redis://:***@127.0.0.1" in caplog.text
+        assert "catalog: Redis rediss://:***@127.0.0.1" in caplog.text
         assert secret not in caplog.text and "admin-tok-0042" not in caplog.text
     finally:
         redis.kill()
