@@ -630,8 +630,8 @@ class Ingress:
         except asyncio.TimeoutError:
             raise TimedOut(f"the decoder replica did not answer within {timeout} s") from None
         except (BackPressureError, DeploymentUnavailableError, RayActorError, ActorUnavailableError) as exc:
-            # A replica that died mid-request has not applied anything (admin writes are atomic in Redis),
-            # so the caller may retry; Serve routes the retry to a live replica.
+            # Retrying is safe and Serve routes it to a live replica: a recommendation has no effect, and an
+            # admin write that did land before the replica died fails its retry (409/404: ids are unique).
             raise Unavailable(f"no decoder replica could take the request ({type(exc).__name__}); "
                               "retry") from None
 
