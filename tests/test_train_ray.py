@@ -42,6 +42,8 @@ def test_deepspeed_config_defaults_to_zero2_with_one_micro_batch_per_rank():
     assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["lr"] == 1e-5
     assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert not config["zero_optimization"]["overlap_comm"]  # CPU: no CUDA streams to overlap with
+    assert config["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam where it has one
+    assert ds(torch_adam=True)["optimizer"]["params"]["torch_adam"] is True
 
 
 def test_deepspeed_config_for_3b_on_gpus_zero3_offload_bf16():

@@ -9,7 +9,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, grad_clip: float, dtype: str,
                      zero_stage: int = 2, offload_optimizer: bool = False, use_gpu: bool = False,
-                     world_size: int = 1) -> dict[str, Any]:
+                     world_size: int = 1, torch_adam: bool = False) -> dict[str, Any]:
     """ZeRO data parallelism with AdamW from the config; one micro-batch of `batch_size` per rank and step.
 
     The per-group learning rates (embeddings, heads, backbone) come from the parameter groups passed to
@@ -46,8 +46,10 @@ def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, grad_cl
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
         "zero_optimization": zero,
+        # torch_adam: torch's AdamW instead of DeepSpeed's fused CUDA kernel, which is compiled (nvcc, minutes)
+        # on first use where the DeepSpeed install has no prebuilt ops.
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
-                                                   "betas": [0.9, 0.999], "eps": 1e-8}},
+                                                   "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": torch_adam}},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # the library logs loss/throughput; DeepSpeed's own step log is noise
         "wall_clock_breakdown": False,

@@ -57,6 +57,8 @@ class RayTrainConfig(TrainConfig):
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0-3)"})
     offload_optimizer: bool = field(default=False, metadata={"help": "ZeRO: optimizer state in CPU memory"})
     gradient_checkpointing: bool = False
+    torch_adam: bool = field(default=False, metadata={
+        "help": "DeepSpeed: torch's AdamW instead of the fused CUDA Adam (no JIT build of DeepSpeed's ops)"})
     storage_path: str = field(default="runs/ray", metadata={"help": "Ray Train storage: local dir, NFS or s3://"})
     name: str | None = field(default=None, metadata={"help": "run name (default: nezha-TIMESTAMP); reusing a "
                                                               "name resumes that run from its latest checkpoint"})
@@ -140,7 +142,7 @@ class DeepSpeedStepper:
         config = deepspeed_config(batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   grad_clip=cfg.grad_clip, dtype=cfg.dtype, zero_stage=cfg.zero_stage,
                                   offload_optimizer=cfg.offload_optimizer, use_gpu=bool(cfg.use_gpu),
-                                  world_size=world_size)
+                                  world_size=world_size, torch_adam=cfg.torch_adam)
         groups = param_groups(train_model, cfg.lr, cfg.embedding_lr_mult, cfg.head_lr_mult, cfg.weight_decay)
         factor = warmup_cosine(total_steps, cfg.warmup_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
