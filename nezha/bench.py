@@ -48,6 +48,7 @@ from nezha.decoding import (
     nezha_decode,
     prompt_for,
 )
+from nezha.decoding.graphs import GraphedDraftSearch
 from nezha.evaluation import device_name, resolve_device, synchronize
 from nezha.model.checkpoint import create_model
 from nezha.model.model import ModelConfig, NezhaModel
@@ -65,7 +66,11 @@ RATIOS = {  # name -> (numerator row, denominator row), both p50
     "hf_over_nezha": ("hf-beam", "nezha"),
     "hf_constrained_over_nezha": ("hf-beam-constrained", "nezha"),
     "mtp_over_nezha": ("mtp", "nezha"),
+    # CUDA only: the head replayed from a CUDA graph (nezha.decoding.graphs)
+    "nezha_graph_over_prefill": ("nezha-graph", "prefill"),
+    "hf_over_nezha_graph": ("hf-beam", "nezha-graph"),
 }
+GRAPH_DECODERS = ("head-graph", "nezha-graph")
 
 
 # ---- latency ---------------------------------------------------------------------------------------------
@@ -86,6 +91,8 @@ class LatencyBenchConfig:
     warmup: int = field(default=3, metadata={"help": "untimed calls per decoder and setting first"})
     device: str = "auto"
     dtype: str = "float32"
+    cuda_graph: bool = field(default=True, metadata={
+        "help": "on CUDA also time the head and NEZHA with the head replayed from a CUDA graph"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     seed: int = 0
     json: str | None = field(default=None, metadata={"help": "write the report here"})
@@ -200,7 +207,10 @@ def _make_inputs(model: NezhaModel, codes: np.ndarray, batch: int, history: int,
 
 
 def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int) -> dict[str, Callable[[_Inputs], object]]:
+    graphed = GraphedDraftSearch(model.draft_head, verifier, beam)  # captured on its first (warm-up) call
     return {
+        "head-graph": lambda x: graphed(x.h0, x.contexts),
+        "nezha-graph": lambda x: graphed(*model.draft_inputs(x.nezha_ids, x.nezha_mask)),
         "prefill": lambda x: model.draft_inputs(x.nezha_ids, x.nezha_mask),
         "head": lambda x: draft_beam_search(model.draft_head, x.h0, x.contexts, verifier, beam),
         "nezha": lambda x: nezha_decode(model, x.nezha_ids, x.nezha_mask, verifier, beam),
@@ -214,7 +224,7 @@ def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int) -> di
 def _bench_setting(model: NezhaModel, verifier: PrefixVerifier, codes: np.ndarray, cfg: LatencyBenchConfig,
                    batch: int, beam: int, rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
     calls = _decoder_calls(model, verifier, beam)
-    names = list(cfg.decoders)
+    names = list(cfg.decoders) + (list(GRAPH_DECODERS) if device.type == "cuda" and cfg.cuda_graph else [])
     times: dict[str, list[float]] = {name: [] for name in names}
     verifier_ms: list[float] = []
     gc.collect()

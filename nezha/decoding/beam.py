@@ -92,7 +92,8 @@ def hf_beam_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: t
             prefix_value += (token - layout.code_offset(lvl)) * verifier.weights[lvl]
         key = (level, prefix_value)
         if key not in allowed_cache:
-            children = verifier.child_mask(torch.tensor([prefix_value]), level)[0].nonzero().flatten()
+            prefix = torch.tensor([prefix_value], device=verifier.device)  # the tables live on the GPU there
+            children = verifier.child_mask(prefix, level)[0].nonzero().flatten()
             allowed_cache[key] = (children + layout.code_offset(level)).tolist()
         return allowed_cache[key]
 

@@ -1,0 +1,64 @@
+"""The draft head's beam search replayed from a CUDA graph: one launch instead of dozens of small kernels.
+
+On a GPU the head's L levels are ~20 tiny kernels each, so launch overhead, not arithmetic, sets its time.
+The search has static shapes for a given (batch, beam) and no host synchronisation, so it can be captured
+once and replayed. A captured graph reads the verifier tables it saw at capture time: `GraphedDraftSearch`
+re-captures when the verifier has swapped in new tables (a catalog change).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nezha.decoding.draft import draft_beam_search
+from nezha.decoding.result import DecodeResult
+from nezha.model.draft_head import DraftHead
+from nezha.verify.verifier import PrefixVerifier
+
+
+class GraphedDraftSearch:
+    """`draft_beam_search` for one input shape, captured in a CUDA graph on first call.
+
+    Outputs live in the graph's static buffers and are overwritten by the next call: copy what you keep.
+    """
+
+    def __init__(self, head: DraftHead, verifier: PrefixVerifier, beam: int, topk: int | None = None,
+                 verify: str = "prefix", warmup: int = 2) -> None:
+        self.head, self.verifier, self.beam, self.topk, self.verify = head, verifier, beam, topk, verify
+        self.warmup = warmup
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._shape: tuple[object, ...] | None = None
+        self._tables: object = None  # the verifier tables the graph reads (kept alive, compared by identity)
+        self._h0: torch.Tensor | None = None
+        self._contexts: torch.Tensor | None = None
+        self._out: DecodeResult | None = None
+
+    def _search(self) -> DecodeResult:
+        return draft_beam_search(self.head, self._h0, self._contexts, self.verifier, self.beam, self.topk,
+                                 self.verify)
+
+    def _capture(self, h0: torch.Tensor, contexts: torch.Tensor | None) -> None:
+        self._h0 = h0.clone()
+        self._contexts = None if contexts is None else contexts.clone()
+        side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._search()
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._search()
+
+    def __call__(self, h0: torch.Tensor, contexts: torch.Tensor | None) -> DecodeResult:
+        shape = (tuple(h0.shape), h0.dtype, None if contexts is None else tuple(contexts.shape))
+        tables = self.verifier._tables  # a catalog change swaps in a new tables object
+        if shape != self._shape or tables is not self._tables:
+            self._capture(h0, contexts)
+            self._shape, self._tables = shape, tables
+        else:
+            self._h0.copy_(h0)
+            if contexts is not None:
+                self._contexts.copy_(contexts)
+        self._graph.replay()
+        return self._out
