@@ -1,8 +1,11 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from nezha.decoding import decode, draft_beam_search
+from nezha.decoding import decode, draft_beam_search, prompt_for
+from nezha.decoding.graphs import GraphedDraftSearch
 from nezha.model.checkpoint import create_model
 from nezha.model.draft_head import DraftHead
 from nezha.model.model import ModelConfig
@@ -96,3 +99,40 @@ def test_beam_wider_than_catalog_pads_with_minus_one(setup):
     assert torch.isinf(result.scores[~alive]).all()
     decoded = {tuple(r) for r in unpack(result.ids[0][alive[0]].numpy(), SIZES).tolist()}
     assert decoded == {tuple(r) for r in codes.tolist()}
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("decoder", ["nezha", "mtp", "beam", "hf-beam", "hf-beam-constrained"])
+def test_decoders_on_the_gpu_agree_with_the_cpu(setup, decoder):
+    model, verifier, histories, codes = setup
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_verifier = PrefixVerifier(pack(codes, SIZES), SIZES, device="cuda")
+    cpu = decode(model, decoder, histories, verifier, beam=6)
+    gpu = decode(gpu_model, decoder, histories, gpu_verifier, beam=6)
+    assert gpu.ids.device.type == "cuda"
+    assert torch.allclose(cpu.scores, gpu.scores.cpu(), atol=1e-4)  # ties may swap order, scores may not
+    if decoder != "hf-beam":
+        assert gpu_verifier.contains(gpu.ids).all()
+
+
+@needs_cuda
+def test_graphed_head_search_matches_eager_and_follows_catalog_changes(setup):
+    model, _, histories, codes = setup
+    gpu_model = copy.deepcopy(model).cuda()
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES, device="cuda")
+    graphed = GraphedDraftSearch(gpu_model.draft_head, verifier, beam=6)
+    with torch.inference_mode():
+        for shift in range(3):  # new inputs replay the same graph
+            ids, mask = prompt_for(gpu_model, "nezha", histories[shift:] + histories[:shift], "cuda")
+            h0, contexts = gpu_model.draft_inputs(ids, mask)
+            eager = draft_beam_search(gpu_model.draft_head, h0, contexts, verifier, beam=6)
+            replayed = graphed(h0, contexts)
+            assert torch.equal(eager.ids, replayed.ids) and torch.equal(eager.scores, replayed.scores)
+        removed = int(eager.ids[0, 0])
+        verifier.update(remove=[removed])  # new tables: the graph must be captured again
+        eager = draft_beam_search(gpu_model.draft_head, h0, contexts, verifier, beam=6)
+        replayed = graphed(h0, contexts)
+        assert torch.equal(eager.ids, replayed.ids) and removed not in replayed.ids.tolist()[0]
