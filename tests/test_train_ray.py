@@ -7,11 +7,13 @@ checkpoints, the copied best checkpoint scores what Ray recorded), then ZeRO-3 r
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from redis_fixtures import free_port
 
 from nezha.config import ConfigError, parse_config
 from nezha.evaluation import rank_examples
@@ -140,3 +142,22 @@ def test_zero3_run_resumes_from_the_latest_ray_checkpoint(first_run, tiny_prepar
     assert summary["resumed_from"] and Path(summary["resumed_from"]).parent == storage / "tiny"
     assert summary["history"][0]["loss"] < first["history"][0]["loss"]  # it starts from trained weights
     assert load_checkpoint(summary["best_checkpoint"]).config.backbone == "tiny"
+
+
+@pytest.mark.slow
+def test_zero_probe_reports_throughput_of_deepspeed_steps(tmp_path, monkeypatch):
+    from train.zero_probe import main
+
+    # A world of one in this process; monkeypatch removes the variables again afterwards.
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+
+    out = tmp_path / "probe.json"
+    assert main(["--backbone", "tiny", "--dtype", "float32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["parameters"] > 0 and report["config"]["zero_stage"] == 2
+    assert report["tokens_per_step"] == 4 * 2 * 63  # 4 NEZHA prompts + 4 LM prompts of 20 items x 3 + 3 tokens
+    assert report["tokens_per_s"] > 0 and report["step_ms_p50"] > 0
+    assert not torch.distributed.is_initialized()

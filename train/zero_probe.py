@@ -103,6 +103,7 @@ def run_probe(cfg: ZeroProbeConfig) -> dict[str, object]:
             times.append(time.perf_counter() - start)
             tokens_seen += tokens
         losses.append(float(loss.detach()))
+    torch.distributed.destroy_process_group()  # DeepSpeed created it; leave the process as it found it
     elapsed = sum(times)
     report: dict[str, object] = {
         "config": dataclasses.asdict(cfg),
