@@ -62,6 +62,7 @@ from nezha.catalog_cli import (
 )
 from nezha.config import ConfigError, from_dict
 from nezha.decoding import DECODERS, decode, decoder_available
+from nezha.decoding.graphs import DraftGraphs
 from nezha.model.checkpoint import load_checkpoint, read_meta, verify_checkpoint
 from serve.catalog_store import CatalogFollower, InProcessStore, LocalCatalog
 from serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -206,6 +207,8 @@ class Recommender:
             raise ValueError(f"the checkpoint serves none of the configured decoders {cfg.decoders} "
                              f"(it has heads for {list(self.model.decoders)})")
         self.local = LocalCatalog.from_catalog(catalog, self.device)
+        # On a GPU the draft head's search is launch-bound: replay it from CUDA graphs (one per batch bucket).
+        self.graphs = DraftGraphs() if self.device.type == "cuda" else None
         self.follower: CatalogFollower | None = None
         if cfg.redis_url:
             self.store: Any = RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen)
@@ -232,7 +235,7 @@ class Recommender:
             self.replica = f"local-{os.getpid()}"
         with torch.inference_mode():  # warm-up: first-call allocations happen before traffic
             decode(self.model, self.decoders[0], [self.local.codes(self.local.lookup(catalog.item_ids[:1])[0])],
-                   self.local.verifier, beam=cfg.beam)
+                   self.local.verifier, beam=cfg.beam, graphs=self.graphs)
         log.info("replica %s ready: %s on %s, decoders %s, max_history %d", self.replica, cfg.checkpoint,
                  self.device, self.decoders, self.max_history)
 
@@ -295,7 +298,7 @@ class Recommender:
     def _decode(self, decoder: str, batch: list[_Query], beam: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         histories = [self.local.codes(q.history) for q in batch]
         with torch.inference_mode():  # thread-local: set in the decoding thread itself
-            out = decode(self.model, decoder, histories, self.local.verifier, beam=beam, topk=beam)
+            out = decode(self.model, decoder, histories, self.local.verifier, beam=beam, topk=beam, graphs=self.graphs)
         return out.ids.cpu().numpy(), out.scores.float().cpu().numpy(), out.invalid.cpu().numpy()
 
     # ---- status --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nezha.decoding import decode, draft_beam_search, prompt_for
-from nezha.decoding.graphs import GraphedDraftSearch
+from nezha.decoding.graphs import DraftGraphs, GraphedDraftSearch
 from nezha.model.checkpoint import create_model
 from nezha.model.draft_head import DraftHead
 from nezha.model.model import ModelConfig
@@ -136,3 +136,25 @@ def test_graphed_head_search_matches_eager_and_follows_catalog_changes(setup):
         eager = draft_beam_search(gpu_model.draft_head, h0, contexts, verifier, beam=6)
         replayed = graphed(h0, contexts)
         assert torch.equal(eager.ids, replayed.ids) and removed not in replayed.ids.tolist()[0]
+
+
+def test_graphs_are_ignored_off_the_gpu(setup):
+    model, verifier, histories, _ = setup
+    graphs = DraftGraphs()
+    eager = decode(model, "nezha", histories, verifier, beam=6)
+    same = decode(model, "nezha", histories, verifier, beam=6, graphs=graphs)
+    assert torch.equal(eager.ids, same.ids) and len(graphs) == 0
+
+
+@needs_cuda
+def test_decode_with_graphs_matches_eager_for_any_batch_size(setup):
+    model, _, histories, codes = setup
+    gpu_model = copy.deepcopy(model).cuda()
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES, device="cuda")
+    graphs = DraftGraphs()
+    for rows in (histories, histories[:2], histories[:1], histories):  # batches of 3, 2, 1 and 3 again
+        eager = decode(gpu_model, "nezha", rows, verifier, beam=6)
+        graphed = decode(gpu_model, "nezha", rows, verifier, beam=6, topk=6, graphs=graphs)
+        assert torch.equal(eager.ids, graphed.ids) and torch.equal(eager.invalid, graphed.invalid)
+        assert torch.allclose(eager.scores, graphed.scores, atol=1e-5)
+    assert len(graphs) == 3  # padded to batch buckets 4, 2 and 1; the second batch of 3 replays bucket 4

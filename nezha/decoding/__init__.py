@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from nezha.decoding.result import VERIFY_MODES, DecodeResult
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import build_prompts
 from nezha.verify.verifier import PrefixVerifier
+
+if TYPE_CHECKING:
+    from nezha.decoding.graphs import DraftGraphs
 
 DECODERS = ("nezha", "mtp", "beam", "hf-beam", "hf-beam-constrained")
 
@@ -35,8 +39,12 @@ def prompt_for(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray],
 
 
 def decode(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray], verifier: PrefixVerifier,
-           beam: int, topk: int | None = None, verify: str = "prefix") -> DecodeResult:
-    """Decode a batch of histories ([n_i, L] code arrays, oldest first) with the named decoder."""
+           beam: int, topk: int | None = None, verify: str = "prefix",
+           graphs: DraftGraphs | None = None) -> DecodeResult:
+    """Decode a batch of histories ([n_i, L] code arrays, oldest first) with the named decoder.
+
+    `graphs` (nezha on a GPU): replay the draft head's search from CUDA graphs (`nezha.decoding.graphs`).
+    """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
     if not decoder_available(model, decoder):
@@ -45,7 +53,7 @@ def decode(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray], ver
     device = next(model.parameters()).device
     input_ids, attention_mask = prompt_for(model, decoder, histories, device)
     if decoder == "nezha":
-        return nezha_decode(model, input_ids, attention_mask, verifier, beam, topk, verify)
+        return nezha_decode(model, input_ids, attention_mask, verifier, beam, topk, verify, graphs)
     if decoder == "mtp":
         return mtp_decode(model, input_ids, attention_mask, verifier, beam, topk, verify)
     if decoder == "beam":

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
 from nezha.model.draft_head import DraftHead
 from nezha.model.model import NezhaModel
 from nezha.verify.verifier import PrefixVerifier
+
+if TYPE_CHECKING:
+    from nezha.decoding.graphs import DraftGraphs
 
 
 def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor | None,
@@ -45,11 +50,16 @@ def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor 
 @torch.inference_mode()
 def nezha_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  verifier: PrefixVerifier, beam: int, topk: int | None = None,
-                 verify: str = "prefix") -> DecodeResult:
-    """The prompt must end with the placeholders (`build_prompts(..., with_placeholders=True)`)."""
+                 verify: str = "prefix", graphs: DraftGraphs | None = None) -> DecodeResult:
+    """The prompt must end with the placeholders (`build_prompts(..., with_placeholders=True)`).
+
+    With `graphs` and a model on a GPU, the head search is replayed from CUDA graphs (same result).
+    """
     if model.draft_head is None:
         raise ValueError("this checkpoint has no draft head (train it with the nezha or joint objective)")
     h0, contexts = model.draft_inputs(input_ids, attention_mask)
+    if graphs is not None and h0.is_cuda:
+        return graphs.search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
     return draft_beam_search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
 
 

@@ -8,6 +8,8 @@ re-captures when the verifier has swapped in new tables (a catalog change).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from nezha.decoding.draft import draft_beam_search
@@ -62,3 +64,36 @@ class GraphedDraftSearch:
                 self._contexts.copy_(contexts)
         self._graph.replay()
         return self._out
+
+
+class DraftGraphs:
+    """CUDA-graph head searches for a serving replica, one per (batch bucket, beam, topk, verify).
+
+    Batches are zero-padded up to the next power of two (rows of the search are independent), so a replica
+    captures at most log2(max batch) + 1 graphs per beam width. One lock: replays share static buffers.
+    """
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[object, ...], GraphedDraftSearch] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def search(self, head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor | None, verifier: PrefixVerifier,
+               beam: int, topk: int | None = None, verify: str = "prefix") -> DecodeResult:
+        batch = h0.shape[0]
+        topk = beam if topk is None else topk
+        bucket = 1 << (batch - 1).bit_length()
+        if bucket > batch:
+            h0 = torch.cat([h0, h0.new_zeros(bucket - batch, *h0.shape[1:])])
+            if contexts is not None:
+                contexts = torch.cat([contexts, contexts.new_zeros(bucket - batch, *contexts.shape[1:])])
+        # The searches hold head and verifier, so their ids stay unique while they are keys here.
+        key = (id(head), id(verifier), bucket, beam, topk, verify)
+        with self._lock:
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                graphed = self._graphs[key] = GraphedDraftSearch(head, verifier, beam, topk, verify)
+            out = graphed(h0, contexts)
+            return DecodeResult(out.ids[:batch].clone(), out.scores[:batch].clone(), out.invalid[:batch].clone())
