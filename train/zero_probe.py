@@ -33,8 +33,6 @@ from nezha.training import make_batch  # noqa: E402
 from nezha.verify import unpack  # noqa: E402
 from train.run import DeepSpeedStepper, RayTrainConfig  # noqa: E402
 
-log = logging.getLogger("nezha.train.zero_probe")
-
 
 @dataclass
 class ZeroProbeConfig:

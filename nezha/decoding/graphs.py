@@ -54,7 +54,7 @@ class GraphedDraftSearch:
 
     def __call__(self, h0: torch.Tensor, contexts: torch.Tensor | None) -> DecodeResult:
         shape = (tuple(h0.shape), h0.dtype, None if contexts is None else tuple(contexts.shape))
-        tables = self.verifier._tables  # a catalog change swaps in a new tables object
+        tables = self.verifier.tables  # a catalog change swaps in a new tables object
         if shape != self._shape or tables is not self._tables:
             self._capture(h0, contexts)
             self._shape, self._tables = shape, tables

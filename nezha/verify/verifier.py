@@ -65,6 +65,11 @@ class PrefixVerifier:
         return int(packed_id) in self._ids
 
     @property
+    def tables(self) -> object:
+        """The current lookup tables: a new object after every catalog change (holders compare by identity)."""
+        return self._tables
+
+    @property
     def ids(self) -> frozenset[int]:
         return frozenset(self._ids)
 
