@@ -1,4 +1,4 @@
-"""The `nezha` command: import-amazon, prepare, train, evaluate, quickstart, bench, catalog."""
+"""The `nezha` command: import-amazon, prepare, train, evaluate, quickstart, experiment, bench, catalog."""
 
 from __future__ import annotations
 
@@ -69,6 +69,15 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {cfg.json}")
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    from nezha.experiment import ExperimentConfig, run_experiment
+
+    cfg = config_from_args(ExperimentConfig, args)
+    run_experiment(cfg)
+    print((Path(cfg.out) / "results.md").read_text())
+    print(f"wrote {cfg.out}/summary.json, results.md, curves.png")
+
+
 def _metrics_line(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("hit@", "ndcg@")))
 
@@ -119,6 +128,7 @@ Command = tuple[str, type | None, Callable[[argparse.Namespace], None]]
 def _commands() -> list[Command]:
     from nezha import bench, catalog_cli
     from nezha.evaluation import EvalConfig
+    from nezha.experiment import ExperimentConfig
     from nezha.prepare import PrepareConfig
     from nezha.training import TrainConfig
 
@@ -128,6 +138,7 @@ def _commands() -> list[Command]:
         ("train", TrainConfig, _train),
         ("evaluate", EvalConfig, _evaluate),
         ("quickstart", QuickstartConfig, _quickstart),
+        ("experiment", ExperimentConfig, _experiment),
         ("bench", None, bench.register),  # these build their own sub-parsers
         ("catalog", None, catalog_cli.register),
     ]

@@ -43,8 +43,10 @@ class TrainConfig:
     transition: str = "rnn"
     objectives: list[str] = field(default_factory=lambda: ["nezha"],
                                   metadata={"help": "nezha, lm, mtp, joint (= nezha,lm); comma-separated"})
+    placeholders: bool = field(default=True, metadata={
+        "help": "false: the NEZHA-2 ablation (no <SP_l> in the prompt, the draft head reads h_0 only)"})
     dtype: str = "float32"
-    epochs: float = 3.0
+    epochs: float = field(default=3.0, metadata={"help": "training budget (the LR schedule spans it)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run the epochs)"})
     batch_size: int = 128
     lr: float = 1e-3
@@ -55,7 +57,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
     eval_users: int = field(default=2000, metadata={"help": "validation users per evaluation (0: all)"})
-    eval_beam: int = 20
+    eval_beam: int = 10
+    select_by: str = field(default="auto", metadata={
+        "help": "decoder whose validation NDCG@10 picks the best checkpoint (auto: nezha, else mtp, else beam)"})
+    patience: int = field(default=0, metadata={
+        "help": "stop after this many validations without a new best (0: run the whole budget)"})
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
@@ -64,7 +70,7 @@ class TrainConfig:
 
     def model_config(self, codebook_sizes: Sequence[int]) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, codebook_sizes=list(codebook_sizes), transition=self.transition,
-                           objectives=list(self.objectives), dtype=self.dtype)
+                           objectives=list(self.objectives), dtype=self.dtype, placeholders=self.placeholders)
 
 
 @dataclass
@@ -168,26 +174,32 @@ def make_batch(model: NezhaModel, catalog: Catalog, histories: Sequence[np.ndarr
     target_codes = catalog.codes[targets]
     batch = {"targets": torch.from_numpy(target_codes).to(device)}
     if model.draft_head is not None or model.mtp_head is not None:
-        batch["draft_input_ids"], batch["draft_mask"] = build_prompts(layout, history_codes, True, device)
+        batch["draft_input_ids"], batch["draft_mask"] = build_prompts(
+            layout, history_codes, model.prompt_has_placeholders, device)
     if "lm" in model.config.objectives:
         batch["lm_input_ids"], batch["lm_mask"] = build_prompts(
             layout, history_codes, False, device, suffix=layout.codes_to_tokens(target_codes))
     return batch
 
 
-def validation_decoder(model: NezhaModel) -> str:
-    """The decoder that scores a checkpoint: NEZHA when present, else MTP, else beam search."""
-    return next(d for d in ("nezha", "mtp", "beam") if d in model.decoders)
+def validation_decoder(model: NezhaModel, select_by: str = "auto") -> str:
+    """The decoder that scores a checkpoint: `select_by`, or for "auto" NEZHA when present, else MTP, else beam."""
+    if select_by == "auto":
+        return next(d for d in ("nezha", "mtp", "beam") if d in model.decoders)
+    if select_by not in model.decoders:
+        raise ValueError(f"select_by {select_by!r}: the model serves only {', '.join(model.decoders)} "
+                         "(train the objective that decoder needs)")
+    return select_by
 
 
 def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, examples: Examples, beam: int,
-             max_users: int = 0, batch_size: int = 256) -> dict[str, float]:
+             max_users: int = 0, batch_size: int = 256, decoder: str | None = None) -> dict[str, float]:
     if max_users and len(examples) > max_users:
         keep = np.random.default_rng(0).choice(len(examples), max_users, replace=False)
         examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
     was_training = model.training
     model.eval()
-    ranked, _invalid = rank_examples(model, validation_decoder(model), catalog, verifier, examples, beam,
+    ranked, _invalid = rank_examples(model, decoder or validation_decoder(model), catalog, verifier, examples, beam,
                                      batch_size=batch_size)
     model.train(was_training)
     return hit_ndcg(ranked, catalog.packed[examples.targets], ks=(1, 5, 10))
@@ -210,6 +222,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     model = create_model(cfg.model_config(catalog.codebook_sizes), seed=cfg.seed).to(device)
     model.train()
     verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    selector = validation_decoder(model, cfg.select_by)
 
     train_examples = split.train
     per_rank = len(train_examples) // world_size
@@ -219,9 +232,9 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     stepper = stepper_factory(model, total_steps) if stepper_factory else TorchStepper(model, cfg, total_steps)
     out = Path(cfg.out)
     best_dir, last_dir = out / "best", out / "last"
-    log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s",
-             cfg.backbone, len(train_examples), per_rank, world_size, total_steps, cfg.batch_size, device,
-             ",".join(model.decoders))
+    log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s, "
+             "checkpoints picked by %s", cfg.backbone, len(train_examples), per_rank, world_size, total_steps,
+             cfg.batch_size, device, ",".join(model.decoders), selector)
 
     history: list[dict[str, Any]] = []
     best: dict[str, float] = {}
@@ -232,6 +245,8 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     epoch = 0
     bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     running = 0.0
+    stale = 0  # validations since the last new best (early stopping)
+    stopped_early = False
     lengths = np.fromiter((len(h) for h in train_examples.histories), dtype=np.int64, count=len(train_examples))
     while step < total_steps:
         for idx in epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, rank, world_size):
@@ -251,10 +266,13 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
                          " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items() if k != "loss"),
                          stepper.current_lr(), rate)
             if rank == 0 and (step % eval_every == 0 or step == total_steps):
-                metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users)
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": running, **metrics}
+                metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users,
+                                   decoder=selector)
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": running,
+                          "seconds": time.perf_counter() - start, "decoder": selector, **metrics}
                 history.append(record)
                 improved = not best or metrics["ndcg@10"] > best["ndcg@10"]
+                stale = 0 if improved else stale + 1
                 if improved:
                     best = dict(record)
                     save_checkpoint(model, best_dir, catalog_dir, {**extra, "validation": record})
@@ -262,9 +280,14 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
                          " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
                 if on_evaluation:
                     on_evaluation(record, best_dir if improved else None)
-            if step >= total_steps:
+                if cfg.patience and stale >= cfg.patience:
+                    log.info("early stop at step %d: %d validations without a new best", step, stale)
+                    stopped_early = True
+            if step >= total_steps or stopped_early:
                 break
         epoch += 1
+        if stopped_early:
+            break
     bar.close()
     seconds = time.perf_counter() - start
     if rank == 0:

@@ -35,7 +35,8 @@ def decoder_available(model: NezhaModel, decoder: str) -> bool:
 def prompt_for(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray],
                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoder sees the same history tokens; NEZHA's prompt adds its placeholders."""
-    return build_prompts(model.layout, histories, with_placeholders=decoder == "nezha", device=device)
+    placeholders = decoder == "nezha" and model.prompt_has_placeholders
+    return build_prompts(model.layout, histories, with_placeholders=placeholders, device=device)
 
 
 def decode(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray], verifier: PrefixVerifier,

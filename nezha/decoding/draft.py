@@ -51,14 +51,15 @@ def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor 
 def nezha_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  verifier: PrefixVerifier, beam: int, topk: int | None = None,
                  verify: str = "prefix", graphs: DraftGraphs | None = None) -> DecodeResult:
-    """The prompt must end with the placeholders (`build_prompts(..., with_placeholders=True)`).
+    """The prompt ends with the placeholders (`build_prompts(..., with_placeholders=True)`), unless the
+    model is the no-placeholder ablation (`model.prompt_has_placeholders` False): then the history alone.
 
     With `graphs` and a model on a GPU, the head search is replayed from CUDA graphs (same result).
     """
     if model.draft_head is None:
         raise ValueError("this checkpoint has no draft head (train it with the nezha or joint objective)")
     h0, contexts = model.draft_inputs(input_ids, attention_mask)
-    if graphs is not None and h0.is_cuda:
+    if graphs is not None and h0.is_cuda and contexts is not None:
         return graphs.search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
     return draft_beam_search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
 

@@ -43,6 +43,9 @@ class ModelConfig:
     transition: str = "rnn"
     objectives: list[str] = field(default_factory=lambda: ["nezha"])
     dtype: str = "float32"
+    # False = the paper's NEZHA-2 ablation: no <SP_l> in the prompt, the draft head reads h_0 only
+    # (its transition still runs); the default is the paper's model.
+    placeholders: bool = True
 
     def __post_init__(self) -> None:
         if self.transition not in TRANSITIONS:
@@ -85,10 +88,22 @@ class NezhaModel(nn.Module):
                                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.last_hidden_state
 
-    def draft_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h_0 [B, H], placeholder states h_1..h_L [B, L, H]) from a left-padded prompt ending in the placeholders."""
-        levels = self.layout.levels
+    @property
+    def prompt_has_placeholders(self) -> bool:
+        """Whether the draft-head prompt ends with <SP_1>..<SP_L> (not in the NEZHA-2 ablation)."""
+        return self.config.placeholders
+
+    def draft_inputs(self, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h_0 [B, H], placeholder states h_1..h_L [B, L, H]) from a left-padded draft prompt.
+
+        Without placeholders the prompt is the history alone: h_0 is its last state and there are no
+        placeholder states (None).
+        """
         hidden = self.hidden_states(input_ids, attention_mask)
+        if not self.prompt_has_placeholders:
+            return hidden[:, -1], None
+        levels = self.layout.levels
         return hidden[:, -levels - 1], hidden[:, -levels:]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

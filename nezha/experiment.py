@@ -1,0 +1,338 @@
+"""`nezha experiment`: a grid of independent trainings + test evaluations, resumable, with a summary.
+
+A grid is dataset × method × seed. Every run is its own model: trained with the method's objectives,
+its checkpoint picked by the method's own validation NDCG@10 (early stopping on a validation plateau),
+then scored on every test user. Layout of `out`:
+
+    runs/<dataset>__<method>__s<seed>/
+        train/            best/ and last/ checkpoints, history.json (validation curve)
+        ranks.npz         per evaluation row: the 0-based rank of each test user's item (-1: not returned)
+        result.json       written last: a run with this file is finished and is never repeated
+    summary.json          mean ± std per (dataset, row) over seeds, paired tests against the baseline
+    results.md            the same as Markdown tables
+    curves.png            validation NDCG@10 per epoch, one line per run
+
+Prepared datasets are shared between experiments under `prepared_root` (`nezha prepare` caches by content).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nezha.config import ConfigError, from_dict
+from nezha.metrics import metrics_from_ranks, paired_difference
+
+log = logging.getLogger(__name__)
+
+METRICS = ("hit@5", "hit@10", "ndcg@5", "ndcg@10")
+RESULT_FILE = "result.json"
+RANKS_FILE = "ranks.npz"
+
+
+@dataclass
+class ExperimentConfig:
+    """Run a grid of trainings + test evaluations (dataset × method × seed); finished runs are skipped."""
+
+    out: str = field(default="runs/exp/default", metadata={"help": "result directory"})
+    datasets: dict = field(default_factory=lambda: {"beauty": {"dataset": "amazon-beauty"}}, metadata={
+        "help": "name -> `nezha prepare` fields (dataset, codebook_size, levels, ...)"})
+    methods: dict = field(default_factory=lambda: {
+        "nezha": {"train": {"objectives": ["nezha"]}},
+        "beam": {"train": {"objectives": ["lm"]}},
+        "mtp": {"train": {"objectives": ["mtp"]}},
+    }, metadata={"help": "name -> {train: TrainConfig fields, select_by: decoder, evals: {row: {decoder, verify}}, "
+                         "seeds: [...] (default: the grid's)}"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    train: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields shared by every run"})
+    beam: int = field(default=10, metadata={"help": "beam width of the test evaluation (top-10 returned)"})
+    topk: int = 10
+    eval_users: int = field(default=0, metadata={"help": "test users scored (0: all)"})
+    baseline: str = field(default="beam", metadata={"help": "row every other row is paired against"})
+    resamples: int = field(default=10000, metadata={"help": "bootstrap / sign-flip resamples of a paired test"})
+    parallel: int = field(default=1, metadata={"help": "runs at once (each gets train.threads torch threads)"})
+    prepared_root: str = field(default="runs/exp/prepared", metadata={"help": "where prepared datasets are kept"})
+    data_dir: str | None = field(default=None, metadata={"help": "data root (else $NEZHA_DATA_DIR, else ../shared/data)"})
+    only: list[str] = field(default_factory=list, metadata={"help": "run only runs whose name contains one of these"})
+
+    def __post_init__(self) -> None:
+        if not self.datasets or not self.methods or not self.seeds:
+            raise ConfigError("datasets, methods and seeds must each name at least one entry")
+        if self.parallel < 1:
+            raise ConfigError(f"parallel: must be >= 1, got {self.parallel}")
+        for name, spec in self.methods.items():
+            unknown = set(spec) - {"train", "select_by", "evals", "seeds"}
+            if unknown:
+                raise ConfigError(f"methods.{name}: unknown key(s) {sorted(unknown)}; "
+                                  "known: train, select_by, evals, seeds")
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}__{self.method}__s{self.seed}"
+
+
+def method_decoder(spec: dict[str, Any]) -> str:
+    """The decoder that selects (and by default scores) a method's checkpoint."""
+    if spec.get("select_by"):
+        return str(spec["select_by"])
+    objectives = spec.get("train", {}).get("objectives", ["nezha"])
+    objectives = objectives.split(",") if isinstance(objectives, str) else objectives
+    return next(d for d, o in (("nezha", "nezha"), ("nezha", "joint"), ("mtp", "mtp"), ("beam", "lm"))
+                if o in objectives)
+
+
+def method_evals(name: str, spec: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Evaluation rows of a method: {row: {decoder, verify}}; default one row named like the method."""
+    evals = spec.get("evals") or {name: {"decoder": method_decoder(spec)}}
+    return {row: {"decoder": e.get("decoder", method_decoder(spec)), "verify": e.get("verify", "prefix")}
+            for row, e in evals.items()}
+
+
+def grid(cfg: ExperimentConfig) -> list[Run]:
+    """Every run, in the order they start: methods on the grid's seeds first, seed-major (all of seed 0,
+    then seed 1, ...), so early results cover every main method; then methods with their own `seeds`."""
+    main = [m for m, spec in cfg.methods.items() if "seeds" not in spec]
+    extra = [m for m in cfg.methods if m not in main]
+    runs = [Run(d, m, s) for s in cfg.seeds for d in cfg.datasets for m in main]
+    runs += [Run(d, m, s) for m in extra for s in cfg.methods[m]["seeds"] for d in cfg.datasets]
+    return [r for r in runs if not cfg.only or any(o in r.name for o in cfg.only)]
+
+
+def prepared_dir(cfg: ExperimentConfig, dataset: str) -> Path:
+    spec = cfg.datasets[dataset]
+    return Path(cfg.prepared_root) / f"{spec.get('dataset', dataset)}-{spec.get('levels', 3)}x{spec.get('codebook_size', 256)}"
+
+
+def prepare_datasets(cfg: ExperimentConfig) -> None:
+    from nezha.prepare import PrepareConfig, prepare  # local: pulls in the embedding stack
+
+    for name, spec in cfg.datasets.items():
+        values = {"data_dir": cfg.data_dir, **spec, "out": str(prepared_dir(cfg, name))}
+        prepare(from_dict(PrepareConfig, values, source=f"datasets.{name}"))
+
+
+def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
+    """Train one run and score its evaluation rows on the test split; writes result.json last."""
+    import torch
+
+    from nezha.catalog import Catalog  # noqa: F401  (keeps the import cost in the worker)
+    from nezha.data.split import Examples
+    from nezha.evaluation import rank_examples
+    from nezha.metrics import target_ranks
+    from nezha.model.checkpoint import load_checkpoint
+    from nezha.prepare import load_prepared
+    from nezha.training import TrainConfig, train
+    from nezha.verify.verifier import PrefixVerifier
+
+    run_dir = Path(cfg.out) / "runs" / run.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run (no result.json): start it again from scratch
+    run_dir.mkdir(parents=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    spec = cfg.methods[run.method]
+    prepared = prepared_dir(cfg, run.dataset)
+    train_values = {**cfg.train, **spec.get("train", {}), "seed": run.seed, "prepared": str(prepared),
+                    "out": str(run_dir / "train"), "select_by": method_decoder(spec), "progress": False}
+    train_cfg = from_dict(TrainConfig, train_values, source=f"methods.{run.method}")
+    start = time.perf_counter()
+    trained = train(train_cfg)
+    train_seconds = time.perf_counter() - start
+
+    catalog, split, _ = load_prepared(prepared)
+    examples = split.test
+    if cfg.eval_users and len(examples) > cfg.eval_users:
+        keep = np.sort(np.random.default_rng(0).choice(len(examples), cfg.eval_users, replace=False))
+        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    model = load_checkpoint(trained.best_checkpoint, train_cfg.device if train_cfg.device != "auto" else "cpu")
+    device = next(model.parameters()).device
+    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    targets = catalog.packed[examples.targets]
+    rows: dict[str, Any] = {}
+    ranks_out: dict[str, np.ndarray] = {}
+    for row, e in method_evals(run.method, spec).items():
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ranked, invalid = rank_examples(model, e["decoder"], catalog, verifier, examples, cfg.beam, cfg.topk,
+                                            verify=e["verify"])
+        ranks = target_ranks(ranked, targets)
+        ranks_out[row] = ranks.astype(np.int16)
+        rows[row] = {**e, **metrics_from_ranks(ranks), "invalid_rate": float(invalid.sum() / (len(examples) * cfg.beam)),
+                     "eval_seconds": time.perf_counter() - start}
+    np.savez_compressed(run_dir / RANKS_FILE, **ranks_out)
+    result = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed,
+              "test_users": len(examples), "beam": cfg.beam, "rows": rows,
+              "selected_by": train_cfg.select_by, "best_validation": trained.best_metrics,
+              "validations": trained.history, "steps": trained.steps, "train_seconds": train_seconds,
+              "examples_per_second": trained.examples_per_second, "train_config": asdict(train_cfg),
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (run_dir / (RESULT_FILE + ".tmp")).write_text(json.dumps(result, indent=2))
+    os.replace(run_dir / (RESULT_FILE + ".tmp"), run_dir / RESULT_FILE)
+    logging.getLogger().removeHandler(handler)
+    return result
+
+
+def _run_in_worker(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO)
+    return run_one(cfg, run)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Prepare the datasets, run every unfinished run (`parallel` at a time), then summarise."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2))
+    prepare_datasets(cfg)
+    runs = grid(cfg)
+    todo = [r for r in runs if not (out / "runs" / r.name / RESULT_FILE).is_file()]
+    log.info("%d runs, %d finished before, %d to run (%d at a time)", len(runs), len(runs) - len(todo), len(todo),
+             cfg.parallel)
+    start = time.perf_counter()
+    done = 0
+    if cfg.parallel == 1:
+        for run in todo:
+            _report(run_one(cfg, run), done := done + 1, len(todo), start)
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_in_worker, cfg, run): run for run in todo}
+            for future in as_completed(futures):
+                _report(future.result(), done := done + 1, len(todo), start)
+    return summarize(cfg)
+
+
+def _report(result: dict[str, Any], done: int, total: int, start: float) -> None:
+    rows = " | ".join(f"{row} H@10 {r['hit@10']:.4f} N@10 {r['ndcg@10']:.4f}" for row, r in result["rows"].items())
+    log.info("[%d/%d] %s: %s (trained %d steps in %.1f min; %.1f min elapsed)", done, total, result["run"], rows,
+             result["steps"], result["train_seconds"] / 60, (time.perf_counter() - start) / 60)
+
+
+def load_results(out: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"runs/*/{RESULT_FILE}"))]
+
+
+def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
+    """summary.json, results.md and curves.png from every finished run under `cfg.out`."""
+    out = Path(cfg.out)
+    results = load_results(out)
+    table: dict[str, dict[str, Any]] = {}
+    ranks: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for result in results:
+        with np.load(out / "runs" / result["run"] / RANKS_FILE) as stored:
+            for row, r in result["rows"].items():
+                entry = table.setdefault(result["dataset"], {}).setdefault(row, {"seeds": [], "runs": []})
+                entry["seeds"].append(result["seed"])
+                entry["runs"].append({"seed": result["seed"], **{m: r[m] for m in (*METRICS, "invalid_rate")},
+                                      "steps": result["steps"], "train_minutes": result["train_seconds"] / 60,
+                                      "best_epoch": result["best_validation"].get("epoch")})
+                ranks.setdefault((result["dataset"], row), {})[result["seed"]] = stored[row]
+    for dataset, rows in table.items():
+        for row, entry in rows.items():
+            for metric in (*METRICS, "invalid_rate", "train_minutes", "best_epoch"):
+                values = np.asarray([r[metric] for r in entry["runs"]], dtype=float)
+                entry[metric] = {"mean": float(values.mean()),
+                                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+            base = ranks.get((dataset, cfg.baseline))
+            if row != cfg.baseline and base:
+                entry["vs_" + cfg.baseline] = _paired(ranks[(dataset, row)], base, cfg.resamples)
+    summary = {"experiment": str(out), "beam": cfg.beam, "baseline": cfg.baseline, "runs": len(results),
+               "datasets": table}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(format_markdown(summary))
+    plot_curves(results, out / "curves.png")
+    return summary
+
+
+def _paired(ranks: dict[int, np.ndarray], base: dict[int, np.ndarray], resamples: int) -> dict[str, Any]:
+    """Row − baseline over the same test users, per-user metrics averaged over the seeds both have."""
+    seeds = sorted(set(ranks) & set(base))
+    if not seeds:
+        return {}
+    out: dict[str, Any] = {"seeds": seeds}
+    for metric in ("hit@10", "ndcg@10"):
+        a = np.mean([per_user(ranks[s], metric) for s in seeds], axis=0)
+        b = np.mean([per_user(base[s], metric) for s in seeds], axis=0)
+        out[metric] = paired_difference(a, b, resamples=resamples)
+    return out
+
+
+def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-user hit@k or ndcg@k from 0-based ranks (-1 = not returned)."""
+    name, k = metric.split("@")
+    inside = (ranks >= 0) & (ranks < int(k))
+    if name == "hit":
+        return inside.astype(float)
+    return np.where(inside, 1.0 / np.log2(np.where(inside, ranks, 0) + 2.0), 0.0)
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    base = summary["baseline"]
+    lines = [f"# {summary['experiment']}", "",
+             f"{summary['runs']} runs; beam {summary['beam']}, top-10 over the test users; mean ± std over seeds. "
+             f"Δ vs {base}: paired over the same test users (per-user metric averaged over the shared seeds), "
+             "bootstrap 95% CI and two-sided sign-flip p-value; * = p < 0.05.", ""]
+    for dataset, rows in summary["datasets"].items():
+        lines += [f"## {dataset}", "",
+                  "| row | seeds | H@5 | H@10 | N@5 | N@10 | invalid | best epoch | train min | "
+                  f"Δ H@10 vs {base} [95% CI] p | Δ N@10 vs {base} [95% CI] p |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row, e in rows.items():
+            cells = [f"{e[m]['mean']:.4f} ± {e[m]['std']:.4f}" for m in METRICS]
+            paired = e.get("vs_" + base, {})
+            deltas = []
+            for metric in ("hit@10", "ndcg@10"):
+                d = paired.get(metric)
+                deltas.append("–" if not d else f"{d['diff']:+.4f}{'*' if d['p_value'] < 0.05 else ''} "
+                              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] p={d['p_value']:.3f}")
+            lines.append(f"| {row} | {len(e['seeds'])} | " + " | ".join(cells) +
+                         f" | {e['invalid_rate']['mean']:.4f} | {e['best_epoch']['mean']:.1f} | "
+                         f"{e['train_minutes']['mean']:.1f} | " + " | ".join(deltas) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Validation NDCG@10 against epoch, one panel per dataset, one colour per method."""
+    if not results:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in results})
+    methods = sorted({r["method"] for r in results})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        labelled = set()
+        for r in (r for r in results if r["dataset"] == dataset):
+            curve = r["validations"]
+            label = None if r["method"] in labelled else r["method"]
+            labelled.add(r["method"])
+            ax.plot([v["epoch"] for v in curve], [v["ndcg@10"] for v in curve], marker="o", ms=3,
+                    color=colours[r["method"]], label=label, alpha=0.8)
+        ax.set(title=f"{dataset}: validation NDCG@10 (own decoder)", xlabel="epoch", ylabel="NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""The experiment runner on a tiny grid: independent runs, selection by each method's decoder, resume, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nezha.config import ConfigError
+from nezha.experiment import ExperimentConfig, grid, method_decoder, per_user, run_experiment
+from nezha.metrics import paired_difference
+
+
+def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> ExperimentConfig:
+    values = dict(
+        out=str(tmp_path / "exp"), prepared_root=str(tmp_path / "prepared"), data_dir=str(data_root),
+        datasets={"tiny": {"dataset": "tiny", "codebook_size": 6}},
+        methods={"nezha": {"train": {"objectives": ["nezha"]},
+                           "evals": {"nezha": {"decoder": "nezha"}, "nezha-noverify": {"verify": "none"}}},
+                 "beam": {"train": {"objectives": ["lm"]}},
+                 "nezha-noph": {"train": {"objectives": ["nezha"], "placeholders": False}, "seeds": [0]}},
+        seeds=[0, 1], beam=5, topk=5, resamples=200,
+        train={"backbone": "tiny", "epochs": 4, "batch_size": 8, "lr": 3e-3, "eval_beam": 5, "patience": 1})
+    values.update(overrides)
+    return ExperimentConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_tiny_dataset(root / "tiny")
+    return root
+
+
+def test_grid_runs_each_method_alone_resumes_and_summarises(tmp_path: Path, tiny_data_root: Path) -> None:
+    cfg = tiny_grid(tmp_path, tiny_data_root)
+    summary = run_experiment(cfg)
+    out = Path(cfg.out)
+    results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/result.json")}
+    assert len(results) == 5
+    for name, result in results.items():
+        objectives = result["train_config"]["objectives"]
+        assert len(objectives) == 1  # each method its own model, never the joint backbone
+        assert result["selected_by"] == ("beam" if result["method"] == "beam" else "nezha")
+        assert all(v["decoder"] == result["selected_by"] for v in result["validations"])
+    assert results["tiny__nezha-noph__s0"]["train_config"]["placeholders"] is False
+    table = summary["datasets"]["tiny"]
+    assert set(table) == {"nezha", "nezha-noverify", "beam", "nezha-noph"}
+    assert table["nezha"]["seeds"] == [0, 1] and table["nezha-noph"]["seeds"] == [0]
+    assert "vs_beam" in table["nezha"] and "vs_beam" not in table["beam"]
+    assert 0 < table["nezha"]["vs_beam"]["hit@10"]["p_value"] <= 1
+    assert (out / "results.md").read_text().count("| nezha") >= 1
+    assert (out / "curves.png").stat().st_size > 0
+
+    # A second call repeats nothing: the finished runs' files stay as they were.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    run_experiment(cfg)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps
+
+    # An unfinished run (no result.json) is run again from scratch.
+    (out / "runs" / "tiny__beam__s1" / "result.json").unlink()
+    run_experiment(cfg)
+    assert (out / "runs" / "tiny__beam__s1" / "result.json").is_file()
+
+
+def test_grid_filter_and_parallel_workers(tmp_path: Path, tiny_data_root: Path) -> None:
+    cfg = tiny_grid(tmp_path, tiny_data_root, only=["beam"], parallel=2)
+    assert [r.name for r in grid(cfg)] == ["tiny__beam__s0", "tiny__beam__s1"]
+    summary = run_experiment(cfg)  # two worker processes
+    assert summary["datasets"]["tiny"]["beam"]["seeds"] == [0, 1]
+    full = tiny_grid(tmp_path, tiny_data_root)
+    assert [r.name for r in grid(full)] == ["tiny__nezha__s0", "tiny__beam__s0", "tiny__nezha__s1", "tiny__beam__s1",
+                                            "tiny__nezha-noph__s0"]
+    assert method_decoder({"train": {"objectives": ["joint"]}}) == "nezha"
+    assert method_decoder({"train": {"objectives": "mtp"}}) == "mtp"
+
+
+def test_bad_grid_is_refused(tmp_path: Path, tiny_data_root: Path) -> None:
+    with pytest.raises(ConfigError, match="parallel"):
+        tiny_grid(tmp_path, tiny_data_root, parallel=0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        tiny_grid(tmp_path, tiny_data_root, methods={"x": {"trian": {}}})
+
+
+def test_paired_difference_detects_a_real_gap_and_not_a_null_one() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(4000) < 0.05
+    better = base | (rng.random(4000) < 0.03)
+    gap = paired_difference(better.astype(float), base.astype(float), resamples=2000)
+    assert gap["diff"] > 0 and gap["ci_low"] > 0 and gap["p_value"] < 0.01
+    same = paired_difference(base.astype(float), rng.permutation(base).astype(float), resamples=2000)
+    assert same["ci_low"] < 0 < same["ci_high"] or same["diff"] == 0
+    assert same["p_value"] > 0.05
+
+
+def test_per_user_metrics_match_the_definitions() -> None:
+    ranks = np.array([0, 1, 9, 10, -1])
+    assert per_user(ranks, "hit@10").tolist() == [1, 1, 1, 0, 0]
+    np.testing.assert_allclose(per_user(ranks, "ndcg@10"), [1, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
