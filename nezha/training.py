@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nezha.catalog import Catalog
+from nezha.config import ConfigError
 from nezha.data.split import Examples
 from nezha.evaluation import rank_examples, resolve_device
 from nezha.metrics import hit_ndcg
@@ -213,6 +214,9 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     `stepper_factory(model, total_steps)` replaces plain AdamW (train/ passes a DeepSpeed engine);
     `on_evaluation(metrics, best_checkpoint_or_None)` is called on rank 0 after each validation.
     """
+    if cfg.patience and world_size > 1:
+        # Only rank 0 validates; an early stop there would leave the other ranks waiting in a collective.
+        raise ConfigError("patience (early stopping) needs a single worker; the distributed trainer runs its budget")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
