@@ -1,6 +1,6 @@
-"""`nezha bench latency` and `nezha bench serve`: how fast NEZHA decodes, against its floor and baselines.
+"""Decoder latency against its floor (`nezha bench latency`): how fast NEZHA decodes, beside its baselines.
 
-latency: a random-init backbone (weights do not change latency) with every head, a random catalog of unique
+A random-init backbone (weights do not change latency) with every head, a random catalog of unique
 semantic IDs, and for each (batch, beam) setting the wall time of
   prefill  one forward pass over the NEZHA prompt (`model.draft_inputs`): the floor NEZHA cannot beat,
   head     the draft head's beam search alone, on that prefill's hidden states,
@@ -11,35 +11,26 @@ semantic IDs, and for each (batch, beam) setting the wall time of
 Each repeat runs every decoder once, in a rotating order, on the same fresh batch of histories, so load
 drift on the machine hits all decoders alike; GPU work is synchronised before and after every call.
 
-serve: throughput and p50/p99 latency of a running Serve app (`POST /v1/recommend`) at fixed concurrency
-levels, each bounded in requests and seconds, on loopback only.
+The HTTP side (`nezha bench serve`) is `nezha.loadgen`.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import http.client
-import ipaddress
 import json
 import logging
 import os
 import platform
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 import transformers
 
-from nezha.catalog import Catalog
-from nezha.config import add_config_arguments, config_from_args
 from nezha.decoding import (
     beam_decode,
     draft_beam_search,
@@ -49,9 +40,10 @@ from nezha.decoding import (
     prompt_for,
 )
 from nezha.decoding.graphs import GraphedDraftSearch
-from nezha.evaluation import device_name, resolve_device, synchronize
+from nezha.device import cpu_model, device_name, resolve_device
 from nezha.model.checkpoint import create_model
 from nezha.model.model import ModelConfig, NezhaModel
+from nezha.timing import latency_stats, synchronize
 from nezha.verify import PrefixVerifier, unpack
 
 log = logging.getLogger(__name__)
@@ -119,12 +111,6 @@ class LatencyBenchConfig:
             raise ValueError(f"history {self.history} is longer than the catalog ({self.catalog_items} items)")
 
 
-def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(times_ms, dtype=np.float64)
-    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean()),
-            "min": float(arr.min()), "n": int(arr.size)}
-
-
 def latency_ratios(latency_ms: dict[str, dict[str, float]], verifier_ms: float | None,
                    stat: str = "p50") -> dict[str, float | None]:
     """Ratios of one statistic of the rows (None where a row was not measured); verifier_share = verifier
@@ -166,17 +152,6 @@ class _TimedVerifier:
 
     def contains(self, values: torch.Tensor, length: int | None = None) -> torch.Tensor:
         return self._timed(self._verifier.contains, values, length)
-
-
-def _cpu_model() -> str:
-    """The CPU's marketing name on Linux (platform.processor() is often empty there)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_catalog(num_items: int, sizes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -284,7 +259,7 @@ def _run_latency_bench(cfg: LatencyBenchConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "host": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         # Other work on the machine inflates every row; the 1-minute load average says how busy it was.
         "load_average_1m": {"start": os.getloadavg()[0]},
         "config": asdict(cfg),
@@ -380,194 +355,3 @@ def plot_latency_vs_batch(report: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# ---- serve -----------------------------------------------------------------------------------------------
-@dataclass
-class ServeBenchConfig:
-    """Throughput and p50/p99 latency of a running Serve app at fixed concurrency levels (loopback only)."""
-
-    checkpoint: str = field(default="runs/train/best", metadata={"help": "checkpoint whose catalog gives item ids"})
-    url: str = field(default="http://127.0.0.1:8000", metadata={"help": "the app's base URL (loopback)"})
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16], metadata={"help": "clients in flight"})
-    requests: int = field(default=200, metadata={"help": "at most this many requests per concurrency level"})
-    max_seconds: float = field(default=30.0, metadata={"help": "and at most this long per level"})
-    warmup: int = field(default=5, metadata={"help": "untimed requests before the first level"})
-    history: int = 20
-    k: int = 10
-    decoder: str | None = field(default=None, metadata={"help": "decoder to ask for (default: the app's)"})
-    timeout_s: float = field(default=30.0, metadata={"help": "per-request timeout"})
-    seed: int = 0
-    json: str | None = None
-
-
-def validate_serve_config(cfg: ServeBenchConfig) -> None:
-    """Reject what would load something other than a local test server, or run unbounded."""
-    parts = urlsplit(cfg.url)
-    if parts.scheme != "http":
-        raise ValueError(f"url must be http://HOST:PORT on loopback, got {cfg.url!r}")
-    host = parts.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"url host {host!r} is not loopback (127.0.0.1, ::1 or localhost): the bench only "
-                         "loads a local app")
-    if not cfg.concurrency or min(cfg.concurrency) < 1:
-        raise ValueError(f"concurrency levels must be positive, got {cfg.concurrency}")
-    if cfg.requests < 1 or cfg.warmup < 0 or cfg.history < 1 or cfg.k < 1:
-        raise ValueError("requests, history and k must be at least 1 and warmup at least 0")
-    if cfg.max_seconds <= 0 or cfg.timeout_s <= 0:
-        raise ValueError("max_seconds and timeout_s must be positive")
-
-
-def sample_histories(item_ids: Sequence[str], count: int, length: int, rng: np.random.Generator) -> list[list[str]]:
-    """`count` histories of `length` distinct items (the app rejects duplicates), capped at the catalog size."""
-    length = min(length, len(item_ids))
-    return [[item_ids[i] for i in rng.choice(len(item_ids), length, replace=False)] for _ in range(count)]
-
-
-def summarize_level(concurrency: int, latencies_ms: Sequence[float], statuses: Counter[str],
-                    wall_s: float) -> dict[str, Any]:
-    """One concurrency level's throughput (successful requests / wall time) and latency of the successes."""
-    ok = len(latencies_ms)
-    sent = sum(statuses.values())
-    out: dict[str, Any] = {"concurrency": concurrency, "requests": sent, "ok": ok, "errors": sent - ok,
-                           "statuses": dict(sorted(statuses.items())), "wall_s": wall_s,
-                           "throughput_rps": ok / wall_s if wall_s > 0 else 0.0}
-    if ok:
-        out.update({f"{k}_ms": v for k, v in latency_stats(latencies_ms).items() if k != "n"})
-    return out
-
-
-class _Client:
-    """One keep-alive HTTP connection; reconnects after a failure."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
-        self._path = parts.path.rstrip("/") + "/v1/recommend"
-        self._timeout = timeout_s
-        self._conn: http.client.HTTPConnection | None = None
-
-    def post(self, body: bytes) -> str:
-        """The response's status code as a string, or the exception's name."""
-        try:
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-            self._conn.request("POST", self._path, body=body, headers={"Content-Type": "application/json"})
-            response = self._conn.getresponse()
-            response.read()
-            return str(response.status)
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            return type(exc).__name__
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float,
-              timeout_s: float) -> dict[str, Any]:
-    """`concurrency` closed-loop clients send `bodies` round-robin until `max_requests` or `max_seconds`."""
-    lock = threading.Lock()
-    sent = 0
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    deadline = time.perf_counter() + max_seconds
-
-    def worker() -> None:
-        nonlocal sent
-        client = _Client(url, timeout_s)
-        try:
-            while True:
-                with lock:
-                    if sent >= max_requests or time.perf_counter() >= deadline:
-                        return
-                    index = sent
-                    sent += 1
-                start = time.perf_counter()
-                status = client.post(bodies[index % len(bodies)])
-                elapsed = (time.perf_counter() - start) * 1000.0
-                with lock:
-                    statuses[status] += 1
-                    if status == "200":
-                        latencies.append(elapsed)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize_level(concurrency, latencies, statuses, time.perf_counter() - start)
-
-
-def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
-    validate_serve_config(cfg)
-    catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
-    rng = np.random.default_rng(cfg.seed)
-    request = {"k": cfg.k} if cfg.decoder is None else {"k": cfg.k, "decoder": cfg.decoder}
-    bodies = [json.dumps({"history": h, **request}).encode()
-              for h in sample_histories(catalog.item_ids, max(cfg.requests, 64), cfg.history, rng)]
-    if cfg.warmup:
-        warm = run_level(cfg.url, bodies, 1, cfg.warmup, cfg.max_seconds, cfg.timeout_s)
-        if warm["ok"] == 0:
-            raise ValueError(f"no successful warm-up request to {cfg.url}/v1/recommend (statuses {warm['statuses']}); "
-                             "is the app running (`serve run serve.config.yaml`)?")
-    levels = []
-    for concurrency in cfg.concurrency:
-        level = run_level(cfg.url, bodies, concurrency, cfg.requests, cfg.max_seconds, cfg.timeout_s)
-        log.info("concurrency %d: %.1f req/s, p50 %s ms, %d errors", concurrency, level["throughput_rps"],
-                 _fmt(level.get("p50_ms")), level["errors"])
-        levels.append(level)
-    report = {"url": cfg.url, "config": asdict(cfg), "catalog_items": catalog.num_items, "levels": levels}
-    if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(report, indent=2))
-    return report
-
-
-def format_serve_table(report: dict[str, Any]) -> str:
-    lines = [f"{report['url']}/v1/recommend, {report['catalog_items']} catalog items, history "
-             f"{report['config']['history']}, k {report['config']['k']}",
-             f"{'concurrency':>11}{'requests':>10}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"]
-    for lv in report["levels"]:
-        lines.append(f"{lv['concurrency']:>11}{lv['requests']:>10}{lv['errors']:>8}{lv['throughput_rps']:>9.1f}"
-                     f"{_fmt(lv.get('p50_ms')):>9}{_fmt(lv.get('p99_ms')):>9}{_fmt(lv.get('mean_ms')):>9}")
-    return "\n".join(lines)
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------
-def _latency_cli(args: argparse.Namespace) -> None:
-    cfg = config_from_args(LatencyBenchConfig, args)
-    report = run_latency_bench(cfg)
-    print(format_latency_table(report))
-    for path in (cfg.json, cfg.plot):
-        if path:
-            print(f"wrote {path}")
-
-
-def _serve_cli(args: argparse.Namespace) -> None:
-    cfg = config_from_args(ServeBenchConfig, args)
-    report = run_serve_bench(cfg)
-    print(format_serve_table(report))
-    if cfg.json:
-        print(f"wrote {cfg.json}")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `nezha bench latency` and `nezha bench serve`."""
-    bench = subparsers.add_parser("bench", help="decoder latency and serving throughput benchmarks",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    for name, cls, handler in (("latency", LatencyBenchConfig, _latency_cli), ("serve", ServeBenchConfig, _serve_cli)):
-        doc = (cls.__doc__ or "").strip()
-        parser = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
-        add_config_arguments(parser, cls)
-        parser.set_defaults(handler=handler)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,34 +20,16 @@ from tqdm.auto import tqdm
 from nezha.catalog import Catalog
 from nezha.data.split import Examples, Split, load_sequences
 from nezha.decoding import decode, decoder_available
+from nezha.device import device_name, resolve_device
 from nezha.metrics import hit_ndcg, popularity_ranking
-from nezha.model.checkpoint import load_checkpoint, read_meta
+from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
 from nezha.model.model import NezhaModel
+from nezha.timing import latency_stats, timed_ms
 from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger(__name__)
 
 EVAL_DECODERS = ("nezha", "beam", "hf-beam", "hf-beam-constrained", "mtp", "popular")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
@@ -74,15 +55,12 @@ def measure_latency(model: NezhaModel, decoder: str, catalog: Catalog, verifier:
     for i in range(warmup + repeats):
         first = (i * batch_size) % max(1, len(examples) - batch_size)
         histories = [catalog.codes[h] for h in examples.histories[first : first + batch_size]]
-        synchronize(device)
-        start = time.perf_counter()
-        decode(model, decoder, histories, verifier, beam, verify=verify)
-        synchronize(device)
+        _, ms = timed_ms(lambda: decode(model, decoder, histories, verifier, beam, verify=verify), device)  # noqa: B023
         if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000.0)
-    arr = np.asarray(times)
-    return {"batch": batch_size, "p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
-            "mean": float(arr.mean()), "per_request_mean": float(arr.mean() / batch_size)}
+            times.append(ms)
+    stats = latency_stats(times)
+    return {"batch": batch_size, "p50": stats["p50"], "p99": stats["p99"], "mean": stats["mean"],
+            "per_request_mean": stats["mean"] / batch_size}
 
 
 @dataclass
@@ -109,8 +87,7 @@ def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[
     from nezha.prepare import load_prepared  # local: prepare pulls in the embedding stack
 
     device = resolve_device(cfg.device)
-    meta = read_meta(cfg.checkpoint)
-    prepared = cfg.prepared or meta.get("extra", {}).get("prepared")
+    prepared = cfg.prepared or prepared_dir_of(cfg.checkpoint)
     if not prepared:
         raise ValueError("the checkpoint does not say which prepared dataset it was trained on: pass --prepared")
     model = load_checkpoint(cfg.checkpoint, device)

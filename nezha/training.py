@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from nezha.catalog import Catalog
 from nezha.config import ConfigError
 from nezha.data.split import Examples
-from nezha.evaluation import rank_examples, resolve_device
+from nezha.device import resolve_device
+from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, save_checkpoint
 from nezha.model.model import ModelConfig, NezhaModel

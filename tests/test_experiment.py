@@ -42,7 +42,7 @@ def test_grid_runs_each_method_alone_resumes_and_summarises(tmp_path: Path, tiny
     out = Path(cfg.out)
     results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/result.json")}
     assert len(results) == 5
-    for name, result in results.items():
+    for result in results.values():
         objectives = result["train_config"]["objectives"]
         assert len(objectives) == 1  # each method its own model, never the joint backbone
         assert result["selected_by"] == ("beam" if result["method"] == "beam" else "nezha")

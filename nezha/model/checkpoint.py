@@ -79,6 +79,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
 
 
+def prepared_dir_of(checkpoint: str | Path) -> Path | None:
+    """The prepared dataset a checkpoint was trained on (recorded at training time), or None."""
+    prepared = read_meta(checkpoint).get("extra", {}).get("prepared")
+    return Path(prepared) if prepared else None
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's metadata, after checking its weights against the checksum saved with them."""
     path = Path(path)

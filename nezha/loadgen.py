@@ -1,0 +1,190 @@
+"""The HTTP load generator (`nezha bench serve`): throughput and latency of a running recommendation service.
+
+Closed-loop clients at fixed concurrency levels, each level bounded in requests and seconds, loopback only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from nezha.catalog import Catalog
+from nezha.timing import latency_stats
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@dataclass
+class ServeBenchConfig:
+    """Throughput and p50/p99 latency of a running Serve app at fixed concurrency levels (loopback only)."""
+
+    checkpoint: str = field(default="runs/train/best", metadata={"help": "checkpoint whose catalog gives item ids"})
+    url: str = field(default="http://127.0.0.1:8000", metadata={"help": "the app's base URL (loopback)"})
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16], metadata={"help": "clients in flight"})
+    requests: int = field(default=200, metadata={"help": "at most this many requests per concurrency level"})
+    max_seconds: float = field(default=30.0, metadata={"help": "and at most this long per level"})
+    warmup: int = field(default=5, metadata={"help": "untimed requests before the first level"})
+    history: int = 20
+    k: int = 10
+    decoder: str | None = field(default=None, metadata={"help": "decoder to ask for (default: the app's)"})
+    timeout_s: float = field(default=30.0, metadata={"help": "per-request timeout"})
+    seed: int = 0
+    json: str | None = None
+
+
+def validate_serve_config(cfg: ServeBenchConfig) -> None:
+    """Reject what would load something other than a local test server, or run unbounded."""
+    parts = urlsplit(cfg.url)
+    if parts.scheme != "http":
+        raise ValueError(f"url must be http://HOST:PORT on loopback, got {cfg.url!r}")
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"url host {host!r} is not loopback (127.0.0.1, ::1 or localhost): the bench only "
+                         "loads a local app")
+    if not cfg.concurrency or min(cfg.concurrency) < 1:
+        raise ValueError(f"concurrency levels must be positive, got {cfg.concurrency}")
+    if cfg.requests < 1 or cfg.warmup < 0 or cfg.history < 1 or cfg.k < 1:
+        raise ValueError("requests, history and k must be at least 1 and warmup at least 0")
+    if cfg.max_seconds <= 0 or cfg.timeout_s <= 0:
+        raise ValueError("max_seconds and timeout_s must be positive")
+
+
+def sample_histories(item_ids: Sequence[str], count: int, length: int, rng: np.random.Generator) -> list[list[str]]:
+    """`count` histories of `length` distinct items (the app rejects duplicates), capped at the catalog size."""
+    length = min(length, len(item_ids))
+    return [[item_ids[i] for i in rng.choice(len(item_ids), length, replace=False)] for _ in range(count)]
+
+
+def summarize_level(concurrency: int, latencies_ms: Sequence[float], statuses: Counter[str],
+                    wall_s: float) -> dict[str, Any]:
+    """One concurrency level's throughput (successful requests / wall time) and latency of the successes."""
+    ok = len(latencies_ms)
+    sent = sum(statuses.values())
+    out: dict[str, Any] = {"concurrency": concurrency, "requests": sent, "ok": ok, "errors": sent - ok,
+                           "statuses": dict(sorted(statuses.items())), "wall_s": wall_s,
+                           "throughput_rps": ok / wall_s if wall_s > 0 else 0.0}
+    if ok:
+        out.update({f"{k}_ms": v for k, v in latency_stats(latencies_ms).items() if k != "n"})
+    return out
+
+
+class _Client:
+    """One keep-alive HTTP connection; reconnects after a failure."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._path = parts.path.rstrip("/") + "/v1/recommend"
+        self._timeout = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, body: bytes) -> str:
+        """The response's status code as a string, or the exception's name."""
+        try:
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._conn.request("POST", self._path, body=body, headers={"Content-Type": "application/json"})
+            response = self._conn.getresponse()
+            response.read()
+            return str(response.status)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            return type(exc).__name__
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float,
+              timeout_s: float) -> dict[str, Any]:
+    """`concurrency` closed-loop clients send `bodies` round-robin until `max_requests` or `max_seconds`."""
+    lock = threading.Lock()
+    sent = 0
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    deadline = time.perf_counter() + max_seconds
+
+    def worker() -> None:
+        nonlocal sent
+        client = _Client(url, timeout_s)
+        try:
+            while True:
+                with lock:
+                    if sent >= max_requests or time.perf_counter() >= deadline:
+                        return
+                    index = sent
+                    sent += 1
+                start = time.perf_counter()
+                status = client.post(bodies[index % len(bodies)])
+                elapsed = (time.perf_counter() - start) * 1000.0
+                with lock:
+                    statuses[status] += 1
+                    if status == "200":
+                        latencies.append(elapsed)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize_level(concurrency, latencies, statuses, time.perf_counter() - start)
+
+
+def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
+    validate_serve_config(cfg)
+    catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
+    rng = np.random.default_rng(cfg.seed)
+    request = {"k": cfg.k} if cfg.decoder is None else {"k": cfg.k, "decoder": cfg.decoder}
+    bodies = [json.dumps({"history": h, **request}).encode()
+              for h in sample_histories(catalog.item_ids, max(cfg.requests, 64), cfg.history, rng)]
+    if cfg.warmup:
+        warm = run_level(cfg.url, bodies, 1, cfg.warmup, cfg.max_seconds, cfg.timeout_s)
+        if warm["ok"] == 0:
+            raise ValueError(f"no successful warm-up request to {cfg.url}/v1/recommend (statuses {warm['statuses']}); "
+                             "is the app running (`serve run serve.config.yaml`)?")
+    levels = []
+    for concurrency in cfg.concurrency:
+        level = run_level(cfg.url, bodies, concurrency, cfg.requests, cfg.max_seconds, cfg.timeout_s)
+        log.info("concurrency %d: %.1f req/s, p50 %s ms, %d errors", concurrency, level["throughput_rps"],
+                 _fmt(level.get("p50_ms")), level["errors"])
+        levels.append(level)
+    report = {"url": cfg.url, "config": asdict(cfg), "catalog_items": catalog.num_items, "levels": levels}
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_serve_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['url']}/v1/recommend, {report['catalog_items']} catalog items, history "
+             f"{report['config']['history']}, k {report['config']['k']}",
+             f"{'concurrency':>11}{'requests':>10}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"]
+    for lv in report["levels"]:
+        lines.append(f"{lv['concurrency']:>11}{lv['requests']:>10}{lv['errors']:>8}{lv['throughput_rps']:>9.1f}"
+                     f"{_fmt(lv.get('p50_ms')):>9}{_fmt(lv.get('p99_ms')):>9}{_fmt(lv.get('mean_ms')):>9}")
+    return "\n".join(lines)
