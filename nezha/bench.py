@@ -22,7 +22,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +44,7 @@ from nezha.device import cpu_model, device_name, resolve_device
 from nezha.model.checkpoint import create_model
 from nezha.model.model import ModelConfig, NezhaModel
 from nezha.timing import latency_stats, synchronize
-from nezha.verify import PrefixVerifier, unpack
+from nezha.verify import PrefixVerifier, random_packed_ids, unpack
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,6 @@ class _TimedVerifier:
         return self._timed(self._verifier.contains, values, length)
 
 
-def random_catalog(num_items: int, sizes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """`num_items` distinct packed IDs drawn uniformly from the ID space (unique, as real catalogs must be)."""
-    space = int(np.prod(sizes))
-    return np.sort(rng.choice(space, size=num_items, replace=False)).astype(np.int64)
-
-
 @dataclass
 class _Inputs:
     """One batch of histories as every decoder sees it, plus the head's inputs from an untimed prefill."""
@@ -250,7 +244,7 @@ def _run_latency_bench(cfg: LatencyBenchConfig) -> dict[str, Any]:
     model = model.to(device).eval()
     log.info("built %s backbone in %.1f s on %s", cfg.backbone, time.perf_counter() - start, device_name(device))
     rng = np.random.default_rng(cfg.seed)
-    packed = random_catalog(cfg.catalog_items, sizes, rng)
+    packed = random_packed_ids(cfg.catalog_items, sizes, rng)
     verifier = PrefixVerifier(packed, sizes, device=device)
     codes = unpack(packed, sizes)
     backbone_config = model.backbone.config

@@ -133,7 +133,3 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
     except ConfigError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

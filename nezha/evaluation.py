@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from nezha.catalog import Catalog
 from nezha.data.split import Examples, Split, load_sequences
-from nezha.decoding import decode, decoder_available
+from nezha.decoding import DECODERS, available_decoders, decode, decoder_available
 from nezha.device import device_name, resolve_device
 from nezha.metrics import hit_ndcg, popularity_ranking
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
@@ -29,7 +29,8 @@ from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger(__name__)
 
-EVAL_DECODERS = ("nezha", "beam", "hf-beam", "hf-beam-constrained", "mtp", "popular")
+# The registry's decoders plus the most-popular floor, which needs no model.
+EVAL_DECODERS = (*DECODERS, "popular")
 
 
 def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
@@ -104,9 +105,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"unknown decoder(s) {unknown}; choose from {EVAL_DECODERS}")
     model, catalog, split, sequences, device = load_eval_inputs(cfg)
     examples = split.valid if cfg.split == "valid" else split.test
-    if cfg.max_users and len(examples) > cfg.max_users:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(examples), cfg.max_users, replace=False))
-        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    examples = examples.subset(cfg.max_users, cfg.seed)
     targets = catalog.packed[examples.targets]
     verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
     report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "split": cfg.split, "users": len(examples),
@@ -117,7 +116,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             ranked = np.broadcast_to(catalog.packed[ranking], (len(examples), len(ranking)))
             entry: dict[str, Any] = {**hit_ndcg(ranked, targets), "invalid_rate": 0.0}
         elif not decoder_available(model, decoder):
-            log.warning("skipping %s: the checkpoint serves %s", decoder, ", ".join(model.decoders))
+            log.warning("skipping %s: the checkpoint serves %s", decoder, ", ".join(available_decoders(model)))
             continue
         else:
             start = time.perf_counter()

@@ -133,7 +133,6 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     import torch
 
     from nezha.catalog import Catalog  # noqa: F401  (keeps the import cost in the worker)
-    from nezha.data.split import Examples
     from nezha.evaluation import rank_examples
     from nezha.metrics import target_ranks
     from nezha.model.checkpoint import load_checkpoint
@@ -159,10 +158,7 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
 
     catalog, split, _ = load_prepared(prepared)
-    examples = split.test
-    if cfg.eval_users and len(examples) > cfg.eval_users:
-        keep = np.sort(np.random.default_rng(0).choice(len(examples), cfg.eval_users, replace=False))
-        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    examples = split.test.subset(cfg.eval_users)
     model = load_checkpoint(trained.best_checkpoint, train_cfg.device if train_cfg.device != "auto" else "cpu")
     device = next(model.parameters()).device
     verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)

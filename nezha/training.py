@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from nezha.catalog import Catalog
 from nezha.config import ConfigError
 from nezha.data.split import Examples
+from nezha.decoding import SELECTION_ORDER, available_decoders
 from nezha.device import resolve_device
 from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
@@ -148,6 +149,11 @@ class TorchStepper:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def steps_per_epoch(num_examples: int, world_size: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch: every rank steps over whole batches of its share (= len(epoch_batches))."""
+    return max(1, (num_examples // world_size) // batch_size)
+
+
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                   bucket_batches: int = 50) -> list[np.ndarray]:
     """One epoch of index batches for this rank: shuffled, then length-bucketed.
@@ -185,20 +191,19 @@ def make_batch(model: NezhaModel, catalog: Catalog, histories: Sequence[np.ndarr
 
 
 def validation_decoder(model: NezhaModel, select_by: str = "auto") -> str:
-    """The decoder that scores a checkpoint: `select_by`, or for "auto" NEZHA when present, else MTP, else beam."""
+    """The decoder that scores a checkpoint: `select_by`, or for "auto" the first of SELECTION_ORDER it has."""
+    served = available_decoders(model)
     if select_by == "auto":
-        return next(d for d in ("nezha", "mtp", "beam") if d in model.decoders)
-    if select_by not in model.decoders:
-        raise ValueError(f"select_by {select_by!r}: the model serves only {', '.join(model.decoders)} "
+        return next(d for d in SELECTION_ORDER if d in served)
+    if select_by not in served:
+        raise ValueError(f"select_by {select_by!r}: the model serves only {', '.join(served)} "
                          "(train the objective that decoder needs)")
     return select_by
 
 
 def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, examples: Examples, beam: int,
              max_users: int = 0, batch_size: int = 256, decoder: str | None = None) -> dict[str, float]:
-    if max_users and len(examples) > max_users:
-        keep = np.random.default_rng(0).choice(len(examples), max_users, replace=False)
-        examples = Examples([examples.histories[i] for i in keep], examples.targets[keep])
+    examples = examples.subset(max_users)
     was_training = model.training
     model.eval()
     ranked, _invalid = rank_examples(model, decoder or validation_decoder(model), catalog, verifier, examples, beam,
@@ -231,15 +236,15 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
 
     train_examples = split.train
     per_rank = len(train_examples) // world_size
-    steps_per_epoch = max(1, per_rank // cfg.batch_size)  # = len(epoch_batches(...)): windows are whole batches
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_every or steps_per_epoch
+    epoch_steps = steps_per_epoch(len(train_examples), world_size, cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch_steps))
+    eval_every = cfg.eval_every or epoch_steps
     stepper = stepper_factory(model, total_steps) if stepper_factory else TorchStepper(model, cfg, total_steps)
     out = Path(cfg.out)
     best_dir, last_dir = out / "best", out / "last"
     log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s, "
              "checkpoints picked by %s", cfg.backbone, len(train_examples), per_rank, world_size, total_steps,
-             cfg.batch_size, device, ",".join(model.decoders), selector)
+             cfg.batch_size, device, ",".join(available_decoders(model)), selector)
 
     history: list[dict[str, Any]] = []
     best: dict[str, float] = {}
@@ -273,7 +278,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
             if rank == 0 and (step % eval_every == 0 or step == total_steps):
                 metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users,
                                    decoder=selector)
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": running,
+                record = {"step": step, "epoch": step / epoch_steps, "loss": running,
                           "seconds": time.perf_counter() - start, "decoder": selector, **metrics}
                 history.append(record)
                 improved = not best or metrics["ndcg@10"] > best["ndcg@10"]

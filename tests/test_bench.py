@@ -13,10 +13,10 @@ from nezha.bench import (
     LatencyBenchConfig,
     format_latency_table,
     latency_ratios,
-    random_catalog,
     run_latency_bench,
 )
 from nezha.cli import main
+from nezha.verify import random_packed_ids
 
 REQUIRED_RATIOS = {"nezha_over_prefill", "beam_over_nezha", "hf_over_nezha", "mtp_over_nezha", "verifier_share"}
 
@@ -75,7 +75,7 @@ def test_ratios_and_catalog_are_what_they_say():
     assert ratios["hf_over_nezha"] == pytest.approx(4.0)
     assert ratios["verifier_share"] == pytest.approx(0.05)
     assert ratios["beam_over_nezha"] is None
-    ids = random_catalog(100, [4, 4, 8], np.random.default_rng(0))
+    ids = random_packed_ids(100, [4, 4, 8], np.random.default_rng(0))
     assert len(np.unique(ids)) == 100 and ids.min() >= 0 and ids.max() < 128
 
 

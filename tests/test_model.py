@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from nezha.decoding import available_decoders
 from nezha.model.checkpoint import CheckpointError, create_model, load_checkpoint, save_checkpoint
 from nezha.model.draft_head import TRANSITIONS, DraftHead
 from nezha.model.model import ModelConfig, normalise_objectives
@@ -67,7 +68,7 @@ def test_losses_and_checkpoint_round_trip(tmp_path):
     losses = model(batch)
     assert set(losses) == {"nezha", "lm", "mtp", "loss"}
     assert torch.isclose(losses["loss"], losses["nezha"] + losses["lm"] + losses["mtp"])
-    assert model.decoders == ("nezha", "beam", "hf-beam", "mtp")
+    assert available_decoders(model) == ("nezha", "mtp", "beam", "hf-beam", "hf-beam-constrained")
     save_checkpoint(model, tmp_path / "ck")
     loaded = load_checkpoint(tmp_path / "ck")
     again = loaded(batch)

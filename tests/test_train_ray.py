@@ -20,10 +20,10 @@ from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint
 from nezha.prepare import load_prepared
-from nezha.training import make_batch
+from nezha.training import make_batch, steps_per_epoch
 from nezha.verify import PrefixVerifier
 from train.deepspeed_config import deepspeed_config
-from train.run import RayTrainConfig, resolve_config, run, steps_per_epoch, summary_line
+from train.run import RayTrainConfig, resolve_config, run, summary_line
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,15 @@ if __package__ in (None, ""):  # `python train/run.py`: make the `train` package
 from nezha.config import ConfigError, parse_config  # noqa: E402
 from nezha.model.checkpoint import WEIGHTS  # noqa: E402
 from nezha.model.model import NezhaModel  # noqa: E402
-from nezha.training import Stepper, TorchStepper, TrainConfig, param_groups, train, warmup_cosine  # noqa: E402
+from nezha.training import (  # noqa: E402
+    Stepper,
+    TorchStepper,
+    TrainConfig,
+    param_groups,
+    steps_per_epoch,
+    train,
+    warmup_cosine,
+)
 from train.deepspeed_config import deepspeed_config  # noqa: E402
 
 log = logging.getLogger("nezha.train.ray")
@@ -68,11 +76,6 @@ class RayTrainConfig(TrainConfig):
 
 def is_uri(path: str) -> bool:
     return "://" in path
-
-
-def steps_per_epoch(num_examples: int, world_size: int, batch_size: int) -> int:
-    """The library's epoch length (`nezha.training.train`): full batches of each rank's shard."""
-    return max(1, (num_examples // world_size) // batch_size)
 
 
 def resolve_config(cfg: RayTrainConfig, cluster_gpus: float) -> RayTrainConfig:

@@ -25,12 +25,11 @@ import torch
 if __package__ in (None, ""):  # `python train/zero_probe.py`: make the `train` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nezha.bench import random_catalog  # noqa: E402
 from nezha.catalog import Catalog  # noqa: E402
 from nezha.config import parse_config  # noqa: E402
 from nezha.model.checkpoint import create_model  # noqa: E402
 from nezha.training import make_batch  # noqa: E402
-from nezha.verify import unpack  # noqa: E402
+from nezha.verify import random_packed_ids, unpack  # noqa: E402
 from train.run import DeepSpeedStepper, RayTrainConfig  # noqa: E402
 
 
@@ -66,7 +65,7 @@ def run_probe(cfg: ZeroProbeConfig) -> dict[str, object]:
                                gradient_checkpointing=cfg.gradient_checkpointing)
     rng = np.random.default_rng(cfg.seed)
     sizes = (256, 256, 256)
-    packed = random_catalog(12_035, sizes, rng)
+    packed = random_packed_ids(12_035, sizes, rng)
     catalog = Catalog([f"I{i}" for i in range(len(packed))], unpack(packed, sizes), sizes, [""] * len(packed))
     model = create_model(train_cfg.model_config(sizes), seed=cfg.seed).to(device)
     if cfg.gradient_checkpointing:

@@ -32,13 +32,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from nezha.config import ConfigError, parse_config
-from nezha.data.split import Examples, Split
+from nezha.data.split import Split
 from nezha.evaluation import measure_latency, rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import load_checkpoint
 from nezha.model.draft_head import TRANSITIONS
 from nezha.prepare import SPLIT_FILE, load_prepared
-from nezha.training import TrainConfig, train, validation_decoder
+from nezha.training import TrainConfig, steps_per_epoch, train, validation_decoder
 from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger("nezha.tune")
@@ -118,8 +118,7 @@ def check_config(cfg: SearchConfig) -> None:
 
 def plan_steps(cfg: SearchConfig, num_train_examples: int) -> tuple[int, int]:
     """(training steps per trial, steps between validations), as the library counts them."""
-    per_epoch = max(1, num_train_examples // cfg.batch_size)  # `train` steps over full batches only
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(num_train_examples, 1, cfg.batch_size)))
     eval_every = max(1, math.ceil(total / max(1, cfg.evaluations)))
     if eval_every * cfg.asha_grace_evals >= total:
         raise ConfigError(f"{total} steps with a validation every {eval_every}: ASHA needs a validation before "
@@ -143,21 +142,13 @@ def param_space(cfg: SearchConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- trials
 
 
-def validation_users(examples: Examples, max_users: int) -> Examples:
-    """The user subset `nezha.training.validate` scores (same seed), so sweep rows compare with training's."""
-    if max_users and len(examples) > max_users:
-        keep = np.random.default_rng(0).choice(len(examples), max_users, replace=False)
-        return Examples([examples.histories[i] for i in keep], examples.targets[keep])
-    return examples
-
-
 def sweep_widths(checkpoint: str | Path, prepared: str | Path, widths: list[int], max_users: int,
                  latency_requests: int, device: str = "cpu") -> list[dict[str, float]]:
     """Quality (H/N@10 on the validation users) and batch-1 latency of one checkpoint at every beam width."""
     model = load_checkpoint(checkpoint, device)
     catalog, split, _ = load_prepared(prepared)
     verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
-    examples = validation_users(split.valid, max_users)
+    examples = split.valid.subset(max_users)  # the users training's validation scores
     targets = catalog.packed[examples.targets]
     decoder = validation_decoder(model)
     rows = []

@@ -26,6 +26,17 @@ class Examples:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def subset(self, max_users: int, seed: int = 0) -> Examples:
+        """A seeded random subset of `max_users` examples in their original order (0 or more: all).
+
+        Training's validation, the evaluator and the tuner all score users through this, so the same
+        (max_users, seed) always means the same users.
+        """
+        if not max_users or len(self) <= max_users:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), max_users, replace=False))
+        return Examples([self.histories[i] for i in keep], self.targets[keep])
+
 
 @dataclass
 class Split:

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
+from nezha.decoding.search import beam_step
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import position_ids_from_mask
 from nezha.verify.verifier import PrefixVerifier
@@ -46,14 +47,9 @@ def beam_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torc
         offset = layout.code_offset(level)
         # Normalise over the whole vocabulary (a proper LM probability), then keep this level's codes.
         logp = torch.log_softmax(last_logits.float(), dim=-1)[..., offset : offset + size]
-        candidates = scores.unsqueeze(-1) + logp
-        if verify == "prefix":
-            candidates = torch.where(verifier.child_mask(prefix, level), candidates, float("-inf"))
-        width_before = candidates.shape[1]
-        width = min(beam, width_before * size)
-        scores, flat = candidates.flatten(1).topk(width, dim=-1)
-        parent, code = flat // size, flat % size
-        prefix = prefix.gather(1, parent) + code * verifier.weights[level]
+        width_before = scores.shape[1]
+        scores, prefix, parent, code = beam_step(scores, logp, prefix, level, beam, verifier, verify)
+        width = scores.shape[1]
         if level + 1 == layout.levels:
             break
         # Cache row of user b, beam j lives at b * width_before + j; pick each new beam's parent row.

@@ -2,49 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from nezha.decoding.result import DecodeResult, check_verify_mode, finish
-from nezha.model.draft_head import DraftHead
+from nezha.decoding.graphs import DraftGraphs
+from nezha.decoding.result import DecodeResult
+from nezha.decoding.search import draft_beam_search
 from nezha.model.model import NezhaModel
 from nezha.verify.verifier import PrefixVerifier
-
-if TYPE_CHECKING:
-    from nezha.decoding.graphs import DraftGraphs
-
-
-def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor | None,
-                      verifier: PrefixVerifier, beam: int, topk: int | None = None,
-                      verify: str = "prefix") -> DecodeResult:
-    """Beam search of width `beam` over the head's L levels, batched over users and beams.
-
-    h0: [B, H]; contexts: [B, L, H] placeholder states (None for MTP). With verify="prefix", a branch
-    whose prefix no valid item has is masked before top-k at every level, so every returned ID is valid;
-    "end" checks only the finished IDs (the paper's text); "none" returns what the head produced.
-    """
-    check_verify_mode(verify)
-    topk = beam if topk is None else topk
-    batch = h0.shape[0]
-    weights = verifier.weights
-    state = head.init_state(h0).unsqueeze(1)  # [B, 1, S]: one beam per user before level 0
-    scores = h0.new_zeros(batch, 1, dtype=torch.float32)
-    prefix = torch.zeros(batch, 1, dtype=torch.long, device=h0.device)
-    for level, size in enumerate(head.sizes):
-        context = None if contexts is None else contexts[:, level : level + 1]
-        logits = head.logits(level, state, context)  # [B, k, T]
-        candidates = scores.unsqueeze(-1) + torch.log_softmax(logits.float(), dim=-1)
-        if verify == "prefix":
-            candidates = torch.where(verifier.child_mask(prefix, level), candidates, float("-inf"))
-        width = min(beam, candidates.shape[1] * size)
-        scores, flat = candidates.flatten(1).topk(width, dim=-1)
-        parent, code = flat // size, flat % size
-        prefix = prefix.gather(1, parent) + code * weights[level]
-        if level + 1 < head.levels:
-            state = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))
-            state = head.step(level, state, code)
-    return finish(prefix, scores, verifier, verify, topk)
 
 
 @torch.inference_mode()

@@ -12,8 +12,8 @@ import threading
 
 import torch
 
-from nezha.decoding.draft import draft_beam_search
 from nezha.decoding.result import DecodeResult
+from nezha.decoding.search import draft_beam_search
 from nezha.model.draft_head import DraftHead
 from nezha.verify.verifier import PrefixVerifier
 

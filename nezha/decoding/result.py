@@ -17,9 +17,6 @@ class DecodeResult:
     scores: torch.Tensor  # [B, k] cumulative log-probabilities; -inf where ids == -1
     invalid: torch.Tensor  # [B] generated IDs that are not items (dropped unless verify="none")
 
-    def to(self, device: str | torch.device) -> DecodeResult:
-        return DecodeResult(self.ids.to(device), self.scores.to(device), self.invalid.to(device))
-
 
 def check_verify_mode(verify: str) -> None:
     if verify not in VERIFY_MODES:

@@ -70,18 +70,6 @@ class NezhaModel(nn.Module):
             if head is not None:
                 head.to(dtype)  # one dtype end to end: no silent bf16/fp32 mixing
 
-    @property
-    def decoders(self) -> tuple[str, ...]:
-        """Which decoders this model can serve."""
-        names = []
-        if self.draft_head is not None:
-            names.append("nezha")
-        if "lm" in self.config.objectives:
-            names += ["beam", "hf-beam"]
-        if self.mtp_head is not None:
-            names.append("mtp")
-        return tuple(names)
-
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states [B, P, H] of one prefill (the LM head is not applied)."""
         out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,

@@ -26,10 +26,6 @@ class TokenLayout:
     def num_new_tokens(self) -> int:
         return sum(self.sizes) + self.levels + 1
 
-    @property
-    def vocab_size(self) -> int:
-        return self.base_vocab + self.num_new_tokens
-
     def code_offset(self, level: int) -> int:
         return self.base_vocab + sum(self.sizes[:level])
 

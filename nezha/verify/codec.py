@@ -66,3 +66,10 @@ def prefix_of(values: Array, length: int, sizes: Sequence[int]) -> Array:
     if not 0 <= length <= len(sizes):
         raise ValueError(f"prefix length {length} outside 0..{len(sizes)}")
     return values % math.prod(sizes[:length])
+
+
+def random_packed_ids(num_items: int, sizes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """`num_items` distinct packed IDs drawn uniformly from the ID space, sorted (a synthetic catalog for
+    benchmarks: unique, as real catalogs must be)."""
+    space = int(np.prod(sizes))
+    return np.sort(rng.choice(space, size=num_items, replace=False)).astype(np.int64)

@@ -124,11 +124,6 @@ class PrefixVerifier:
         ids = set(values.tolist())
         self._ids, self._tables = ids, self._build(ids)
 
-    def to(self, device: str | torch.device) -> PrefixVerifier:
-        self.device = torch.device(device)
-        self._tables = self._build()
-        return self
-
     # ---- internals -----------------------------------------------------------------------------------
     def _check_range(self, values: np.ndarray) -> None:
         if values.size and ((values < 0).any() or (values >= self.weights[-1]).any()):
