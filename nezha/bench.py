@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import transformers
 
+from nezha.config import ConfigError
 from nezha.decoding import (
     beam_decode,
     draft_beam_search,
@@ -93,22 +94,22 @@ class LatencyBenchConfig:
     def __post_init__(self) -> None:
         unknown = [d for d in self.decoders if d not in BENCH_DECODERS]
         if unknown:
-            raise ValueError(f"unknown decoder(s) {unknown}; choose from {BENCH_DECODERS}")
+            raise ConfigError(f"decoders: unknown decoder(s) {unknown}; choose from {BENCH_DECODERS}")
         missing = [d for d in REQUIRED_DECODERS if d not in self.decoders]
         if missing:
-            raise ValueError(f"decoders must include {list(REQUIRED_DECODERS)} (the ratios need them); missing {missing}")
+            raise ConfigError(f"decoders: must include {list(REQUIRED_DECODERS)} (the ratios need them); missing {missing}")
         for name in ("history", "codebook_size", "levels", "catalog_items", "repeats"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.threads < 0:
-            raise ValueError("warmup and threads may not be negative")
+            raise ConfigError("warmup, threads: may not be negative")
         if not self.batch or not self.beam or min(self.batch) < 1 or min(self.beam) < 1:
-            raise ValueError(f"batch and beam need positive values, got batch {self.batch}, beam {self.beam}")
+            raise ConfigError(f"batch, beam: need positive values, got batch {self.batch}, beam {self.beam}")
         if self.catalog_items > self.codebook_size**self.levels:
-            raise ValueError(f"{self.catalog_items} items do not fit in {self.levels} levels of "
+            raise ConfigError(f"catalog_items: {self.catalog_items} items do not fit in {self.levels} levels of "
                              f"{self.codebook_size} codes")
         if self.history > self.catalog_items:
-            raise ValueError(f"history {self.history} is longer than the catalog ({self.catalog_items} items)")
+            raise ConfigError(f"history: {self.history} is longer than the catalog ({self.catalog_items} items)")
 
 
 def latency_ratios(latency_ms: dict[str, dict[str, float]], verifier_ms: float | None,

@@ -18,8 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from nezha.catalog import Catalog
+from nezha.config import ConfigError
 from nezha.data.split import Examples, Split, load_sequences
 from nezha.decoding import DECODERS, available_decoders, decode, decoder_available
+from nezha.decoding.result import check_verify_mode
 from nezha.device import device_name, resolve_device
 from nezha.metrics import hit_ndcg, popularity_ranking
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
@@ -83,6 +85,17 @@ class EvalConfig:
     json: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.split not in ("valid", "test"):
+            raise ConfigError(f"split: must be valid or test, got {self.split!r}")
+        unknown = [d for d in self.decoders if d not in EVAL_DECODERS]
+        if unknown:
+            raise ConfigError(f"decoders: unknown decoder(s) {unknown}; choose from {EVAL_DECODERS}")
+        check_verify_mode(self.verify)
+        for name in ("beam", "batch_size", "latency_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
 
 def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[np.ndarray], torch.device]:
     from nezha.prepare import load_prepared  # local: prepare pulls in the embedding stack
@@ -98,11 +111,6 @@ def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    if cfg.split not in ("valid", "test"):
-        raise ValueError(f"split must be valid or test, got {cfg.split!r}")
-    unknown = [d for d in cfg.decoders if d not in EVAL_DECODERS]
-    if unknown:
-        raise ValueError(f"unknown decoder(s) {unknown}; choose from {EVAL_DECODERS}")
     model, catalog, split, sequences, device = load_eval_inputs(cfg)
     examples = split.valid if cfg.split == "valid" else split.test
     examples = examples.subset(cfg.max_users, cfg.seed)

@@ -60,9 +60,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed
     "no difference" each user's a − b is as likely to have either sign), with the +1 correction so it is
     never 0. Both are computed in chunks of `chunk` resamples to bound memory.
     """
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if diff.ndim != 1 or diff.size == 0:
+    if np.ndim(a) != 1 or np.shape(a) != np.shape(b) or np.size(a) == 0:
         raise ValueError(f"expected two equal-length, non-empty 1-D arrays, got shapes {np.shape(a)} and {np.shape(b)}")
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     rng = np.random.default_rng(seed)
     n, observed = diff.size, float(diff.mean())
     boots, extreme = [], 0

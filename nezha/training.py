@@ -28,7 +28,8 @@ from nezha.device import resolve_device
 from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, save_checkpoint
-from nezha.model.model import ModelConfig, NezhaModel
+from nezha.model.draft_head import TRANSITIONS
+from nezha.model.model import ModelConfig, NezhaModel, normalise_objectives
 from nezha.model.tokens import build_prompts
 from nezha.prepare import load_prepared
 from nezha.verify.verifier import PrefixVerifier
@@ -70,6 +71,24 @@ class TrainConfig:
     device: str = "auto"
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.transition not in TRANSITIONS:
+            raise ConfigError(f"transition: unknown transition {self.transition!r}; choose one of {TRANSITIONS}")
+        try:
+            normalise_objectives(self.objectives)
+        except ValueError as exc:
+            raise ConfigError(f"objectives: {exc}") from None
+        if self.select_by != "auto" and self.select_by not in SELECTION_ORDER:
+            raise ConfigError(f"select_by: {self.select_by!r} is not auto or one of {SELECTION_ORDER}")
+        for name in ("batch_size", "eval_beam", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "eval_users", "patience", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: may not be negative, got {getattr(self, name)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"epochs: must be > 0 (or give max_steps), got {self.epochs}")
 
     def model_config(self, codebook_sizes: Sequence[int]) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, codebook_sizes=list(codebook_sizes), transition=self.transition,

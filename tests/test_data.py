@@ -251,3 +251,15 @@ def test_split_and_sequences_npz_round_trip(tmp_path):
     back_seqs, users = load_sequences(tmp_path / "seq.npz")
     assert [s.tolist() for s in back_seqs] == [s.tolist() for s in seqs]
     assert users == [f"user{i}" for i in range(50)]
+
+
+def test_examples_subset_is_seeded_ordered_and_capped():
+    from nezha.data.split import Examples
+
+    examples = Examples([np.array([i]) for i in range(50)], np.arange(50))
+    a, b = examples.subset(10, seed=3), examples.subset(10, seed=3)
+    assert a.targets.tolist() == b.targets.tolist() == sorted(a.targets.tolist())
+    assert len(a) == 10 and len(set(a.targets.tolist())) == 10
+    assert [h[0] for h in a.histories] == a.targets.tolist()  # histories stay paired with their targets
+    assert examples.subset(10, seed=4).targets.tolist() != a.targets.tolist()
+    assert examples.subset(0) is examples and examples.subset(500) is examples

@@ -89,9 +89,8 @@ def test_resolve_config_fills_every_auto_value(tiny_prepared, tmp_path):
     (dict(use_gpu=True), "GPUs"),
 ])
 def test_resolve_config_errors_say_what_to_do(tiny_prepared, overrides, message):
-    cfg = RayTrainConfig(**{"prepared": str(tiny_prepared), **overrides})
-    with pytest.raises(ConfigError, match=message):
-        resolve_config(cfg, 0)
+    with pytest.raises(ConfigError, match=message):  # at construction or when resolved against the cluster
+        resolve_config(RayTrainConfig(**{"prepared": str(tiny_prepared), **overrides}), 0)
 
 
 def job_config(prepared: Path, storage: Path, **overrides: Any) -> RayTrainConfig:

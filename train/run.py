@@ -73,6 +73,13 @@ class RayTrainConfig(TrainConfig):
     max_failures: int = field(default=0, metadata={"help": "restarts from the latest checkpoint (-1: forever)"})
     keep_checkpoints: int = field(default=2, metadata={"help": f"best checkpoints kept by validation {SCORE}"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "none" and self.num_workers != 1:
+            raise ConfigError("strategy: none trains without gradient synchronisation: use num_workers 1")
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -83,10 +90,6 @@ def resolve_config(cfg: RayTrainConfig, cluster_gpus: float) -> RayTrainConfig:
     from nezha.data.split import Split
     from nezha.prepare import SPLIT_FILE
 
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
-    if cfg.strategy == "none" and cfg.num_workers != 1:
-        raise ConfigError("strategy none trains without gradient synchronisation: use num_workers 1")
     prepared = Path(cfg.prepared).expanduser().resolve()
     if not (prepared / SPLIT_FILE).is_file():
         raise ConfigError(

@@ -87,6 +87,21 @@ class SearchConfig:
     seed: int = 0
     docs_img: str = field(default="", metadata={"help": "also copy the plot into this folder (e.g. docs/img)"})
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.transitions) - set(TRANSITIONS))
+        if unknown or not self.transitions:
+            raise ConfigError(f"transitions: must be a non-empty subset of {TRANSITIONS}, got {self.transitions}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "ndcg_within_budget" and self.latency_budget_ms <= 0:
+            raise ConfigError("latency_budget_ms: objective ndcg_within_budget needs it > 0")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ConfigError(f"lr_min, lr_max: need 0 < lr_min <= lr_max, got {self.lr_min} and {self.lr_max}")
+        if not self.widths or min(self.widths) < 1 or not self.head_lr_mults:
+            raise ConfigError("widths, head_lr_mults: must not be empty (widths each >= 1)")
+        if self.asha_reduction_factor < 2 or self.asha_grace_evals < 1 or self.num_samples < 1:
+            raise ConfigError("asha_reduction_factor, asha_grace_evals, num_samples: need >= 2, >= 1 and >= 1")
+
 
 @dataclass
 class SearchReport:
@@ -98,22 +113,6 @@ class SearchReport:
 
 
 # ------------------------------------------------------------------------------------------- planning
-
-
-def check_config(cfg: SearchConfig) -> None:
-    unknown = sorted(set(cfg.transitions) - set(TRANSITIONS))
-    if unknown or not cfg.transitions:
-        raise ConfigError(f"transitions must be a non-empty subset of {TRANSITIONS}, got {cfg.transitions}")
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
-    if cfg.objective == "ndcg_within_budget" and cfg.latency_budget_ms <= 0:
-        raise ConfigError("objective ndcg_within_budget needs latency_budget_ms > 0")
-    if not 0 < cfg.lr_min <= cfg.lr_max:
-        raise ConfigError(f"need 0 < lr_min <= lr_max, got {cfg.lr_min} and {cfg.lr_max}")
-    if not cfg.widths or min(cfg.widths) < 1 or not cfg.head_lr_mults:
-        raise ConfigError("widths (each >= 1) and head_lr_mults must not be empty")
-    if cfg.asha_reduction_factor < 2 or cfg.asha_grace_evals < 1 or cfg.num_samples < 1:
-        raise ConfigError("asha_reduction_factor >= 2, asha_grace_evals >= 1 and num_samples >= 1 are required")
 
 
 def plan_steps(cfg: SearchConfig, num_train_examples: int) -> tuple[int, int]:
@@ -346,7 +345,6 @@ def plot_frontier(report: SearchReport, cfg: SearchConfig, path: Path) -> None:
 
 def run_search(cfg: SearchConfig) -> SearchReport:
     """Run (or resume) the search on the current Ray cluster and write the results next to Tune's."""
-    check_config(cfg)
     prepared = Path(cfg.prepared).expanduser().resolve()
     if not (prepared / SPLIT_FILE).is_file():
         raise ConfigError(f"no prepared dataset at {prepared}: run `nezha prepare --out {cfg.prepared}` first")

@@ -19,14 +19,18 @@ class ImportAmazonConfig:
     out: str = field(default="", metadata={"help": "dataset directory to write (items.jsonl, interactions.csv)"})
     k_core: int = field(default=5, metadata={"help": "keep users and items with at least this many reviews"})
 
+    def __post_init__(self) -> None:
+        missing = [name for name in ("reviews", "meta", "out") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required; pass {' and '.join('--' + name for name in missing)}")
+        if self.k_core < 1:
+            raise ConfigError(f"k_core: must be >= 1, got {self.k_core}")
+
 
 def run(args: argparse.Namespace) -> None:
     from nezha.data.datasets import load_amazon_raw, write_dataset
 
     cfg = config_from_args(ImportAmazonConfig, args)
-    missing = [name for name in ("reviews", "meta", "out") if not getattr(cfg, name)]
-    if missing:
-        raise ConfigError(f"pass {' and '.join('--' + name for name in missing)}")
     ds = load_amazon_raw(cfg.reviews, cfg.meta, k_core=cfg.k_core)
     out = write_dataset(ds, cfg.out)
     print(f"wrote {out}: {ds.num_items} items, {ds.num_users} users, {ds.stats['num_interactions']} interactions "

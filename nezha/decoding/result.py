@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nezha.config import ConfigError
 from nezha.verify.verifier import PrefixVerifier
 
 VERIFY_MODES = ("prefix", "end", "none")
@@ -20,7 +21,7 @@ class DecodeResult:
 
 def check_verify_mode(verify: str) -> None:
     if verify not in VERIFY_MODES:
-        raise ValueError(f"unknown verify mode {verify!r}; choose one of {VERIFY_MODES}")
+        raise ConfigError(f"verify: unknown mode {verify!r}; choose one of {VERIFY_MODES}")
 
 
 def finish(ids: torch.Tensor, scores: torch.Tensor, verifier: PrefixVerifier, verify: str,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from nezha.config import ConfigError
 from nezha.model.draft_head import TRANSITIONS, DraftHead
 from nezha.model.tokens import TokenLayout, position_ids_from_mask
 
@@ -49,9 +50,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.transition not in TRANSITIONS:
-            raise ValueError(f"unknown transition {self.transition!r}; choose one of {TRANSITIONS}")
+            raise ConfigError(f"transition: unknown transition {self.transition!r}; choose one of {TRANSITIONS}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {tuple(DTYPES)}")
+            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose one of {tuple(DTYPES)}")
         self.objectives = list(normalise_objectives(self.objectives))
 
 
