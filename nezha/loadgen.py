@@ -1,6 +1,10 @@
-"""The HTTP load generator (`nezha bench serve`): throughput and latency of a running recommendation service.
+"""The HTTP load generator: throughput and latency of a running recommendation service.
 
-Closed-loop clients at fixed concurrency levels, each level bounded in requests and seconds, loopback only.
+Closed-loop clients at fixed concurrency levels, each level bounded in requests and seconds, loopback only;
+latency percentiles from `nezha.timing.latency_stats`. `nezha bench serve` runs it against a service that
+is already up; `python -m serve.loadtest` starts one per replica count (Ray + Serve) and runs it there.
+Histories are real test-split histories of the checkpoint's prepared dataset when it is there, else
+windows of the catalog.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from nezha.catalog import Catalog
+from nezha.model.checkpoint import CheckpointError, prepared_dir_of
 from nezha.timing import latency_stats
 
 log = logging.getLogger(__name__)
@@ -69,15 +74,51 @@ def validate_serve_config(cfg: ServeBenchConfig) -> None:
         raise ValueError("max_seconds and timeout_s must be positive")
 
 
-def sample_histories(item_ids: Sequence[str], count: int, length: int, rng: np.random.Generator) -> list[list[str]]:
-    """`count` histories of `length` distinct items (the app rejects duplicates), capped at the catalog size."""
-    length = min(length, len(item_ids))
-    return [[item_ids[i] for i in rng.choice(len(item_ids), length, replace=False)] for _ in range(count)]
+def catalog_windows(item_ids: Sequence[str], count: int, length: int, rng: np.random.Generator) -> list[list[str]]:
+    """`count` runs of `length` consecutive catalog items from random starts (distinct: capped at the catalog)."""
+    length, n = min(length, len(item_ids)), len(item_ids)
+    return [[item_ids[(s + j) % n] for j in range(length)] for s in rng.integers(0, n, size=count).tolist()]
 
 
-def summarize_level(concurrency: int, latencies_ms: Sequence[float], statuses: Counter[str],
-                    wall_s: float) -> dict[str, Any]:
-    """One concurrency level's throughput (successful requests / wall time) and latency of the successes."""
+def _test_split_histories(checkpoint: str | Path, catalog: Catalog) -> list[np.ndarray] | None:
+    """The test split's histories (item indices) of the checkpoint's prepared dataset, or None without one."""
+    try:
+        prepared = prepared_dir_of(checkpoint)
+    except CheckpointError:  # a folder with only a catalog/ (enough for the bench)
+        return None
+    if prepared is None or not (prepared / "split.npz").is_file():
+        return None
+    from nezha.data.split import Split
+
+    histories = [h for h in Split.load(prepared / "split.npz").test.histories if len(h)]
+    if not histories or max(int(h.max()) for h in histories) >= catalog.num_items:
+        return None  # empty, or not this catalog's items
+    return histories
+
+
+def sample_histories(checkpoint: str | Path, count: int, length: int, rng: np.random.Generator,
+                     catalog: Catalog | None = None) -> list[list[str]]:
+    """Up to `count` request histories of at most `length` distinct items (the app rejects duplicates).
+
+    Real test-split histories of the checkpoint's prepared dataset (their last items, each item once) when
+    the checkpoint names one, else `catalog_windows` of the checkpoint's catalog.
+    """
+    catalog = catalog or Catalog.load(Path(checkpoint) / "catalog")
+    test = _test_split_histories(checkpoint, catalog)
+    if test is None:
+        return catalog_windows(catalog.item_ids, count, length, rng)
+    ids = catalog.item_ids
+    rows = rng.choice(len(test), size=min(count, len(test)), replace=False)
+    # Each item once, at its last position: a user may interact with an item twice.
+    return [list(dict.fromkeys(ids[i] for i in test[r][::-1]))[::-1][-length:] for r in rows.tolist()]
+
+
+def summarize_level(concurrency: int, latencies_ms: Sequence[float], statuses: Counter[str], wall_s: float,
+                    server_ms: Sequence[float] = (), batch_sizes: Sequence[int] = ()) -> dict[str, Any]:
+    """One concurrency level's throughput (successful requests / wall time) and latency of the successes.
+
+    `server_ms` and `batch_sizes`: what successful answers reported (`latency_ms`, `batch.size`), if anything.
+    """
     ok = len(latencies_ms)
     sent = sum(statuses.values())
     out: dict[str, Any] = {"concurrency": concurrency, "requests": sent, "ok": ok, "errors": sent - ok,
@@ -85,6 +126,10 @@ def summarize_level(concurrency: int, latencies_ms: Sequence[float], statuses: C
                            "throughput_rps": ok / wall_s if wall_s > 0 else 0.0}
     if ok:
         out.update({f"{k}_ms": v for k, v in latency_stats(latencies_ms).items() if k != "n"})
+    if server_ms:
+        out["server_p50_ms"] = latency_stats(server_ms)["p50"]
+    if batch_sizes:
+        out["mean_batch_size"] = float(np.mean(batch_sizes))
     return out
 
 
@@ -98,18 +143,17 @@ class _Client:
         self._timeout = timeout_s
         self._conn: http.client.HTTPConnection | None = None
 
-    def post(self, body: bytes) -> str:
-        """The response's status code as a string, or the exception's name."""
+    def post(self, body: bytes) -> tuple[str, bytes]:
+        """(the response's status code as a string, or the exception's name; the response body)."""
         try:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
             self._conn.request("POST", self._path, body=body, headers={"Content-Type": "application/json"})
             response = self._conn.getresponse()
-            response.read()
-            return str(response.status)
+            return str(response.status), response.read()
         except (OSError, http.client.HTTPException) as exc:
             self.close()
-            return type(exc).__name__
+            return type(exc).__name__, b""
 
     def close(self) -> None:
         if self._conn is not None:
@@ -123,6 +167,8 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     lock = threading.Lock()
     sent = 0
     latencies: list[float] = []
+    server_ms: list[float] = []
+    batch_sizes: list[int] = []
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + max_seconds
 
@@ -137,12 +183,17 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
                     index = sent
                     sent += 1
                 start = time.perf_counter()
-                status = client.post(bodies[index % len(bodies)])
+                status, answer = client.post(bodies[index % len(bodies)])
                 elapsed = (time.perf_counter() - start) * 1000.0
+                server, batch = _reported(answer) if status == "200" else (None, None)
                 with lock:
                     statuses[status] += 1
                     if status == "200":
                         latencies.append(elapsed)
+                    if server is not None:
+                        server_ms.append(server)
+                    if batch is not None:
+                        batch_sizes.append(batch)
         finally:
             client.close()
 
@@ -152,7 +203,17 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
         t.start()
     for t in threads:
         t.join()
-    return summarize_level(concurrency, latencies, statuses, time.perf_counter() - start)
+    return summarize_level(concurrency, latencies, statuses, time.perf_counter() - start, server_ms, batch_sizes)
+
+
+def _reported(answer: bytes) -> tuple[float | None, int | None]:
+    """(server-side latency_ms, batch size) that a recommendation answer reports, where it does."""
+    try:
+        body = json.loads(answer)
+        batch = body.get("batch")
+        return body.get("latency_ms"), batch.get("size") if isinstance(batch, dict) else None
+    except (ValueError, AttributeError):
+        return None, None
 
 
 def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
@@ -161,7 +222,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     request = {"k": cfg.k} if cfg.decoder is None else {"k": cfg.k, "decoder": cfg.decoder}
     bodies = [json.dumps({"history": h, **request}).encode()
-              for h in sample_histories(catalog.item_ids, max(cfg.requests, 64), cfg.history, rng)]
+              for h in sample_histories(cfg.checkpoint, max(cfg.requests, 64), cfg.history, rng, catalog)]
     if cfg.warmup:
         warm = run_level(cfg.url, bodies, 1, cfg.warmup, cfg.max_seconds, cfg.timeout_s)
         if warm["ok"] == 0:

@@ -9,14 +9,13 @@ port serves the catalog when there is more than one replica, so all replicas sha
 
     python -m serve.loadtest --checkpoint runs/quickstart/train/best --replicas 1 2 --requests 1000
 
-Histories are real test-split histories of the checkpoint's prepared dataset when it is there, else
-windows of the catalog. Each run is capped by --requests and --max-seconds; only loopback URLs are accepted.
+The load itself is `nezha.loadgen` (the generator of `nezha bench serve`): real test-split histories of the
+checkpoint's prepared dataset when it is there, else catalog windows; each run capped by --requests and
+--max-seconds; loopback URLs only. This file only adds what needs Ray/Serve.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import logging
 import os
@@ -24,35 +23,48 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
 
-import httpx
-import numpy as np
-
-from nezha.catalog import Catalog
-from nezha.model.checkpoint import read_meta
+from nezha.config import ConfigError, parse_config
+from nezha.loadgen import ServeBenchConfig, run_serve_bench, validate_serve_config
 
 log = logging.getLogger("serve.loadtest")
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
 
 @dataclass
-class LoadResult:
-    replicas: int | None
-    requests: int
-    ok: int
-    errors: int
-    concurrency: int
-    seconds: float
-    requests_per_s: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    server_p50_ms: float
-    mean_batch_size: float
+class LoadTestConfig:
+    """Bounded loopback load test of the recommendation service (a running one, or one per replica count)."""
+
+    url: str | None = field(default=None, metadata={"help": "a running service (loopback only)"})
+    checkpoint: str = field(default="runs/quickstart/train/best", metadata={
+        "help": "checkpoint: its histories, and the model when the service is started here"})
+    replicas: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "replica counts (without --url), e.g. --replicas 1 2"})
+    requests: int = 1000
+    concurrency: int = 16
+    max_seconds: float = field(default=120.0, metadata={"help": "cap per run"})
+    k: int = 10
+    beam: int = 20
+    batch_wait_timeout_s: float = 0.005
+    history_len: int = 20
+    warmup: int = field(default=20, metadata={"help": "untimed requests before each run"})
+    json: str | None = field(default=None, metadata={"help": "write the results here"})
+
+    def __post_init__(self) -> None:
+        if not self.replicas or min(self.replicas) < 1:
+            raise ConfigError(f"replicas: replica counts must be positive, got {self.replicas}")
+        try:  # the generator's own checks: loopback URL, bounded runs
+            validate_serve_config(self.bench(self.url or "http://127.0.0.1:8000"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def bench(self, url: str) -> ServeBenchConfig:
+        """The generator's config for one run against `url` (it checks the bounds and the loopback URL)."""
+        return ServeBenchConfig(checkpoint=self.checkpoint, url=url, concurrency=[self.concurrency],
+                                requests=self.requests, max_seconds=self.max_seconds, warmup=self.warmup,
+                                history=self.history_len, k=self.k)
 
 
 def free_loopback_port() -> int:
@@ -61,61 +73,10 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def histories_for(checkpoint: str | Path, count: int, max_len: int, seed: int = 0) -> list[list[str]]:
-    """Test-split histories of the checkpoint's prepared dataset (as item ids), else catalog windows."""
-    catalog = Catalog.load(Path(checkpoint) / "catalog")
-    rng = np.random.default_rng(seed)
-    prepared = read_meta(checkpoint).get("extra", {}).get("prepared")
-    if prepared and (Path(prepared) / "split.npz").is_file():
-        from nezha.data.split import Split
-
-        test = Split.load(Path(prepared) / "split.npz").test
-        rows = rng.choice(len(test.histories), size=min(count, len(test.histories)), replace=False)
-        ids = catalog.item_ids
-        return [[ids[i] for i in test.histories[r][-max_len:]] for r in rows]
-    starts = rng.integers(0, catalog.num_items, size=count)
-    return [[catalog.item_ids[(s + j) % catalog.num_items] for j in range(min(5, max_len))] for s in starts.tolist()]
-
-
-async def run_load(url: str, histories: list[list[str]], requests: int, concurrency: int, k: int,
-                   max_seconds: float, warmup: int = 20) -> LoadResult:
-    host = urlsplit(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"load tests only target loopback addresses ({sorted(LOOPBACK)}), not {host!r}")
-    latencies: list[float] = []
-    server: list[float] = []
-    batch_sizes: list[int] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        for i in range(warmup):  # first calls pay for connection set-up and lazy initialisation
-            await client.post("/v1/recommend", json={"history": histories[i % len(histories)], "k": k})
-        next_index = 0
-        deadline = time.monotonic() + max_seconds
-
-        async def worker() -> None:
-            nonlocal next_index, errors
-            while next_index < requests and time.monotonic() < deadline:
-                history = histories[next_index % len(histories)]
-                next_index += 1
-                start = time.perf_counter()
-                r = await client.post("/v1/recommend", json={"history": history, "k": k})
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-                body = r.json()
-                server.append(body["latency_ms"])
-                batch_sizes.append(body["batch"]["size"])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return LoadResult(None, len(latencies) + errors, len(latencies), errors, concurrency, round(seconds, 2),
-                      round(len(latencies) / seconds, 1), *(round(float(np.percentile(ms, q)), 1) for q in (50, 90, 99)),
-                      round(float(np.median(server)) if server else 0.0, 1),
-                      round(float(np.mean(batch_sizes)) if batch_sizes else 0.0, 2))
+def run_load(cfg: LoadTestConfig, url: str, replicas: int | None = None) -> dict[str, Any]:
+    """One bounded run of the generator against `url`: its concurrency level, with the replica count."""
+    (level,) = run_serve_bench(cfg.bench(url))["levels"]
+    return {"replicas": replicas, **level}
 
 
 def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -134,11 +95,12 @@ def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def run_with_local_service(args: argparse.Namespace, histories: list[list[str]]) -> list[LoadResult]:
+def run_with_local_service(cfg: LoadTestConfig) -> list[dict[str, Any]]:
     import ray
     from ray import serve
 
-    from nezha.catalog_cli import RedisCatalog
+    from nezha.catalog import Catalog
+    from nezha.live_catalog import REDIS_URL_ENV, RedisCatalog
     from serve.app import ServeConfig, build_app
 
     cpus = os.cpu_count() or 2
@@ -149,23 +111,21 @@ def run_with_local_service(args: argparse.Namespace, histories: list[list[str]])
     redis_proc = None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            redis_url = os.environ.get("NEZHA_REDIS_URL")
-            if max(args.replicas) > 1 and not redis_url:
+            redis_url = os.environ.get(REDIS_URL_ENV)
+            if max(cfg.replicas) > 1 and not redis_url:
                 redis_proc, redis_url = _start_redis(tmp)
             if redis_url:
-                RedisCatalog(redis_url, prefix="nezha:loadtest").push(Catalog.load(Path(args.checkpoint) / "catalog"))
-            for replicas in args.replicas:
+                RedisCatalog(redis_url, prefix="nezha:loadtest").push(Catalog.load(Path(cfg.checkpoint) / "catalog"))
+            for replicas in cfg.replicas:
                 # Fit every replica next to the ingress on this machine's CPUs.
                 num_cpus = max(0.1, min(1.0, (cpus - 0.2) / replicas))
-                cfg = ServeConfig(checkpoint=args.checkpoint, redis_url=redis_url, redis_prefix="nezha:loadtest",
-                                  beam=args.beam, max_k=args.k, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                                  autoscaling_config={"min_replicas": replicas, "max_replicas": replicas},
-                                  ray_actor_options={"num_cpus": num_cpus})
-                serve.run(build_app(cfg), name="loadtest", route_prefix="/")
-                result = asyncio.run(run_load(f"http://127.0.0.1:{port}", histories, args.requests, args.concurrency,
-                                              args.k, args.max_seconds))
-                result.replicas = replicas
-                log.info("%s", json.dumps(asdict(result)))
+                serve_cfg = ServeConfig(checkpoint=cfg.checkpoint, redis_url=redis_url, redis_prefix="nezha:loadtest",
+                                        beam=cfg.beam, max_k=cfg.k, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+                                        autoscaling_config={"min_replicas": replicas, "max_replicas": replicas},
+                                        ray_actor_options={"num_cpus": num_cpus})
+                serve.run(build_app(serve_cfg), name="loadtest", route_prefix="/")
+                result = run_load(cfg, f"http://127.0.0.1:{port}", replicas)
+                log.info("%s", json.dumps(result))
                 results.append(result)
                 serve.delete("loadtest")
         finally:
@@ -177,35 +137,46 @@ def run_with_local_service(args: argparse.Namespace, histories: list[list[str]])
     return results
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    return (f"replicas {r['replicas'] or '?'}: {r['ok']}/{r['requests']} ok in {r['wall_s']:.2f} s at concurrency "
+            f"{r['concurrency']}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r.get('p50_ms'), '.1f')} ms, "
+            f"p90 {_fmt(r.get('p90_ms'), '.1f')} ms, p99 {_fmt(r.get('p99_ms'), '.1f')} ms (server p50 "
+            f"{_fmt(r.get('server_p50_ms'), '.1f')} ms, mean batch {_fmt(r.get('mean_batch_size'), '.2f')})")
+
+
+def _joined_lists(argv: list[str], flags: tuple[str, ...] = ("--replicas",)) -> list[str]:
+    """`--replicas 1 2` as the config parser takes it, `--replicas 1,2` (both spellings work)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] in flags:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                values.append(argv[i + 1])
+                i += 1
+            out.append(",".join(values))
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running service (loopback only)")
-    parser.add_argument("--checkpoint", default="runs/quickstart/train/best",
-                        help="checkpoint: its histories, and the model when the service is started here")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts (without --url)")
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="cap per run")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--beam", type=int, default=20)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
-    parser.add_argument("--history-len", type=int, default=20)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
+    import sys
+
+    cfg = parse_config(LoadTestConfig, _joined_lists(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    histories = histories_for(args.checkpoint, 2000, args.history_len)
-    if args.url:
-        results = [asyncio.run(run_load(args.url, histories, args.requests, args.concurrency, args.k,
-                                        args.max_seconds))]
-    else:
-        results = run_with_local_service(args, histories)
+    try:
+        results = [run_load(cfg, cfg.url)] if cfg.url else run_with_local_service(cfg)
+    except ValueError as exc:  # e.g. no warm-up request answered: say so, without a stack trace
+        raise SystemExit(f"serve.loadtest: error: {exc}") from None
     for r in results:
-        print(f"replicas {r.replicas or '?'}: {r.ok}/{r.requests} ok in {r.seconds} s at concurrency {r.concurrency}: "
-              f"{r.requests_per_s} req/s, p50 {r.p50_ms} ms, p90 {r.p90_ms} ms, p99 {r.p99_ms} ms "
-              f"(server p50 {r.server_p50_ms} ms, mean batch {r.mean_batch_size})")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+        print(format_result(r))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

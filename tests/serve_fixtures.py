@@ -14,7 +14,7 @@ import httpx
 from redis_fixtures import RedisServer, free_port
 
 from nezha.catalog import Catalog
-from nezha.catalog_cli import RedisCatalog, codes_of
+from nezha.live_catalog import RedisCatalog, codes_of
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 HISTORY = ["I010", "I011", "I012"]  # the tiny dataset's users walk forward through the catalog

@@ -23,7 +23,7 @@ from redis_fixtures import RedisServer
 from serve_fixtures import ADMIN, Service
 
 from nezha.catalog import CatalogError
-from nezha.catalog_cli import RedisCatalog, StoreUnavailableError, codes_of
+from nezha.live_catalog import RedisCatalog, StoreUnavailableError, codes_of
 from nezha.model.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.slow
@@ -191,7 +191,8 @@ def test_a_slow_request_gets_504_and_the_replica_keeps_serving(service: Service,
 
 # ---- bad input generated from the OpenAPI schema ------------------------------------------------------------
 def _openapi_schema() -> Any:
-    from serve.app import ServeConfig, create_api
+    from serve.config import ServeConfig
+    from serve.http import create_api
     from serve.metrics import ServiceMetrics
 
     async def no_forward(*_: Any, **__: Any) -> dict[str, Any]:
@@ -263,7 +264,8 @@ def test_generated_requests_over_real_items_decode_or_get_a_clear_4xx(service: S
 def test_a_tls_redis_with_a_password_works_and_the_password_never_reaches_logs(
         ray_session: None, tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from nezha.catalog import Catalog
-    from serve.app import Recommender, ServeConfig
+    from serve.config import ServeConfig
+    from serve.replica import Recommender
 
     secret = "s3cret-pw-0042"
     redis = RedisServer(tmp_path / "redis", password=secret, tls=True)

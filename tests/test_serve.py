@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from serve_fixtures import ADMIN, HISTORY, Service
 
-from nezha.catalog_cli import RedisCatalog, codes_of
+from nezha.live_catalog import RedisCatalog, codes_of
 
 pytestmark = pytest.mark.slow
 

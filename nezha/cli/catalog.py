@@ -1,4 +1,8 @@
-"""`nezha catalog push|status|add|remove`: the live catalog in Redis, from the command line."""
+"""`nezha catalog push|status|add|remove`: the live catalog in Redis, from the command line.
+
+Each action is one config dataclass (its fields are the flags, and the keys of `--config FILE.yaml`);
+every error exits with `nezha catalog ACTION: error: ...`, never a stack trace.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,9 @@ import numpy as np
 import redis
 
 from nezha.catalog import Catalog
-from nezha.catalog_cli import (
+from nezha.cli._common import add_command
+from nezha.config import ConfigError, config_from_args
+from nezha.live_catalog import (
     DEFAULT_FEED_MAXLEN,
     DEFAULT_PREFIX,
     REDIS_URL_ENV,
@@ -31,17 +38,89 @@ from nezha.catalog_cli import (
 log = logging.getLogger(__name__)
 
 
-def _store(args: argparse.Namespace) -> RedisCatalog:
-    url = args.redis_url or os.environ.get(REDIS_URL_ENV)
-    if not url:
-        raise SystemExit(f"nezha catalog: error: pass --redis-url URL or set {REDIS_URL_ENV}")
-    return RedisCatalog(url, prefix=args.prefix, feed_maxlen=args.feed_maxlen)
+@dataclass
+class CatalogStoreConfig:
+    """Which catalog in Redis: the fields every `nezha catalog` action has."""
+
+    redis_url: str | None = field(default=None, repr=False, metadata={
+        "help": f"redis:// or rediss:// URL (None: ${REDIS_URL_ENV})"})
+    prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "key prefix"})
+    feed_maxlen: int = field(default=DEFAULT_FEED_MAXLEN, metadata={"help": "change-feed cap"})
+
+    def __post_init__(self) -> None:
+        self.redis_url = self.redis_url or os.environ.get(REDIS_URL_ENV) or None
+        if not self.redis_url:
+            raise ConfigError(f"redis_url: not given: pass --redis-url URL or set {REDIS_URL_ENV}")
+        if not self.prefix:
+            raise ConfigError("prefix: must not be empty")
+        if self.feed_maxlen < 1:
+            raise ConfigError(f"feed_maxlen: must be >= 1, got {self.feed_maxlen}")
+
+    def store(self) -> RedisCatalog:
+        assert self.redis_url is not None  # __post_init__ made sure
+        return RedisCatalog(self.redis_url, prefix=self.prefix, feed_maxlen=self.feed_maxlen)
 
 
-def _push(args: argparse.Namespace) -> None:
-    catalog = Catalog.load(Path(args.checkpoint) / "catalog")
-    store = _store(args)
-    version = store.push(catalog, source=str(Path(args.checkpoint).resolve()), if_empty=args.if_empty)
+@dataclass
+class CatalogPushConfig(CatalogStoreConfig):
+    """Load a checkpoint's catalog into Redis (replaces it; bumps the version)."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "checkpoint directory (its catalog/ is pushed)"})
+    if_empty: bool = field(default=False, metadata={"help": "only seed a prefix that holds no catalog yet"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (the checkpoint directory whose catalog/ is pushed)")
+
+
+@dataclass
+class CatalogStatusConfig(CatalogStoreConfig):
+    """Version, size, feed length and persistence of the catalog in Redis."""
+
+
+@dataclass
+class CatalogAddConfig(CatalogStoreConfig):
+    """Add items by explicit codes or by text (nearest free semantic ID)."""
+
+    item_id: str | None = field(default=None, metadata={"help": "the new item's id"})
+    codes: list[int] | None = field(default=None, metadata={
+        "help": "comma-separated codes, one per level (e.g. 3,17,250)"})
+    text: str | None = field(default=None, metadata={"help": "item text to embed and quantize into a new unique ID"})
+    jsonl: str | None = field(default=None, metadata={
+        "help": 'file of {"item_id": ..., "codes": [...]} or {"item_id": ..., "text": ...} lines'})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint whose prepared dataset holds the quantizer (for --text)"})
+    quantizer: str | None = field(default=None, metadata={"help": "quantizer.safetensors (instead of --checkpoint)"})
+    embedding_model: str | None = field(default=None, metadata={
+        "help": "local sentence-transformers folder (default: bundled)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.item_id and not self.jsonl:
+            raise ConfigError("item_id: nothing to add: pass --item-id with --codes or --text, or --jsonl FILE")
+        if not self.item_id and (self.codes is not None or self.text is not None):
+            raise ConfigError("item_id: --codes and --text describe the item of --item-id, which is not given")
+
+
+@dataclass
+class CatalogRemoveConfig(CatalogStoreConfig):
+    """Remove items by id."""
+
+    item_ids: list[str] = field(default_factory=list, metadata={
+        "help": "ids of the items to remove (also as positional ITEM_ID arguments)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.item_ids:
+            raise ConfigError("item_ids: give at least one ITEM_ID to remove")
+
+
+def _push(cfg: CatalogPushConfig) -> None:
+    assert cfg.checkpoint is not None
+    catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
+    store = cfg.store()
+    version = store.push(catalog, source=str(Path(cfg.checkpoint).resolve()), if_empty=cfg.if_empty)
     if version is None:
         print(f"{store.display_url} already holds a catalog under {store.prefix!r}: left unchanged (--if-empty)")
         return
@@ -52,34 +131,37 @@ def _push(args: argparse.Namespace) -> None:
                     store.durability())
 
 
-def _status(args: argparse.Namespace) -> None:
-    print(json.dumps(_store(args).status(), indent=2))
+def _status(cfg: CatalogStatusConfig) -> None:
+    print(json.dumps(cfg.store().status(), indent=2))
 
 
-def _add(args: argparse.Namespace) -> None:
-    store = _store(args)
-    items: list[NewItem] = []
-    if args.jsonl:
-        for n, line in enumerate(Path(args.jsonl).read_text().splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise InvalidItemError(f"{args.jsonl}:{n}: expected a JSON object")
-                items.append(NewItem(str(row.get("item_id", "")), row.get("codes"), row.get("text")))
-    if args.item_id:
-        codes = [int(c) for c in args.codes.split(",")] if args.codes else None
-        items.append(NewItem(args.item_id, codes, args.text))
+def _read_jsonl(path: str) -> list[NewItem]:
+    items = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise InvalidItemError(f"{path}:{n}: expected a JSON object")
+            items.append(NewItem(str(row.get("item_id", "")), row.get("codes"), row.get("text")))
+    return items
+
+
+def _add(cfg: CatalogAddConfig) -> None:
+    store = cfg.store()
+    items = _read_jsonl(cfg.jsonl) if cfg.jsonl else []
+    if cfg.item_id:
+        items.append(NewItem(cfg.item_id, cfg.codes, cfg.text))
     if not items:
-        raise InvalidItemError("nothing to add: pass --item-id with --codes or --text, or --jsonl FILE")
+        raise InvalidItemError(f"nothing to add: {cfg.jsonl} holds no items")
     sizes = store.codebook_sizes()
     if sizes is None:
-        raise NoCatalogError(f"no catalog under {store.prefix!r}: run `nezha catalog push` first")
-    quantizer = load_quantizer_for(args.checkpoint, args.quantizer)
+        raise NoCatalogError(store.display_url, store.prefix)
+    quantizer = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
 
     def embed(texts: list[str]) -> np.ndarray:
         from nezha.semantic_ids.embed import embed_texts
 
-        return embed_texts(texts, args.embedding_model, show_progress=False)
+        return embed_texts(texts, cfg.embedding_model, show_progress=False)
 
     version, pairs = add_new_items(store, items, sizes, quantizer, embed)
     for item_id, packed in pairs:
@@ -87,54 +169,39 @@ def _add(args: argparse.Namespace) -> None:
     print(f"catalog version {version}")
 
 
-def _remove(args: argparse.Namespace) -> None:
-    version = _store(args).remove(args.item_ids)
-    print(f"removed {len(args.item_ids)} item(s); catalog version {version}")
+def _remove(cfg: CatalogRemoveConfig) -> None:
+    version = cfg.store().remove(cfg.item_ids)
+    print(f"removed {len(cfg.item_ids)} item(s); catalog version {version}")
 
 
-def _run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
+def _action(cls: type, run: Callable[[Any], None]) -> Callable[[argparse.Namespace], None]:
+    """The handler of one action: build its config, run it, and turn every store or config error into one line."""
+
+    def handler(args: argparse.Namespace) -> None:
+        if getattr(args, "item_id_args", None):  # `nezha catalog remove ITEM_ID...`, with any --item-ids a,b
+            args.item_ids = [*(i for i in (args.item_ids or "").split(",") if i.strip()), *args.item_id_args]
         try:
-            handler(args)
-        except (CatalogStoreError, redis.RedisError) as exc:
+            run(config_from_args(cls, args))
+        except (ConfigError, CatalogStoreError, redis.RedisError) as exc:
             raise SystemExit(f"nezha catalog {args.catalog_command}: error: {exc}") from None
 
-    return run
+    return handler
+
+
+ACTIONS: dict[str, tuple[type, Callable[[Any], None]]] = {
+    "push": (CatalogPushConfig, _push),
+    "status": (CatalogStatusConfig, _status),
+    "add": (CatalogAddConfig, _add),
+    "remove": (CatalogRemoveConfig, _remove),
+}
 
 
 def register(subparsers: Any) -> None:
-    """Add `nezha catalog` with its sub-commands to the `nezha` command."""
+    """Add `nezha catalog` with its sub-commands (one config dataclass each) to the `nezha` command."""
     parser = subparsers.add_parser("catalog", help="the live catalog in Redis: push, status, add, remove",
                                    description=__doc__)
     sub = parser.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--redis-url", help=f"redis:// or rediss:// URL (default: ${REDIS_URL_ENV})")
-        p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix (default: {DEFAULT_PREFIX})")
-        p.add_argument("--feed-maxlen", type=int, default=DEFAULT_FEED_MAXLEN, help="change-feed cap")
-
-    push = sub.add_parser("push", help="load a checkpoint's catalog into Redis (replaces it; bumps the version)")
-    common(push)
-    push.add_argument("--checkpoint", required=True, help="checkpoint directory (its catalog/ is pushed)")
-    push.add_argument("--if-empty", action="store_true", help="only seed a prefix that holds no catalog yet")
-    push.set_defaults(handler=_run(_push))
-
-    status = sub.add_parser("status", help="version, size, feed length and persistence of the catalog in Redis")
-    common(status)
-    status.set_defaults(handler=_run(_status))
-
-    add = sub.add_parser("add", help="add items by explicit codes or by text (nearest free semantic ID)")
-    common(add)
-    add.add_argument("--item-id", help="the new item's id")
-    add.add_argument("--codes", help="comma-separated codes, one per level (e.g. 3,17,250)")
-    add.add_argument("--text", help="item text to embed and quantize into a new unique ID")
-    add.add_argument("--jsonl", help='file of {"item_id": ..., "codes": [...]} or {"item_id": ..., "text": ...} lines')
-    add.add_argument("--checkpoint", help="checkpoint whose prepared dataset holds the quantizer (for --text)")
-    add.add_argument("--quantizer", help="quantizer.safetensors (instead of --checkpoint)")
-    add.add_argument("--embedding-model", help="local sentence-transformers folder (default: bundled)")
-    add.set_defaults(handler=_run(_add))
-
-    remove = sub.add_parser("remove", help="remove items by id")
-    common(remove)
-    remove.add_argument("item_ids", nargs="+", metavar="ITEM_ID")
-    remove.set_defaults(handler=_run(_remove))
+    for name, (cls, run) in ACTIONS.items():
+        add_command(sub, name, cls, _action(cls, run))
+    # Item ids to remove are also positional, as they always were: `nezha catalog remove OLD-1 OLD-2`.
+    sub.choices["remove"].add_argument("item_id_args", nargs="*", metavar="ITEM_ID", help="items to remove")

@@ -1,4 +1,4 @@
-"""The live catalog in Redis (the source of truth for serving) and `nezha catalog push|status|add|remove`.
+"""The live catalog in Redis: the source of truth for serving, read and written atomically.
 
 Keys under one prefix P (default `nezha:catalog`):
 
@@ -12,36 +12,33 @@ Keys under one prefix P (default `nezha:catalog`):
 Every change updates the maps, the version and the feed in one atomic step (a Lua script for add/remove,
 WATCH + MULTI/EXEC for a full push), so a reader never sees a version whose feed entry or maps are
 missing. Stream IDs equal versions, so a follower that knows version v reads from `v-0` and sees a gap
-(trimmed feed, lost data) as a first entry other than v+1. The serving side (serve/catalog_store.py)
-follows the feed; this module lives in the library so the `nezha` command can use it without `serve/`.
+(trimmed feed, lost data) as a first entry other than v+1 (nezha/live_catalog/follower.py).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from nezha.catalog import Catalog
-from nezha.verify.codec import pack, unpack
-
-log = logging.getLogger(__name__)
-
-DEFAULT_PREFIX = "nezha:catalog"
-DEFAULT_FEED_MAXLEN = 10_000
-REDIS_URL_ENV = "NEZHA_REDIS_URL"
-MAX_ITEM_ID_CHARS = 256
+from nezha.live_catalog.errors import (
+    CatalogStoreError,
+    IdTakenError,
+    ItemExistsError,
+    ItemNotFoundError,
+    NoCatalogError,
+    StoreUnavailableError,
+)
+from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEntry, check_unique
 
 # ARGV[1] = feed maxlen, then item id / packed ID pairs. All checks happen before any write, so a
 # rejected batch changes nothing; Redis runs the script atomically.
@@ -87,59 +84,10 @@ return {'ok', tostring(version)}
 """
 
 
-# ---- errors (the service maps them to HTTP statuses) -----------------------------------------------------
-class CatalogStoreError(RuntimeError):
-    """A catalog change or read that cannot be done; the message says why."""
-
-
-class StoreUnavailableError(CatalogStoreError):
-    """Redis cannot be reached (503): the write was refused."""
-
-
-class NoCatalogError(CatalogStoreError):
-    """Redis holds no catalog under the prefix (503 until `nezha catalog push`)."""
-
-
-class CatalogConflictError(CatalogStoreError):
-    """The item already exists, or its semantic ID belongs to another item (409)."""
-
-    def __init__(self, message: str, item_id: str, packed: int) -> None:
-        super().__init__(message)
-        self.item_id = item_id
-        self.packed = packed
-
-
-class ItemExistsError(CatalogConflictError):
-    """The item id is already in the catalog (with semantic ID `packed`)."""
-
-
-class IdTakenError(CatalogConflictError):
-    """The semantic ID `packed` chosen for `item_id` belongs to another item."""
-
-
-class ItemNotFoundError(CatalogStoreError):
-    """An item to remove is not in the catalog (404)."""
-
-    def __init__(self, message: str, item_id: str) -> None:
-        super().__init__(message)
-        self.item_id = item_id
-
-
-class InvalidItemError(CatalogStoreError, ValueError):
-    """A new item that cannot be added as given (422): bad codes, no text and no codes, ..."""
-
-
-# ---- values ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FeedEntry:
-    version: int
-    op: str  # add | remove | reset
-    items: list[tuple[str, int]]
-    epoch: str = ""  # the push this change builds on; a follower on another epoch must resync
-
-
 @dataclass(frozen=True)
 class Snapshot:
+    """The whole catalog at one version, as Redis held it."""
+
     version: int
     codebook_sizes: tuple[int, ...]
     items: dict[str, int]  # item id -> packed ID
@@ -149,16 +97,11 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class RemoteState:
+    """Redis's version, epoch and run_id now: what a follower compares with its own to decide to resync."""
+
     version: int | None  # None: no catalog under the prefix
     epoch: str | None
     run_id: str
-
-
-@dataclass
-class NewItem:
-    item_id: str
-    codes: list[int] | None = None
-    text: str | None = None
 
 
 def redact_url(url: str) -> str:
@@ -198,8 +141,7 @@ class RedisCatalog:
         self.client.close()
 
     def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
-        return StoreUnavailableError(
-            f"catalog store unavailable: Redis at {self.display_url} ({type(exc).__name__}: {exc}); {what}")
+        return StoreUnavailableError(self.display_url, f"{type(exc).__name__}: {exc}", what)
 
     # ---- writes ----------------------------------------------------------------------------------------
     def push(self, catalog: Catalog, source: str = "", if_empty: bool = False) -> int | None:
@@ -240,8 +182,8 @@ class RedisCatalog:
 
     def add(self, items: Sequence[tuple[str, int]]) -> int:
         """Add (item id, packed ID) pairs, all or none; returns the new version."""
-        _check_unique([i for i, _ in items], "item id")
-        _check_unique([p for _, p in items], "semantic ID")
+        check_unique([i for i, _ in items], "item id")
+        check_unique([p for _, p in items], "semantic ID")
         args: list[Any] = [self.feed_maxlen]
         for item_id, packed in items:
             args += [item_id, str(int(packed))]
@@ -249,7 +191,7 @@ class RedisCatalog:
 
     def remove(self, item_ids: Sequence[str]) -> int:
         """Remove items, all or none; returns the new version."""
-        _check_unique(list(item_ids), "item id")
+        check_unique(list(item_ids), "item id")
         return self._run(self._remove, [self.feed_maxlen, *item_ids], "remove")
 
     def _run(self, script: Any, args: list[Any], what: str) -> int:
@@ -263,16 +205,13 @@ class RedisCatalog:
         if status == "ok":
             return int(reply[1])
         if status == "nocatalog":
-            raise NoCatalogError(f"Redis at {self.display_url} holds no catalog under {self.prefix!r}: "
-                                 "run `nezha catalog push --checkpoint DIR` first")
+            raise NoCatalogError(self.display_url, self.prefix)
         if status == "exists":
-            raise ItemExistsError(f"item {reply[1]!r} is already in the catalog (semantic ID {reply[2]}); "
-                                  "remove it first to give it a new ID", reply[1], int(reply[2]))
+            raise ItemExistsError(reply[1], int(reply[2]))
         if status == "taken":
-            raise IdTakenError(f"semantic ID {reply[2]} asked for item {reply[1]!r} belongs to item {reply[3]!r}",
-                               reply[1], int(reply[2]))
+            raise IdTakenError(reply[1], int(reply[2]), reply[3])
         if status == "missing":
-            raise ItemNotFoundError(f"item {reply[1]!r} is not in the catalog", reply[1])
+            raise ItemNotFoundError(reply[1])
         raise CatalogStoreError(f"unexpected reply from the {what} script: {reply!r}")
 
     # ---- reads -----------------------------------------------------------------------------------------
@@ -349,101 +288,3 @@ class RedisCatalog:
         if config.get("appendonly") == "yes":
             return f"aof-{config.get('appendfsync', 'everysec')}"
         return "rdb-only" if config.get("save") else "none"
-
-
-def _check_unique(values: Sequence[Any], what: str) -> None:
-    seen: set[Any] = set()
-    dups = sorted({str(v) for v in values if v in seen or seen.add(v)})
-    if dups:
-        raise InvalidItemError(f"duplicate {what}(s) in one request: {dups[:10]}")
-
-
-# ---- new items: explicit codes or text -> nearest free semantic ID -----------------------------------------
-def check_codes(codes: Sequence[int], sizes: Sequence[int]) -> int:
-    """The packed ID of explicit codes, or InvalidItemError saying what is wrong."""
-    if len(codes) != len(sizes) or any(not 0 <= int(c) < s for c, s in zip(codes, sizes, strict=False)):
-        raise InvalidItemError(f"codes {list(codes)} do not fit codebook sizes {list(sizes)} "
-                               f"({len(sizes)} codes, code l in 0..T_l-1)")
-    return int(pack(np.asarray(codes, dtype=np.int64), sizes))
-
-
-def add_new_items(store: Any, items: Sequence[NewItem], sizes: Sequence[int],
-                  quantizer_loader: Callable[[], Any] | None, embed: Callable[[list[str]], np.ndarray],
-                  attempts: int = 3) -> tuple[int, list[tuple[str, int]]]:
-    """Add items with explicit codes or with text (embedded, then given the nearest free ID).
-
-    `store` has add(pairs) -> version and used_ids() (RedisCatalog or the service's in-process store).
-    The store checks ID uniqueness atomically; when a concurrent writer took an ID chosen for a text item,
-    that ID is excluded and the assignment retried. Returns (version, [(item id, packed ID)]).
-    """
-    from nezha.semantic_ids.quantizer import assign_new_item  # local: pulls in scikit-learn
-
-    for item in items:
-        if not isinstance(item.item_id, str) or not item.item_id.strip() or len(item.item_id) > MAX_ITEM_ID_CHARS:
-            raise InvalidItemError(f"item id {item.item_id!r} must be a non-blank string of at most "
-                                   f"{MAX_ITEM_ID_CHARS} characters")
-        if (item.codes is None) == (item.text is None):
-            raise InvalidItemError(f"item {item.item_id!r}: give exactly one of `codes` or `text`")
-    _check_unique([i.item_id for i in items], "item id")
-    explicit = {i.item_id: check_codes(i.codes, sizes) for i in items if i.codes is not None}
-    textual = [i for i in items if i.text is not None]
-    embeddings: np.ndarray | None = None
-    quantizer = None
-    if textual:
-        if quantizer_loader is None:
-            raise InvalidItemError("adding items by text needs the quantizer of the prepared dataset "
-                                   "(quantizer.safetensors); give explicit `codes` instead")
-        quantizer = quantizer_loader()
-        if tuple(quantizer.codebook_sizes) != tuple(sizes):
-            raise InvalidItemError(f"the quantizer has codebook sizes {list(quantizer.codebook_sizes)}, the "
-                                   f"catalog {list(sizes)}")
-        embeddings = embed([i.text for i in textual])
-    text_ids = {i.item_id for i in textual}
-    excluded: set[int] = set()
-    for attempt in range(attempts):
-        used: set[int] = set()
-        if textual:
-            used = set(store.used_ids()) | excluded | set(explicit.values())
-        assigned = dict(explicit)
-        for row, item in enumerate(textual):
-            packed = int(pack(assign_new_item(embeddings[row], quantizer, used), sizes))
-            assigned[item.item_id] = packed
-            used.add(packed)  # two new items in one request never share an ID
-        pairs = [(i.item_id, assigned[i.item_id]) for i in items]
-        try:
-            return store.add(pairs), pairs
-        except IdTakenError as exc:
-            if exc.item_id not in text_ids or attempt == attempts - 1:
-                raise
-            log.info("semantic ID %d was taken concurrently; reassigning (attempt %d)", exc.packed, attempt + 2)
-            excluded.add(exc.packed)
-    raise AssertionError("unreachable")
-
-
-def load_quantizer_for(checkpoint: str | Path | None, quantizer: str | Path | None) -> Callable[[], Any] | None:
-    """A loader for the quantizer: an explicit file, else the checkpoint's prepared dataset's; None if neither."""
-    from nezha.model.checkpoint import read_meta
-    from nezha.prepare import QUANTIZER_FILE
-
-    path: Path | None = Path(quantizer) if quantizer else None
-    if path is None and checkpoint is not None:
-        prepared = read_meta(checkpoint).get("extra", {}).get("prepared")
-        path = Path(prepared) / QUANTIZER_FILE if prepared else None
-    if path is None or not path.is_file():
-        return None
-
-    def load() -> Any:
-        from nezha.semantic_ids.quantizer import ResidualQuantizer
-
-        return ResidualQuantizer.load(path)
-
-    return load
-
-
-def codes_of(packed: int, sizes: Sequence[int]) -> list[int]:
-    return unpack(np.asarray([packed], dtype=np.int64), sizes)[0].tolist()
-
-
-__all__ = ["DEFAULT_PREFIX", "CatalogConflictError", "CatalogStoreError", "FeedEntry", "IdTakenError",
-           "InvalidItemError", "ItemExistsError", "ItemNotFoundError", "NewItem", "NoCatalogError", "RedisCatalog", "RemoteState", "Snapshot",
-           "StoreUnavailableError", "add_new_items", "check_codes", "codes_of", "load_quantizer_for", "redact_url", "REDIS_URL_ENV"]

@@ -1,4 +1,5 @@
-"""The live catalog against a real redis-server: atomic changes, the follower, gaps, restarts, outages, CLI."""
+"""nezha.live_catalog against a real redis-server: atomic changes, the local copy, the follower (gaps, restarts,
+outages), the in-process store and new items. The `nezha catalog` command is tests/test_cli_catalog.py."""
 
 from __future__ import annotations
 
@@ -13,23 +14,25 @@ import torch
 from redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 from nezha.catalog import Catalog
-from nezha.catalog_cli import (
+from nezha.live_catalog import (
+    CatalogFollower,
+    CatalogStore,
     FeedEntry,
     IdTakenError,
+    InProcessStore,
     InvalidItemError,
     ItemExistsError,
     ItemNotFoundError,
+    LocalCatalog,
     NewItem,
     NoCatalogError,
     RedisCatalog,
     StoreUnavailableError,
     add_new_items,
-    codes_of,
     redact_url,
 )
 from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_new_item
 from nezha.verify.codec import pack
-from serve.catalog_store import CatalogFollower, InProcessStore, LocalCatalog
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -290,28 +293,47 @@ def test_redact_url() -> None:
         "rediss://h:6380/0?password=***&ssl_ca_certs=/ca.pem"
 
 
-def test_cli_push_status_add_remove(redis_server: RedisServer, tiny_prepared: Path, tmp_path: Path,  # noqa: F811
-                                    capsys: pytest.CaptureFixture[str], catalog: Catalog) -> None:
-    from nezha.cli import main
+def test_both_stores_satisfy_the_protocol_and_word_errors_alike(store: RedisCatalog, catalog: Catalog) -> None:
+    local = LocalCatalog.from_catalog(catalog)
+    memory = InProcessStore(local)
+    assert isinstance(store, CatalogStore) and isinstance(memory, CatalogStore)
+    item, packed = catalog.item_ids[0], int(catalog.packed[0])
+    new_id = free_ids(set(catalog.packed.tolist()), catalog.codebook_sizes, 1)[0]
+    for attempt, expected in [(lambda s: s.add([(item, new_id)]), ItemExistsError),
+                              (lambda s: s.add([("NEW-Z", packed)]), IdTakenError),
+                              (lambda s: s.remove(["NO-SUCH-ITEM"]), ItemNotFoundError)]:
+        messages = []
+        for s in (store, memory):
+            with pytest.raises(expected) as caught:
+                attempt(s)
+            messages.append(str(caught.value))
+        assert messages[0] == messages[1]  # one wording, whichever store refused
+    assert "remove it first" in str(ItemExistsError(item, packed)) and item in str(IdTakenError("X", packed, item))
+
+
+def test_store_errors_keep_their_fields_across_processes() -> None:
+    import pickle
+
+    for error in (ItemExistsError("A", 3), IdTakenError("A", 3, "B"), ItemNotFoundError("Z"),
+                  NoCatalogError("redis://127.0.0.1:1/0", "p"), InvalidItemError("bad codes"),
+                  StoreUnavailableError("redis://127.0.0.1:1/0", "ConnectionError: refused", "the add was refused")):
+        copy = pickle.loads(pickle.dumps(error))  # Ray pickles errors raised in a replica
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.args == error.args
+    assert pickle.loads(pickle.dumps(IdTakenError("A", 3, "B"))).holder == "B"
+    assert "holds no catalog under 'p'" in str(NoCatalogError("redis://h/0", "p"))
+
+
+def test_load_quantizer_for_finds_the_checkpoints_prepared_dataset(tiny_prepared: Path, tmp_path: Path) -> None:
+    import json
+
+    from nezha.live_catalog import load_quantizer_for
 
     checkpoint = tmp_path / "ckpt"
-    (checkpoint / "catalog").mkdir(parents=True)
-    catalog.save(checkpoint / "catalog")
-    url = ["--redis-url", redis_server.url]
-    assert main(["catalog", "push", "--checkpoint", str(checkpoint), *url]) == 0
-    assert "version 1" in capsys.readouterr().out
-    assert main(["catalog", "push", "--checkpoint", str(checkpoint), "--if-empty", *url]) == 0
-    assert "left unchanged" in capsys.readouterr().out
-    new_id = free_ids(set(catalog.packed.tolist()), catalog.codebook_sizes, 1)[0]
-    codes = ",".join(str(c) for c in codes_of(new_id, catalog.codebook_sizes))
-    assert main(["catalog", "add", "--item-id", "CLI-1", "--codes", codes, *url]) == 0
-    assert f"({new_id})" in capsys.readouterr().out
-    assert main(["catalog", "add", "--item-id", "CLI-2", "--text", "Acme shampoo",
-                 "--quantizer", str(tiny_prepared / "quantizer.safetensors"), *url]) == 0
-    assert "added CLI-2" in capsys.readouterr().out
-    assert main(["catalog", "remove", "CLI-1", *url]) == 0
-    assert main(["catalog", "status", *url]) == 0
-    out = capsys.readouterr().out
-    assert '"version": 4' in out and f'"size": {catalog.num_items + 1}' in out
-    with pytest.raises(SystemExit, match="not in the catalog"):
-        main(["catalog", "remove", "CLI-1", *url])
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    (checkpoint / "nezha.json").write_text(json.dumps({"extra": {"prepared": str(tiny_prepared)}}))
+    loader = load_quantizer_for(checkpoint, None)
+    assert loader is not None and loader().codebook_sizes == Catalog.load(tiny_prepared / "catalog").codebook_sizes
+    assert load_quantizer_for(None, None) is None and load_quantizer_for(None, tmp_path / "missing") is None
+    (checkpoint / "nezha.json").write_text(json.dumps({"extra": {}}))
+    assert load_quantizer_for(checkpoint, None) is None

@@ -1,0 +1,45 @@
+"""The live catalog: the item catalog that changes while the service runs.
+
+    store.py         CatalogStore (the protocol both stores satisfy), FeedEntry, defaults
+    errors.py        the stores' errors, each worded once
+    redis_store.py   RedisCatalog: the source of truth in Redis (maps, version, change feed), redact_url
+    memory_store.py  InProcessStore: changes to one replica's copy only, when there is no Redis
+    local.py         LocalCatalog: a replica's copy (maps + PrefixVerifier) that the request path reads
+    follower.py      CatalogFollower: the thread that keeps a LocalCatalog in step with Redis
+    new_items.py     new items by explicit codes or by text (nearest free semantic ID)
+
+The fixed on-disk catalog format of a checkpoint is `nezha.catalog`; `nezha catalog push|status|add|remove`
+(nezha/cli/catalog.py) and the service (serve/) use this package.
+"""
+
+from nezha.live_catalog.errors import (
+    CatalogConflictError,
+    CatalogStoreError,
+    IdTakenError,
+    InvalidItemError,
+    ItemExistsError,
+    ItemNotFoundError,
+    NoCatalogError,
+    StoreUnavailableError,
+)
+from nezha.live_catalog.follower import CatalogFollower, FollowerHealth
+from nezha.live_catalog.local import LocalCatalog
+from nezha.live_catalog.memory_store import InProcessStore
+from nezha.live_catalog.new_items import NewItem, add_new_items, check_codes, codes_of, load_quantizer_for
+from nezha.live_catalog.redis_store import RedisCatalog, RemoteState, Snapshot, redact_url
+from nezha.live_catalog.store import (
+    DEFAULT_FEED_MAXLEN,
+    DEFAULT_PREFIX,
+    MAX_ITEM_ID_CHARS,
+    REDIS_URL_ENV,
+    CatalogStore,
+    FeedEntry,
+)
+
+__all__ = [
+    "DEFAULT_FEED_MAXLEN", "DEFAULT_PREFIX", "MAX_ITEM_ID_CHARS", "REDIS_URL_ENV",
+    "CatalogConflictError", "CatalogFollower", "CatalogStore", "CatalogStoreError", "FeedEntry", "FollowerHealth",
+    "IdTakenError", "InProcessStore", "InvalidItemError", "ItemExistsError", "ItemNotFoundError", "LocalCatalog",
+    "NewItem", "NoCatalogError", "RedisCatalog", "RemoteState", "Snapshot", "StoreUnavailableError",
+    "add_new_items", "check_codes", "codes_of", "load_quantizer_for", "redact_url",
+]

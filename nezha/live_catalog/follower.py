@@ -1,0 +1,157 @@
+"""The follower: one background thread per replica that keeps its `LocalCatalog` in step with Redis.
+
+It blocks on the Redis change feed (XREAD BLOCK from its version), applies entries as they arrive
+(typically milliseconds after the write), and resyncs from a full snapshot whenever it cannot trust the
+feed: a gap in versions (feed trimmed past it), a `reset` entry (a push), a lower remote version or a new
+epoch (data lost or replaced), or a Redis restart (new run_id).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from nezha.live_catalog.errors import NoCatalogError, StoreUnavailableError
+from nezha.live_catalog.local import LocalCatalog
+from nezha.live_catalog.redis_store import RedisCatalog, Snapshot
+from nezha.live_catalog.store import FeedEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FollowerHealth:
+    connected: bool = False
+    problem: str | None = None  # why the copy may be stale: unreachable / no catalog / incompatible
+    since: float = field(default_factory=time.time)
+    last_ok: float | None = None
+    resyncs: int = 0
+    remote_version: int | None = None
+
+
+class CatalogFollower(threading.Thread):
+    """Keeps a LocalCatalog in step with a RedisCatalog; never raises out of its loop.
+
+    `logger`: where its lines go (the service passes one under `ray.serve` so Serve's replica logs have them).
+    """
+
+    def __init__(self, store: RedisCatalog, local: LocalCatalog, block_ms: int = 500,
+                 max_backoff_s: float = 2.0, logger: logging.Logger | None = None) -> None:
+        super().__init__(name="nezha-catalog-follower", daemon=True)
+        self._log = logger or log
+        self.store = store
+        self.local = local
+        self.block_ms = block_ms
+        self.max_backoff_s = max_backoff_s
+        self.health = FollowerHealth()
+        self._stop_event = threading.Event()
+        self._epoch: str | None = None
+        self._run_id: str | None = None
+        self._need_resync = True
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def degraded(self) -> list[str]:
+        """Human-readable reasons this replica's copy may be stale (empty when following normally)."""
+        h = self.health
+        return [] if h.problem is None else [f"{h.problem} (since {time.strftime('%H:%M:%S', time.localtime(h.since))}; "
+                                             f"serving catalog version {self.local.version} from this replica's copy)"]
+
+    def sync_once(self) -> None:
+        """One full resync now (used at start-up so a replica begins with Redis's view when it can)."""
+        try:
+            self._resync()
+        except StoreUnavailableError as exc:
+            self._problem(str(exc), connected=False)
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stop_event.is_set():
+            try:
+                self._step()
+                backoff = 0.1
+            except StoreUnavailableError as exc:
+                self._problem(str(exc), connected=False)
+                self._stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:  # a bug must not kill the thread silently; the copy stays as it is
+                self._log.exception("catalog follower step failed; resyncing")
+                self._need_resync = True
+                self._stop_event.wait(self.max_backoff_s)
+
+    def _step(self) -> None:
+        if self._need_resync or not self.health.connected:
+            if not self._check_remote():
+                self._stop_event.wait(self.max_backoff_s)
+                return
+        entries = self.store.read_feed(self.local.version, self.block_ms)
+        if not entries:
+            self._check_remote()
+            return
+        batch: list[FeedEntry] = []
+        for entry in entries:
+            expected = self.local.version + len(batch) + 1
+            if entry.op == "reset" or entry.version != expected or entry.epoch != self._epoch:
+                self.local.apply(batch)
+                reason = "catalog pushed" if entry.op == "reset" else \
+                    f"feed does not continue version {expected - 1} (next entry {entry.version}, epoch {entry.epoch})"
+                self._resync(reason)
+                return
+            batch.append(entry)
+        self.local.apply(batch)
+        self._ok(batch[-1].version)
+
+    def _check_remote(self) -> bool:
+        """Compare Redis's version/epoch/run_id with ours; resync if they disagree. False: nothing to follow."""
+        state = self.store.remote_state()
+        if state.version is None:
+            self._problem(str(NoCatalogError(self.store.display_url, self.store.prefix)), connected=True)
+            return False
+        if self._need_resync:
+            self._resync("start")
+        elif state.run_id != self._run_id:
+            self._resync("Redis restarted")  # persisted or not, a snapshot is the only safe starting point
+        elif state.epoch != self._epoch or state.version < self.local.version:
+            self._resync(f"remote version {state.version} / epoch {state.epoch} does not continue ours "
+                         f"({self.local.version} / {self._epoch})")
+        elif state.version > self.local.version and not self.store.read_feed(self.local.version, None, count=1):
+            self._resync(f"feed trimmed past version {self.local.version} (remote {state.version})")
+        else:
+            self._ok(state.version)
+        return self.health.problem is None
+
+    def _resync(self, reason: str = "start") -> None:
+        snapshot = self.store.snapshot()
+        if snapshot is None:
+            self._problem(str(NoCatalogError(self.store.display_url, self.store.prefix)), connected=True)
+            return
+        if snapshot.codebook_sizes != self.local.sizes:
+            self._problem(f"the catalog in Redis has codebook sizes {list(snapshot.codebook_sizes)} but this "
+                          f"model uses {list(self.local.sizes)}: not applied", connected=True)
+            self._need_resync = True
+            return
+        self._apply_snapshot(snapshot)
+        self._log.info("catalog resync (%s): version %d, %d items", reason, snapshot.version, len(snapshot.items))
+
+    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+        self.local.replace(snapshot.items, snapshot.version, source="redis")
+        self._epoch, self._run_id = snapshot.epoch, snapshot.run_id
+        self._need_resync = False
+        self.health.resyncs += 1
+        self._ok(snapshot.version)
+
+    def _ok(self, remote_version: int) -> None:
+        h = self.health
+        if h.problem is not None:
+            self._log.info("catalog store back to normal after: %s", h.problem)
+        h.connected, h.problem, h.last_ok, h.remote_version = True, None, time.time(), remote_version
+
+    def _problem(self, message: str, connected: bool) -> None:
+        h = self.health
+        if h.problem != message:
+            self._log.warning("%s", message)
+            h.since = time.time()
+        h.connected, h.problem = connected, message

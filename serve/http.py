@@ -1,0 +1,266 @@
+"""The HTTP layer: the FastAPI app (`create_api`), its error envelope, and the store-error -> HTTP table.
+
+Every non-200 answer, from the ingress or from a decoder replica, is `{"error": code, "detail": text, ...}`
+built by `error_body`; no answer ever carries a traceback. Decoder replicas answer the ingress with
+`reply(status, body, stats)` dicts, which `create_api` turns into responses.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nezha.live_catalog import (
+    MAX_ITEM_ID_CHARS,
+    CatalogConflictError,
+    InvalidItemError,
+    ItemNotFoundError,
+    NoCatalogError,
+    StoreUnavailableError,
+)
+from serve.config import ADMIN_TOKEN_ENV, ServeConfig
+from serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from serve.schemas import AddItemsRequest, RecommendRequest, RecommendResponse
+
+log = logging.getLogger("ray.serve.nezha")
+
+
+# ---- the error envelope ----------------------------------------------------------------------------------
+def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The body of every error answer: a stable machine-readable code, a sentence for people, extra fields."""
+    return {"error": code, "detail": detail, **extra}
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
+
+
+def reply(status: int, body: dict[str, Any], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A decoder replica's answer to the ingress: HTTP status, body, and decode stats for the metrics."""
+    return {"status": status, "body": body, "stats": stats}
+
+
+def error_reply(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return reply(status, error_body(code, detail, **extra))
+
+
+@functools.cache
+def store_errors() -> tuple[tuple[type[Exception], int, str], ...]:
+    """Catalog admin failures -> (HTTP status, error code), most specific first; errors about one item add its id.
+
+    Built on first use: the embedding module's package pulls in scikit-learn, which the ingress never needs.
+    """
+    from nezha.semantic_ids.embed import EmbeddingModelError
+
+    return ((InvalidItemError, 422, "invalid_item"),
+            (CatalogConflictError, 409, "conflict"),
+            (ItemNotFoundError, 404, "not_found"),
+            (NoCatalogError, 503, "no_catalog"),
+            (StoreUnavailableError, 503, "store_unavailable"),
+            (EmbeddingModelError, 503, "embedding_unavailable"))
+
+
+def admin_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a catalog change answers with an error reply (anything else is a bug: 500)."""
+    return tuple(cls for cls, _, _ in store_errors())
+
+
+def store_error_reply(exc: Exception) -> dict[str, Any]:
+    """The reply for a failed catalog change (`exc` is one of admin_errors())."""
+    status, code = next((s, c) for cls, s, c in store_errors() if isinstance(exc, cls))
+    extra = {"item_id": exc.item_id} if isinstance(exc, CatalogConflictError | ItemNotFoundError) else {}
+    return error_reply(status, code, str(exc), **extra)
+
+
+class BodySizeLimit:
+    """413 for request bodies over the limit, counted as they stream in (Content-Length may be absent)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = error_response(413, "body_too_large", f"request body over {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.on_reject()
+            await too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                self.on_reject()
+                await too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class Unavailable(Exception):
+    """No decoder replica could take the call (backpressure, none running, the replica died): safe to retry."""
+
+
+class TimedOut(Exception):
+    """The decoder replica did not answer within request_timeout_s."""
+
+
+Forward = Callable[..., Awaitable[dict[str, Any]]]
+
+
+def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> FastAPI:
+    """The HTTP API; `forward(method, *args, timeout=seconds)` calls a decoder replica and returns its reply."""
+    api = FastAPI(title="NEZHA recommendations", version="1",
+                  description="Generative recommendation with the NEZHA decoder over a live item catalog.")
+    api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes,
+                       on_reject=lambda: metrics.requests.labels("*", "413").inc())
+
+    def count(request: Request, status: int) -> None:
+        # The route template, not the path: paths carry item ids and would explode the label set.
+        metrics.requests.labels(getattr(request.scope.get("route"), "path", "unmatched"), str(status)).inc()
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"]}
+                  for e in exc.errors()]
+        count(request, 422)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return error_response(422, "invalid_request", detail, errors=errors)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        count(request, exc.status_code)
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @api.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        count(request, 503)
+        return error_response(503, "unavailable", str(exc), retryable=True)
+
+    @api.exception_handler(TimedOut)
+    async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
+        count(request, 504)
+        return error_response(504, "timeout", str(exc))
+
+    @api.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        count(request, 500)
+        return error_response(500, "internal_error", "internal error; the server log has the details")
+
+    async def call(method: str, *args: Any) -> dict[str, Any]:
+        return await forward(method, *args, timeout=cfg.request_timeout_s)
+
+    async def require_admin(request: Request) -> None:
+        """Bearer-token check (constant-time) for the catalog admin routes."""
+        if cfg.admin_token is None:
+            raise StarletteHTTPException(403, f"the catalog admin API is disabled: set {ADMIN_TOKEN_ENV} or "
+                                              "admin_token")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise StarletteHTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
+                                         headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), cfg.admin_token.encode()):
+            raise StarletteHTTPException(403, "invalid admin token")
+
+    def respond(route: str, start: float, answer: dict[str, Any]) -> JSONResponse:
+        """The HTTP response for a decoder replica's `reply(...)`, with the metrics it carries recorded."""
+        body, status = answer["body"], answer["status"]
+        if answer["stats"] is not None:
+            metrics.observe_decode(answer["stats"])
+        elapsed = time.perf_counter() - start
+        if status == 200 and route == "/v1/recommend":
+            body["latency_ms"] = round(elapsed * 1000, 3)
+        metrics.observe_request(route, status, elapsed)
+        return JSONResponse(body, status_code=status)
+
+    def check_limits(req: RecommendRequest) -> str | None:
+        """Limits that depend on the config (pydantic already checked the types)."""
+        if len(req.history) > cfg.max_history_items:
+            return f"history: {len(req.history)} items; at most {cfg.max_history_items} (the model reads the last ones)"
+        seen: set[str] = set()
+        dups = sorted({i for i in req.history if i in seen or seen.add(i)})
+        if dups:
+            return f"history: duplicate item ids {dups[:20]}"
+        if not 1 <= req.k <= cfg.max_k:
+            return f"k: {req.k} is out of range 1..{cfg.max_k}"
+        if len(req.exclude) > cfg.max_exclude:
+            return f"exclude: {len(req.exclude)} items; at most {cfg.max_exclude}"
+        return None
+
+    @api.post("/v1/recommend", response_model=RecommendResponse,
+              responses={422: {"description": "invalid request; `detail` names the field and the reason"}})
+    async def recommend(req: RecommendRequest) -> JSONResponse:
+        start = time.perf_counter()
+        problem = check_limits(req)
+        if problem is not None:
+            return respond("/v1/recommend", start, error_reply(422, "invalid_request", problem))
+        return respond("/v1/recommend", start, await call("recommend", req.model_dump()))
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            status = await forward("ready", timeout=cfg.ready_timeout_s)
+        except (Unavailable, TimedOut) as exc:
+            return error_response(503, "not_ready", str(exc), ready=False)
+        catalog = status["catalog"]
+        metrics.observe_catalog(status["replica"], catalog["version"], catalog["size"], bool(status["degraded"]))
+        return JSONResponse(status)
+
+    @api.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/catalog", dependencies=[Depends(require_admin)])
+    async def catalog_status() -> JSONResponse:
+        return respond("/v1/catalog", time.perf_counter(), await call("catalog_status"))
+
+    @api.post("/v1/catalog/items", dependencies=[Depends(require_admin)])
+    async def add_items(req: AddItemsRequest) -> JSONResponse:
+        items = [i.model_dump(exclude_none=True) for i in req.items]
+        return respond("/v1/catalog/items", time.perf_counter(), await call("add_items", items))
+
+    @api.delete("/v1/catalog/items/{item_id}", dependencies=[Depends(require_admin)])
+    async def remove_item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)]) -> JSONResponse:
+        return respond("/v1/catalog/items", time.perf_counter(), await call("remove_items", [item_id]))
+
+    return api

@@ -1,0 +1,245 @@
+"""The Recommender deployment: one decoder replica with the model, a local catalog copy, batched decoding
+and the catalog admin writes.
+
+Each replica loads the safetensors checkpoint and catalog once, on the GPU when Ray gave it one, and groups
+concurrent requests with `@serve.batch` into one `nezha.decoding.decode` call per decoder (one prefill +
+one draft-head beam search for NEZHA). Its catalog copy is followed from Redis by a background thread
+(`nezha.live_catalog.CatalogFollower`) or, without Redis, lives in-process (one replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
+from nezha.catalog import Catalog
+from nezha.decoding import available_decoders, decode, decoder_available
+from nezha.decoding.graphs import DraftGraphs
+from nezha.device import resolve_device
+from nezha.live_catalog import (
+    REDIS_URL_ENV,
+    CatalogFollower,
+    CatalogStore,
+    InProcessStore,
+    InvalidItemError,
+    LocalCatalog,
+    NewItem,
+    RedisCatalog,
+    StoreUnavailableError,
+    add_new_items,
+    codes_of,
+    load_quantizer_for,
+    redact_url,
+)
+from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
+from serve.config import ServeConfig
+from serve.http import admin_errors, error_reply, reply, store_error_reply
+
+# Under "ray.serve" so Serve writes these lines to each replica's log file.
+log = logging.getLogger("ray.serve.nezha")
+
+
+def _prepared_max_history(checkpoint: str) -> int | None:
+    prepared = prepared_dir_of(checkpoint)
+    summary = prepared / "prepare.json" if prepared else None
+    if summary is None or not summary.is_file():
+        return None
+    return json.loads(summary.read_text()).get("config", {}).get("max_history")
+
+
+@dataclass
+class _Query:
+    decoder: str
+    k: int
+    history: list[int]  # packed IDs, oldest first, at most max_history
+    exclude: frozenset[str]
+
+
+class Recommender:
+    """One decoder replica: the model, a local catalog copy, batched decoding, catalog admin."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for replicas given no GPU, so ask Ray what this one got.
+        self.device = resolve_device(cfg.device, gpu_granted=bool(ray.get_gpu_ids()) if ray.is_initialized() else True)
+        self.model = load_checkpoint(cfg.checkpoint, self.device, dtype=cfg.dtype)
+        catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
+        if tuple(self.model.layout.sizes) != catalog.codebook_sizes:
+            raise ValueError(f"checkpoint model codebooks {self.model.layout.sizes} differ from its catalog's "
+                             f"{catalog.codebook_sizes}")
+        self.max_history = cfg.max_history or _prepared_max_history(cfg.checkpoint) or 20
+        self.decoders = [d for d in cfg.decoders if decoder_available(self.model, d)]
+        if not self.decoders:
+            raise ValueError(f"the checkpoint serves none of the configured decoders {cfg.decoders} "
+                             f"(it has heads for {list(available_decoders(self.model))})")
+        self.local = LocalCatalog.from_catalog(catalog, self.device)
+        # On a GPU the draft head's search is launch-bound: replay it from CUDA graphs (one per batch bucket).
+        self.graphs = DraftGraphs() if self.device.type == "cuda" else None
+        self.follower: CatalogFollower | None = None
+        if cfg.redis_url:
+            self.store: CatalogStore = RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen)
+            self.follower = CatalogFollower(RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen,
+                                                         socket_timeout=cfg.feed_block_ms / 1000 + 5),
+                                            self.local, block_ms=cfg.feed_block_ms,
+                                            logger=logging.getLogger("ray.serve.nezha.catalog"))
+            self.follower.sync_once()  # start from Redis's view when it is reachable
+            self.follower.start()
+            log.info("catalog: Redis %s prefix %r (%s), version %d, %d items", redact_url(cfg.redis_url),
+                     cfg.redis_prefix, self.local.source, self.local.version, len(self.local))
+        else:
+            self.store = InProcessStore(self.local)
+            self.local.source = "embedded"
+            log.warning("catalog: no Redis URL (%s): in-process catalog from the checkpoint; admin changes apply "
+                        "to this replica only and are lost on restart", REDIS_URL_ENV)
+        self._quantizer_loader = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
+        self._quantizer: Any = None
+        self._batch_ids = itertools.count()
+        self._decode_batch.set_max_batch_size(cfg.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside Serve
+            self.replica = f"local-{os.getpid()}"
+        with torch.inference_mode():  # warm-up: first-call allocations happen before traffic
+            decode(self.model, self.decoders[0], [self.local.codes(self.local.lookup(catalog.item_ids[:1])[0])],
+                   self.local.verifier, beam=cfg.beam, graphs=self.graphs)
+        log.info("replica %s ready: %s on %s, decoders %s, max_history %d", self.replica, cfg.checkpoint,
+                 self.device, self.decoders, self.max_history)
+
+    def __del__(self) -> None:
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()
+
+    def check_health(self) -> None:
+        """Serve's health check: the follower thread must be alive (a Redis outage is not unhealthy)."""
+        if self.follower is not None and not self.follower.is_alive():
+            raise RuntimeError("the catalog follower thread died")
+
+    # ---- recommendations ---------------------------------------------------------------------------
+    async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
+        decoder = request.get("decoder") or self.cfg.default_decoder
+        if decoder not in self.decoders:
+            return error_reply(422, "unknown_decoder", f"decoder {decoder!r} is not available; this service offers "
+                          f"{', '.join(self.decoders)}", available=self.decoders)
+        packed, missing = self.local.lookup(request["history"])
+        if missing:
+            return error_reply(422, "unknown_items", f"{len(missing)} history item(s) are not in the catalog (unknown or "
+                          f"removed): {', '.join(missing[:20])}", item_ids=missing)
+        query = _Query(decoder, request["k"], packed[-self.max_history:], frozenset(request.get("exclude") or ()))
+        return await self._decode_batch(query)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _decode_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, q in enumerate(queries):
+            groups[q.decoder].append(i)
+        replies: list[dict[str, Any]] = [{} for _ in queries]
+        for decoder, rows in groups.items():
+            batch = [queries[i] for i in rows]
+            # Decode past k so excluded items can be dropped; one width for the whole group.
+            beam = min(self.cfg.max_beam, max(self.cfg.beam, *(q.k + len(q.exclude) for q in batch)))
+            start = time.perf_counter()
+            # In a thread: the event loop keeps accepting requests, which form the next batch.
+            ids, scores, invalid = await asyncio.to_thread(self._decode, decoder, batch, beam)
+            decode_s = time.perf_counter() - start
+            items, version = self.local.items_of(ids.reshape(-1))
+            size = len(self.local)
+            batch_id = next(self._batch_ids)
+            for pos, (row, q) in enumerate(zip(rows, batch, strict=True)):
+                ranked = []
+                for j, score in enumerate(scores[pos]):
+                    item = items[pos * ids.shape[1] + j]
+                    # None: not an item (padding) or removed after this decode began.
+                    if item is not None and item not in q.exclude:
+                        ranked.append({"item_id": item, "score": round(float(score), 6)})
+                        if len(ranked) == q.k:
+                            break
+                body = {"items": ranked, "decoder": decoder, "k": q.k, "catalog_version": version,
+                        "replica": self.replica, "batch": {"id": batch_id, "size": len(batch)}}
+                stats = {"decoder": decoder, "first_in_batch": pos == 0, "batch_size": len(batch), "decode_s": decode_s,
+                         "invalid": int(invalid[pos]), "replica": self.replica, "catalog_version": version,
+                         "catalog_size": size}
+                replies[row] = reply(200, body, stats)
+        return replies
+
+    def _decode(self, decoder: str, batch: list[_Query], beam: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        histories = [self.local.codes(q.history) for q in batch]
+        with torch.inference_mode():  # thread-local: set in the decoding thread itself
+            out = decode(self.model, decoder, histories, self.local.verifier, beam=beam, topk=beam, graphs=self.graphs)
+        return out.ids.cpu().numpy(), out.scores.float().cpu().numpy(), out.invalid.cpu().numpy()
+
+    # ---- status --------------------------------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Cheap (no Redis call): model loaded, catalog copy state, and why it may be stale."""
+        status = {"ready": True, "replica": self.replica, "device": str(self.device), "decoders": self.decoders,
+                  "catalog": {"mode": "redis" if self.follower else "embedded", **self.local.state()},
+                  "degraded": self.follower.degraded() if self.follower else []}
+        if self.follower is not None:
+            h = self.follower.health
+            status["follower"] = {"connected": h.connected, "resyncs": h.resyncs, "redis_version": h.remote_version,
+                                  "last_ok_s_ago": None if h.last_ok is None else round(time.time() - h.last_ok, 3)}
+        return status
+
+    async def catalog_status(self) -> dict[str, Any]:
+        status = self.ready()
+        try:
+            status["store"] = await asyncio.to_thread(self.store.status)
+        except StoreUnavailableError as exc:
+            status["store"] = {"mode": "redis", "available": False, "error": str(exc)}
+        return reply(200, status)
+
+    # ---- catalog admin -------------------------------------------------------------------------------
+    async def add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._admin, self._add_items, items)
+
+    async def remove_items(self, item_ids: list[str]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._admin, self._remove_items, item_ids)
+
+    def _admin(self, action: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:
+        try:
+            body = action(arg)
+        except admin_errors() as exc:  # serve/http.py maps each to its HTTP status and error code
+            return store_error_reply(exc)
+        # Wait (bounded) for this replica's copy, so the writer can read its own write here at once.
+        applied = self.local.wait_for(body["version"], timeout=1.0)
+        return reply(200, {**body, "mode": "redis" if self.follower else "embedded",
+                            "applied_on_replica": applied, "replica": self.replica})
+
+    def _add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        new = [NewItem(i["item_id"], i.get("codes"), i.get("text")) for i in items]
+        version, pairs = add_new_items(self.store, new, self.local.sizes, self._load_quantizer_once, self._embed)
+        return {"version": version, "added": [{"item_id": item, "semantic_id": packed,
+                                               "codes": codes_of(packed, self.local.sizes)} for item, packed in pairs]}
+
+    def _remove_items(self, item_ids: list[str]) -> dict[str, Any]:
+        return {"version": self.store.remove(item_ids), "removed": item_ids}
+
+    def _load_quantizer_once(self) -> Any:
+        if self._quantizer_loader is None:
+            raise InvalidItemError("adding items by text needs the quantizer of the checkpoint's prepared dataset, "
+                                   "which this service cannot find (set `quantizer`); give explicit `codes`")
+        if self._quantizer is None:
+            self._quantizer = self._quantizer_loader()
+        return self._quantizer
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        from nezha.semantic_ids.embed import embed_texts
+
+        return embed_texts(texts, self.cfg.embedding_model, show_progress=False)
