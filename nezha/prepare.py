@@ -1,17 +1,20 @@
 """`nezha prepare`: dataset -> text embeddings -> RQ-KMeans semantic IDs (unique) -> leave-one-out split.
 
+With `semantic_ids` (a JSON file item -> codes, see nezha.semantic_ids.id_file) the IDs come from that
+file instead: no text, no embeddings, no quantizer; the catalog is the file's items.
+
 Everything lands in `cfg.out`:
 
     catalog/               Catalog.save (item ids, titles, unique codes)
-    quantizer.safetensors  RQ-KMeans centroids (to give new items IDs without refitting)
-    embeddings.npy/.json   item text embeddings, cached by (texts, model)
+    quantizer.safetensors  RQ-KMeans centroids (to give new items IDs without refitting); text path only
+    embeddings.npy/.json   item text embeddings, cached by (texts, model); text path only
     sequences.npz          per-user item-index sequences + user ids
     split.npz              leave-one-out examples
     prepare.json           config, input fingerprint, timings and statistics; written last
 
-A run whose fingerprint (sha256 of the input files' bytes and of every config field that changes the
-outputs) equals the one in prepare.json returns the stored results at once. Embeddings are cached on
-their own key, so changing only the codebooks or the split does not re-embed.
+A run whose fingerprint (sha256 of the input files' bytes, the ID file's included, and of every config
+field that changes the outputs) equals the one in prepare.json returns the stored results at once.
+Embeddings are cached on their own key, so changing only the codebooks or the split does not re-embed.
 
 Default codebooks are 3 x 256: 256^3 = 16.8M IDs for Beauty's 12,035 items leaves the last level almost
 empty (few collisions to resolve), and level 0 averages 12,035 / 256 = 47 items per code, a coarse
@@ -32,9 +35,18 @@ from typing import Any
 import numpy as np
 
 from nezha.catalog import Catalog
-from nezha.data.datasets import INTERACTIONS_FILE, ITEMS_FILE, DataError, load_dataset, resolve_dataset_dir
+from nezha.config import ConfigError
+from nezha.data.datasets import (
+    ITEMS_FILE,
+    DataError,
+    Dataset,
+    dataset_files,
+    load_dataset,
+    resolve_dataset_dir,
+)
 from nezha.data.split import Split, leave_one_out, save_sequences
 from nezha.semantic_ids.embed import embed_texts, model_identity
+from nezha.semantic_ids.id_file import COLLISION_RULES, make_unique, read_semantic_ids
 from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_unique_codes
 
 log = logging.getLogger(__name__)
@@ -48,10 +60,18 @@ EMBEDDINGS_META_FILE = "embeddings.json"
 SEQUENCES_FILE = "sequences.npz"
 SPLIT_FILE = "split.npz"
 _ARTIFACTS = (CATALOG_DIR, QUANTIZER_FILE, SEQUENCES_FILE, SPLIT_FILE)
+_ID_SOURCE_TEXT, _ID_SOURCE_FILE = "rq-kmeans", "file"  # prepare.json "id_source"
 
-# Fields that do not change the outputs: where things are read from/written to (the inputs enter the
-# fingerprint by content) and the embedding batch size.
-_NOT_FINGERPRINTED = {"dataset", "data_dir", "out", "batch_size"}
+# Fields that do not change the outputs: where things are read from/written to (the inputs, the ID file
+# included, enter the fingerprint by content) and the embedding batch size.
+_NOT_FINGERPRINTED = {"dataset", "data_dir", "out", "batch_size", "semantic_ids"}
+# Fields only one way of making IDs reads; leaving the other way's out keeps text-path fingerprints
+# (and so existing prepared directories) as they were before ID files existed.
+_TEXT_ONLY = {"levels", "codebook_size", "embedding_model", "seed"}
+_ID_FILE_ONLY = {"codebook_sizes", "resolve_collisions"}
+
+# A few items without metadata are normal; beyond this share the text path mostly embeds item ids.
+_MAX_SHARE_WITHOUT_TEXT = 0.05
 
 
 @dataclass
@@ -61,14 +81,40 @@ class PrepareConfig:
     dataset: str = field(default="amazon-beauty", metadata={"help": "dataset name under --data-dir, or a directory"})
     data_dir: str | None = field(default=None, metadata={"help": "data root (else $NEZHA_DATA_DIR, else ../shared/data)"})
     out: str = field(default="runs/prepared", metadata={"help": "output directory"})
-    levels: int = field(default=3, metadata={"help": "semantic-ID levels L"})
-    codebook_size: int = field(default=256, metadata={"help": "codes per level T"})
+    levels: int = field(default=3, metadata={"help": "semantic-ID levels L (text path)"})
+    codebook_size: int = field(default=256, metadata={"help": "codes per level T (text path)"})
     embedding_model: str | None = field(
         default=None, metadata={"help": "local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)"}
     )
     max_history: int = field(default=20, metadata={"help": "items of history per example"})
-    seed: int = field(default=0, metadata={"help": "k-means seed"})
+    seed: int = field(default=0, metadata={"help": "k-means seed (text path)"})
     batch_size: int = field(default=256, metadata={"help": "embedding batch size"})
+    semantic_ids: str | None = field(default=None, metadata={
+        "help": "JSON file item -> codes ([\"<a_12>\", \"<b_3>\", ...] or [12, 3, ...]) to use instead of text "
+                "embeddings + RQ-KMeans; items then need no text"})
+    codebook_sizes: list[int] | None = field(default=None, metadata={
+        "help": "with --semantic-ids: codes per level, e.g. 256,256,256 (default: largest code + 1 per level)"})
+    resolve_collisions: str = field(default="refuse", metadata={
+        "help": "with --semantic-ids, items sharing an ID: refuse (list them), or append-level (add a level "
+                "numbering them)"})
+
+    def __post_init__(self) -> None:
+        for name in ("levels", "codebook_size", "max_history", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.semantic_ids is not None and not self.semantic_ids.strip():
+            raise ConfigError("semantic_ids: empty path; leave it unset to build IDs from item text")
+        if self.resolve_collisions not in COLLISION_RULES:
+            raise ConfigError(
+                f"resolve_collisions: unknown rule {self.resolve_collisions!r}; choose one of {COLLISION_RULES}"
+            )
+        if self.codebook_sizes is not None:
+            if self.semantic_ids is None:
+                raise ConfigError(
+                    "codebook_sizes: only used with semantic_ids; IDs built from text have levels x codebook_size codes"
+                )
+            if not self.codebook_sizes or min(self.codebook_sizes) < 1:
+                raise ConfigError(f"codebook_sizes: need one size >= 1 per level, got {self.codebook_sizes}")
 
 
 @dataclass
@@ -76,7 +122,7 @@ class PrepareResult:
     out_dir: Path
     catalog: Catalog
     split: Split
-    quantizer: ResidualQuantizer
+    quantizer: ResidualQuantizer | None  # None when the IDs came from a file
     summary: dict[str, Any]  # the content of prepare.json
     cached: bool  # True when an earlier run with the same fingerprint was reused
 
@@ -93,10 +139,19 @@ def _sha256_files(paths: list[Path], extra: str) -> str:
 
 
 def _fingerprint(cfg: PrepareConfig, dataset_dir: Path) -> str:
-    relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    relevant["embedding_model"] = model_identity(cfg.embedding_model)
+    unused = _ID_FILE_ONLY if cfg.semantic_ids is None else _TEXT_ONLY
+    relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED | unused}
     relevant["format"] = _FORMAT
-    return _sha256_files([dataset_dir / ITEMS_FILE, dataset_dir / INTERACTIONS_FILE], json.dumps(relevant, sort_keys=True))
+    items_path, inter_path = dataset_files(dataset_dir, items_required=cfg.semantic_ids is None)
+    files = [p for p in (items_path, inter_path) if p is not None]
+    if cfg.semantic_ids is None:
+        relevant["embedding_model"] = model_identity(cfg.embedding_model)
+    else:
+        id_file = Path(cfg.semantic_ids)
+        if not id_file.is_file():
+            raise DataError(f"semantic_ids: {id_file} is not a file")
+        files.append(id_file)
+    return _sha256_files(files, json.dumps(relevant, sort_keys=True))
 
 
 def _embeddings(texts: list[str], cfg: PrepareConfig, out: Path) -> tuple[np.ndarray, bool]:
@@ -121,25 +176,47 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: a crashed run never leaves a half-written summary
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
-    start = time.perf_counter()
-    dataset_dir = resolve_dataset_dir(cfg.dataset, cfg.data_dir)
-    out = Path(cfg.out)
-    fingerprint = _fingerprint(cfg, dataset_dir)
-    summary_path = out / SUMMARY_FILE
-    if summary_path.is_file() and all((out / a).exists() for a in _ARTIFACTS):
-        summary = json.loads(summary_path.read_text())
-        if summary.get("fingerprint") == fingerprint:
-            log.info("%s is already prepared with fingerprint %s: reusing it", out, fingerprint[:12])
-            catalog, split, quantizer = load_prepared(out)
-            return PrepareResult(out, catalog, split, quantizer, summary, cached=True)
-    out.mkdir(parents=True, exist_ok=True)
-    summary_path.unlink(missing_ok=True)  # outputs below no longer match any summary until it is rewritten
+def _artifacts(summary: dict[str, Any]) -> tuple[str, ...]:
+    """The files besides prepare.json that a prepared directory holds: no quantizer when the IDs came from a file."""
+    if summary.get("id_source") == _ID_SOURCE_FILE:
+        return tuple(a for a in _ARTIFACTS if a != QUANTIZER_FILE)
+    return _ARTIFACTS
 
-    timings: dict[str, Any] = {}
+
+def _check_item_text(ds: Dataset, dataset_dir: Path) -> None:
+    """Refuse a catalog without any item text, warn when many items lack it: an item without title, brand
+    and categories is embedded as its bare item id, so its semantic ID says nothing about the item."""
+    without = ds.stats["items_without_text"]
+    if without == ds.num_items:
+        raise DataError(
+            f"{dataset_dir / ITEMS_FILE}: none of the {without} items has a title, brand or categories, so semantic "
+            "IDs built from text would encode nothing but the item ids; add item text, or bring your own IDs "
+            "with --semantic-ids FILE.json"
+        )
+    if without > _MAX_SHARE_WITHOUT_TEXT * ds.num_items:
+        log.warning(
+            "%s: %d of %d items (%.1f%%) have no title, brand or categories: each is embedded as its item id, so "
+            "its semantic ID carries no content (items_without_text in prepare.json); add text or use --semantic-ids",
+            dataset_dir / ITEMS_FILE, without, ds.num_items, 100 * without / ds.num_items,
+        )
+
+
+@dataclass
+class _SemanticIds:
+    codes: np.ndarray  # [N, L], unique rows, in the dataset's item order
+    codebook_sizes: tuple[int, ...]
+    stats: dict[str, Any]  # prepare.json "semantic_ids"
+    quantizer: ResidualQuantizer | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # further top-level prepare.json entries
+
+
+def _ids_from_text(
+    cfg: PrepareConfig, dataset_dir: Path, out: Path, timings: dict[str, Any]
+) -> tuple[Dataset, _SemanticIds]:
     t = time.perf_counter()
     ds = load_dataset(dataset_dir)
     timings["load_s"] = time.perf_counter() - t
+    _check_item_text(ds, dataset_dir)
 
     t = time.perf_counter()
     emb, emb_cached = _embeddings(ds.items["text"].tolist(), cfg, out)
@@ -153,6 +230,54 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     t = time.perf_counter()
     codes, id_stats = assign_unique_codes(emb, quantizer)
     timings["collisions_s"] = time.perf_counter() - t
+    summary = {
+        "embedding_model": model_identity(cfg.embedding_model),
+        "embedding_dim": int(emb.shape[1]),
+        "embeddings_cached": emb_cached,
+        "kmeans": quantizer.fit_stats,
+    }
+    return ds, _SemanticIds(codes, quantizer.codebook_sizes, id_stats, quantizer, summary)
+
+
+def _ids_from_file(
+    cfg: PrepareConfig, id_file: str, dataset_dir: Path, timings: dict[str, Any]
+) -> tuple[Dataset, _SemanticIds]:
+    t = time.perf_counter()
+    item_ids, codes, sizes = read_semantic_ids(id_file, cfg.codebook_sizes)
+    codes, sizes, id_stats = make_unique(item_ids, codes, sizes, cfg.resolve_collisions, id_file)
+    timings["semantic_ids_s"] = time.perf_counter() - t
+    if id_stats["appended_level"]:
+        log.warning(
+            "%s: %d semantic ID(s) were shared by several items; appended level %d (size %d) numbers them",
+            id_file, id_stats["shared_ids"], len(sizes) - 1, sizes[-1],
+        )
+
+    t = time.perf_counter()
+    ds = load_dataset(dataset_dir, item_ids=item_ids)  # the catalog is the ID file's items, in its order
+    timings["load_s"] = time.perf_counter() - t
+    return ds, _SemanticIds(codes, sizes, id_stats)
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    start = time.perf_counter()
+    dataset_dir = resolve_dataset_dir(cfg.dataset, cfg.data_dir)
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(cfg, dataset_dir)
+    summary_path = out / SUMMARY_FILE
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("fingerprint") == fingerprint and all((out / a).exists() for a in _artifacts(summary)):
+            log.info("%s is already prepared with fingerprint %s: reusing it", out, fingerprint[:12])
+            catalog, split, quantizer = load_prepared(out)
+            return PrepareResult(out, catalog, split, quantizer, summary, cached=True)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path.unlink(missing_ok=True)  # outputs below no longer match any summary until it is rewritten
+
+    timings: dict[str, Any] = {}
+    if cfg.semantic_ids is None:
+        ds, ids = _ids_from_text(cfg, dataset_dir, out, timings)
+    else:
+        ds, ids = _ids_from_file(cfg, cfg.semantic_ids, dataset_dir, timings)
 
     t = time.perf_counter()
     split = leave_one_out(ds.sequences, max_history=cfg.max_history)
@@ -160,12 +285,15 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
     catalog = Catalog(
         item_ids=ds.items["item_id"].tolist(),
-        codes=codes,
-        codebook_sizes=quantizer.codebook_sizes,
+        codes=ids.codes,
+        codebook_sizes=ids.codebook_sizes,
         titles=ds.items["title"].tolist(),
     )
     catalog.save(out / CATALOG_DIR)
-    quantizer.save(out / QUANTIZER_FILE)
+    if ids.quantizer is not None:
+        ids.quantizer.save(out / QUANTIZER_FILE)
+    else:
+        (out / QUANTIZER_FILE).unlink(missing_ok=True)  # an earlier text run's quantizer does not fit these IDs
     save_sequences(out / SEQUENCES_FILE, ds.sequences, ds.user_ids)
     split.save(out / SPLIT_FILE)
     timings["total_s"] = time.perf_counter() - start
@@ -175,15 +303,13 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         "fingerprint": fingerprint,
         "config": dataclasses.asdict(cfg),
         "dataset_dir": str(dataset_dir),
-        "embedding_model": model_identity(cfg.embedding_model),
-        "embedding_dim": int(emb.shape[1]),
-        "embeddings_cached": emb_cached,
+        "id_source": _ID_SOURCE_TEXT if ids.quantizer is not None else _ID_SOURCE_FILE,
+        **ids.summary,
         "num_items": catalog.num_items,
         "num_users": ds.num_users,
         "dataset_stats": ds.stats,
-        "codebook_sizes": list(quantizer.codebook_sizes),
-        "semantic_ids": id_stats,
-        "kmeans": quantizer.fit_stats,
+        "codebook_sizes": list(catalog.codebook_sizes),
+        "semantic_ids": ids.stats,
         "skipped_users": split.skipped_users,
         "split_sizes": split.sizes(),
         "timings": timings,
@@ -191,14 +317,19 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     _write_json(summary_path, summary)
     log.info(
         "prepared %s in %.1f s: %d items, raw collision rate %.4f, split %s, %d users skipped (< 3 items)",
-        out, timings["total_s"], catalog.num_items, id_stats["raw_collision_rate"], split.sizes(), split.skipped_users,
+        out, timings["total_s"], catalog.num_items, ids.stats["raw_collision_rate"], split.sizes(), split.skipped_users,
     )
-    return PrepareResult(out, catalog, split, quantizer, summary, cached=False)
+    return PrepareResult(out, catalog, split, ids.quantizer, summary, cached=False)
 
 
-def load_prepared(out_dir: str | Path) -> tuple[Catalog, Split, ResidualQuantizer]:
+def load_prepared(out_dir: str | Path) -> tuple[Catalog, Split, ResidualQuantizer | None]:
+    """Catalog, split and quantizer of a prepared directory. The quantizer is None when the IDs came from a
+    file (`--semantic-ids`): such a dataset cannot give new items IDs from their text."""
     out = Path(out_dir)
-    missing = [a for a in (SUMMARY_FILE, *_ARTIFACTS) if not (out / a).exists()]
+    summary_path = out / SUMMARY_FILE
+    artifacts = _artifacts(json.loads(summary_path.read_text()) if summary_path.is_file() else {})
+    missing = [a for a in (SUMMARY_FILE, *artifacts) if not (out / a).exists()]
     if missing:
         raise DataError(f"{out} is not a prepared directory (missing {missing}); run `nezha prepare --out {out}` first")
-    return Catalog.load(out / CATALOG_DIR), Split.load(out / SPLIT_FILE), ResidualQuantizer.load(out / QUANTIZER_FILE)
+    quantizer = ResidualQuantizer.load(out / QUANTIZER_FILE) if QUANTIZER_FILE in artifacts else None
+    return Catalog.load(out / CATALOG_DIR), Split.load(out / SPLIT_FILE), quantizer

@@ -89,13 +89,96 @@ def test_missing_columns_and_files(tmp_path):
     with pytest.raises(DataError, match=r"interactions\.csv:3: empty user_id/item_id or non-numeric position"):
         load_dataset(write_dir(tmp_path / "toy2", interactions="user_id,item_id,position\nu1,a,0\nu1,b,x\n"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="missing items.jsonl, interactions.csv"):
+    with pytest.raises(DataError, match=r"missing items\.jsonl, interactions\.csv \(or interactions\.json\); "
+                       r"items\.jsonl may be left out only when the semantic IDs come from a file"):
         load_dataset(tmp_path / "empty")
 
 
 def test_no_interactions_with_known_items(tmp_path):
     with pytest.raises(DataError, match="no interactions with known items"):
         load_dataset(write_dir(tmp_path / "toy", interactions="user_id,item_id,position\nu1,zz,0\n"))
+
+
+# ---- interactions.json and a catalog fixed by semantic-ID files ---------------------------------------
+
+
+def write_json_dir(path, interactions, items=ITEMS):
+    path.mkdir(parents=True, exist_ok=True)
+    if items is not None:
+        (path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (path / "interactions.json").write_text(interactions if isinstance(interactions, str) else json.dumps(interactions))
+    return path
+
+
+def test_interactions_json_is_ordered_lists_per_user(tmp_path):
+    ds = load_dataset(write_json_dir(tmp_path / "toy", {"u1": ["a", "b", "c"], "u2": ["c", "a"], "u3": []}))
+    assert ds.user_ids == ["u1", "u2"]  # a user with an empty list has no interactions
+    assert [s.tolist() for s in ds.sequences] == [[0, 1, 2], [2, 0]]
+    assert ds.stats["num_interactions"] == 5
+    # item ids may be integers (LC-Rec / LETTER number their items); they match string ids
+    items = [{"item_id": "0", "title": "zero"}, {"item_id": "1", "title": "one"}]
+    ds = load_dataset(write_json_dir(tmp_path / "ints", {"7": [1, 0, 1]}, items=items))
+    assert ds.user_ids == ["7"] and ds.sequences[0].tolist() == [1, 0, 1]
+
+
+def test_interactions_json_drops_unknown_items_with_a_count(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(write_json_dir(tmp_path / "toy", {"u1": ["a", "zz", "b"], "u2": ["zz", "yy"]}))
+    assert "dropping 3 interaction(s) with 2 item id(s) not in items.jsonl" in caplog.text
+    assert ds.stats["unknown_item_interactions"] == 3 and ds.sequences[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("interactions", "message"),
+    [
+        ({"u1": "a"}, r"user 'u1': expected a list of item ids, got a str"),
+        ({"u1": ["a", None]}, r"user 'u1', position 1: an item id is a non-empty string or an integer, got None"),
+        ({"u1": ["a", ""]}, r"user 'u1', position 1: an item id is"),
+        ({"u1": [["a"]]}, r"user 'u1', position 0"),
+        ({"": ["a"]}, r"empty user id"),
+        ({}, r"empty object \(no users\)"),
+        ([["a", "b"]], r"expected a JSON object keyed by user, got a list"),
+        ("", r"empty file"),
+        ('{"u1": ["a"],\n "u1": ["b"]}', r"user 'u1' appears twice"),
+        ('{"u1": ["a"]\n', r"interactions\.json:2: malformed JSON"),
+        ({"u1": ["zz"]}, r"no interactions with known items \(items in items\.jsonl\)"),
+    ],
+)
+def test_interactions_json_errors(tmp_path, interactions, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(write_json_dir(tmp_path / "toy", interactions))
+
+
+def test_both_interaction_files_is_an_error(tmp_path):
+    path = write_json_dir(write_dir(tmp_path / "toy"), {"u1": ["a"]})
+    with pytest.raises(DataError, match="both interactions.csv and interactions.json exist; remove the one"):
+        load_dataset(path)
+
+
+def test_item_ids_fix_the_catalog(tmp_path, caplog):
+    # catalog = the given ids in their order; text where items.jsonl has it; its other items left out
+    path = write_json_dir(tmp_path / "toy", {"u1": ["new", "a", "b"], "u2": ["b", "c"]})
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(path, item_ids=["b", "new", "a"])
+    assert ds.items["item_id"].tolist() == ["b", "new", "a"]
+    assert ds.items["title"].tolist() == ["Face Cream", "", "Red Lipstick"]
+    assert [s.tolist() for s in ds.sequences] == [[1, 2, 0], [0]]
+    assert ds.stats["items_without_semantic_id"] == 2  # c and d
+    assert ds.stats["unknown_item_interactions"] == 1  # u2's c
+    assert "leaving out 2 item(s) that have no semantic ID" in caplog.text
+    assert "not in the semantic-ID file" in caplog.text
+
+    # items.jsonl may then be absent: the items are the ids alone
+    bare = write_json_dir(tmp_path / "bare", {"u1": ["x", "y"]}, items=None)
+    ds = load_dataset(bare, item_ids=["x", "y", "z"])
+    assert ds.items["item_id"].tolist() == ["x", "y", "z"] and ds.stats["items_without_text"] == 3
+    assert ds.stats["items_without_interactions"] == 1
+    with pytest.raises(DataError, match=r"missing items\.jsonl;"):
+        load_dataset(bare)
+    with pytest.raises(DataError, match=r"no interactions with known items \(items in the semantic-ID file\)"):
+        load_dataset(bare, item_ids=["z"])
+    with pytest.raises(DataError, match=r"items\.jsonl: 1 duplicate item id\(s\), e\.g\. \['a'\]"):
+        load_dataset(write_json_dir(tmp_path / "dup", {"u1": ["a"]}, items=[*ITEMS, ITEMS[0]]), item_ids=["a"])
 
 
 def test_resolve_data_dir(tmp_path, monkeypatch):
@@ -113,6 +196,11 @@ def test_resolve_data_dir(tmp_path, monkeypatch):
     assert resolve_dataset_dir("toy", tmp_path) == tmp_path / "toy"
     assert resolve_dataset_dir(str(tmp_path / "toy"), None) == (tmp_path / "toy").resolve()
     with pytest.raises(DataError, match=r"dataset 'other' not found .* available: \['toy'\]"):
+        resolve_dataset_dir("other", tmp_path)
+    # a directory with only interactions.json (its semantic IDs come from a file) is a dataset too
+    write_json_dir(tmp_path / "ids-only", {"u1": ["a"]}, items=None)
+    assert resolve_dataset_dir(str(tmp_path / "ids-only"), None) == (tmp_path / "ids-only").resolve()
+    with pytest.raises(DataError, match=r"available: \['ids-only', 'toy'\]"):
         resolve_dataset_dir("other", tmp_path)
 
 
