@@ -64,12 +64,21 @@ class ExperimentConfig:
     prepared_root: str = field(default="runs/exp/prepared", metadata={"help": "where prepared datasets are kept"})
     data_dir: str | None = field(default=None, metadata={"help": "data root (else $NEZHA_DATA_DIR, else ../shared/data)"})
     only: list[str] = field(default_factory=list, metadata={"help": "run only runs whose name contains one of these"})
+    width_sweep: dict = field(default_factory=dict, metadata={
+        "help": "after the grid: {methods: [...], seed: 0, widths: [5, 10, 20, 50], batches: [1, 32], "
+                "latency_requests: 50} re-scores those runs' checkpoints at each beam width and times them"})
 
     def __post_init__(self) -> None:
         if not self.datasets or not self.methods or not self.seeds:
             raise ConfigError("datasets, methods and seeds must each name at least one entry")
         if self.parallel < 1:
             raise ConfigError(f"parallel: must be >= 1, got {self.parallel}")
+        unknown = set(self.width_sweep) - {"methods", "seed", "widths", "batches", "latency_requests"}
+        if unknown:
+            raise ConfigError(f"width_sweep: unknown key(s) {sorted(unknown)}")
+        missing = [m for m in self.width_sweep.get("methods", []) if m not in self.methods]
+        if missing:
+            raise ConfigError(f"width_sweep.methods: {missing} are not methods of this grid")
         for name, spec in self.methods.items():
             unknown = set(spec) - {"train", "select_by", "evals", "seeds"}
             if unknown:
@@ -212,6 +221,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             futures = {pool.submit(_run_in_worker, cfg, run): run for run in todo}
             for future in as_completed(futures):
                 _report(future.result(), done := done + 1, len(todo), start)
+    if cfg.width_sweep:
+        waiting = [r.name for r in sweep_runs(cfg) if not (out / "runs" / r.name / RESULT_FILE).is_file()]
+        if waiting:
+            log.warning("width sweep skipped: runs %s have not finished (run the grid without `only`)", waiting)
+        else:
+            run_width_sweep(cfg)
     return summarize(cfg)
 
 
@@ -219,6 +234,77 @@ def _report(result: dict[str, Any], done: int, total: int, start: float) -> None
     rows = " | ".join(f"{row} H@10 {r['hit@10']:.4f} N@10 {r['ndcg@10']:.4f}" for row, r in result["rows"].items())
     log.info("[%d/%d] %s: %s (trained %d steps in %.1f min; %.1f min elapsed)", done, total, result["run"], rows,
              result["steps"], result["train_seconds"] / 60, (time.perf_counter() - start) / 60)
+
+
+SWEEP_FILE = "width_sweep.json"
+LATENCY_ROUNDS = 5
+
+
+def sweep_spec(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"methods": ["nezha", "beam"], "seed": cfg.seeds[0], "widths": [5, 10, 20, 50], "batches": [1, 32],
+            "latency_requests": 50, **cfg.width_sweep}
+
+
+def sweep_runs(cfg: ExperimentConfig) -> list[Run]:
+    spec = sweep_spec(cfg)
+    return [Run(dataset, method, spec["seed"]) for dataset in cfg.datasets for method in spec["methods"]]
+
+
+def run_width_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Quality and latency of the chosen methods' checkpoints at every beam width, once the grid is done.
+
+    Quality on the same test users as the grid; latency at each batch size in rounds over every
+    (width, method) pair, so load from outside hits them alike (median of round p50s, max of p99s), all in
+    this one process after every training has finished (a quiet pass). Finished sweeps are not repeated.
+    """
+    import torch
+
+    from nezha.evaluation import measure_latency, rank_examples
+    from nezha.metrics import target_ranks
+    from nezha.model.checkpoint import load_checkpoint
+    from nezha.prepare import load_prepared
+    from nezha.verify.verifier import PrefixVerifier
+
+    path = Path(cfg.out) / SWEEP_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    spec = sweep_spec(cfg)
+    threads = int(cfg.train.get("threads", 0))
+    if threads:
+        torch.set_num_threads(threads)  # what each grid run decoded with
+    sweep: dict[str, Any] = {"spec": spec, "load_average_1m": {"start": os.getloadavg()[0]}, "datasets": {}}
+    for dataset in cfg.datasets:
+        catalog, split, _ = load_prepared(prepared_dir(cfg, dataset))
+        examples = split.test.subset(cfg.eval_users)
+        targets = catalog.packed[examples.targets]
+        verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+        models = {run.method: load_checkpoint(Path(cfg.out) / "runs" / run.name / "train" / "best")
+                  for run in sweep_runs(cfg) if run.dataset == dataset}
+        rows: dict[str, dict[str, Any]] = {}
+        for method, model in models.items():
+            decoder = method_decoder(cfg.methods[method])
+            for width in spec["widths"]:
+                with torch.inference_mode():
+                    ranked, _ = rank_examples(model, decoder, catalog, verifier, examples, width, cfg.topk)
+                rows[f"{method}@{width}"] = {"method": method, "decoder": decoder, "width": width,
+                                             **metrics_from_ranks(target_ranks(ranked, targets)), "latency_ms": {}}
+                log.info("width sweep %s %s width %d: N@10 %.4f", dataset, method, width,
+                         rows[f"{method}@{width}"]["ndcg@10"])
+        for batch in spec["batches"]:
+            repeats = max(1, spec["latency_requests"] // (LATENCY_ROUNDS * (1 if batch == 1 else 5)))
+            rounds: dict[str, list[dict[str, float]]] = {key: [] for key in rows}
+            for r in range(LATENCY_ROUNDS):
+                for key, row in rows.items():
+                    rounds[key].append(measure_latency(models[row["method"]], row["decoder"], catalog, verifier,
+                                                       examples, row["width"], batch, repeats,
+                                                       warmup=3 if r == 0 else 1))
+            for key, row in rows.items():
+                row["latency_ms"][str(batch)] = {"p50": float(np.median([x["p50"] for x in rounds[key]])),
+                                                 "p99": max(x["p99"] for x in rounds[key])}
+        sweep["datasets"][dataset] = rows
+    sweep["load_average_1m"]["end"] = os.getloadavg()[0]
+    path.write_text(json.dumps(sweep, indent=2))
+    return sweep
 
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
@@ -251,6 +337,8 @@ def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
                 entry["vs_" + cfg.baseline] = _paired(ranks[(dataset, row)], base, cfg.resamples)
     summary = {"experiment": str(out), "beam": cfg.beam, "baseline": cfg.baseline, "runs": len(results),
                "datasets": table}
+    if (out / SWEEP_FILE).is_file():
+        summary["width_sweep"] = json.loads((out / SWEEP_FILE).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(format_markdown(summary))
     plot_curves(results, out / "curves.png")
@@ -302,6 +390,24 @@ def format_markdown(summary: dict[str, Any]) -> str:
                          f" | {e['invalid_rate']['mean']:.4f} | {e['best_epoch']['mean']:.1f} | "
                          f"{e['train_minutes']['mean']:.1f} | " + " | ".join(deltas) + " |")
         lines.append("")
+    sweep = summary.get("width_sweep")
+    if sweep:
+        batches = sweep["spec"]["batches"]
+        lines += ["## Beam width sweep", "",
+                  f"Seed-{sweep['spec']['seed']} checkpoints re-scored at each width (top-10 returned; a width below "
+                  "10 returns fewer items) and timed after the grid in one pass, in rounds over every row: "
+                  f"p50 ms per call (load average {sweep['load_average_1m']['start']:.1f} → "
+                  f"{sweep['load_average_1m']['end']:.1f}).", ""]
+        for dataset, rows in sweep["datasets"].items():
+            lines += [f"### {dataset}", "", "| method | width | H@10 | N@10 | " +
+                      " | ".join(f"p50 ms b{b} | p99 ms b{b}" for b in batches) + " |",
+                      "|---|---:|---:|---:|" + "---:|---:|" * len(batches)]
+            for row in rows.values():
+                lat = " | ".join(f"{row['latency_ms'][str(b)]['p50']:.2f} | {row['latency_ms'][str(b)]['p99']:.2f}"
+                                 for b in batches)
+                lines.append(f"| {row['method']} | {row['width']} | {row['hit@10']:.4f} | {row['ndcg@10']:.4f} | "
+                             f"{lat} |")
+            lines.append("")
     return "\n".join(lines)
 
 

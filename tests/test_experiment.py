@@ -21,6 +21,7 @@ def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> ExperimentConfig:
                  "beam": {"train": {"objectives": ["lm"]}},
                  "nezha-noph": {"train": {"objectives": ["nezha"], "placeholders": False}, "seeds": [0]}},
         seeds=[0, 1], beam=5, topk=5, resamples=200,
+        width_sweep={"methods": ["nezha", "beam"], "widths": [2, 5], "batches": [1, 2], "latency_requests": 5},
         train={"backbone": "tiny", "epochs": 4, "batch_size": 8, "lr": 3e-3, "eval_beam": 5, "patience": 1})
     values.update(overrides)
     return ExperimentConfig(**values)
@@ -54,6 +55,15 @@ def test_grid_runs_each_method_alone_resumes_and_summarises(tmp_path: Path, tiny
     assert 0 < table["nezha"]["vs_beam"]["hit@10"]["p_value"] <= 1
     assert (out / "results.md").read_text().count("| nezha") >= 1
     assert (out / "curves.png").stat().st_size > 0
+    sweep = summary["width_sweep"]["datasets"]["tiny"]
+    assert sorted(sweep) == ["beam@2", "beam@5", "nezha@2", "nezha@5"]
+    for row in sweep.values():
+        assert set(row["latency_ms"]) == {"1", "2"} and row["latency_ms"]["1"]["p50"] > 0
+        assert row["hit@10"] >= row["hit@5"]
+    # width 5 = the grid's beam: the sweep re-scores the same checkpoint the same way
+    assert sweep["nezha@5"]["ndcg@10"] == pytest.approx(json.loads(
+        (out / "runs" / "tiny__nezha__s0" / "result.json").read_text())["rows"]["nezha"]["ndcg@10"])
+    assert "Beam width sweep" in (out / "results.md").read_text()
 
     # A second call repeats nothing: the finished runs' files stay as they were.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
@@ -83,6 +93,8 @@ def test_bad_grid_is_refused(tmp_path: Path, tiny_data_root: Path) -> None:
         tiny_grid(tmp_path, tiny_data_root, parallel=0)
     with pytest.raises(ConfigError, match="unknown key"):
         tiny_grid(tmp_path, tiny_data_root, methods={"x": {"trian": {}}})
+    with pytest.raises(ConfigError, match="width_sweep.methods"):
+        tiny_grid(tmp_path, tiny_data_root, width_sweep={"methods": ["greedy"]})
 
 
 def test_per_user_metrics_match_the_definitions() -> None:

@@ -77,6 +77,7 @@ def test_quick_search_end_to_end(tiny_prepared, tmp_path, ray_session):
         assert 0.0 <= float(r["ndcg@10"]) <= float(r["hit@10"]) <= 1.0 and float(r["p50_ms"]) > 0
     md = report.files["md"].read_text()
     assert "**Ship:**" in md and all(t["trial"] in md for t in report.trials)
+    assert "measured after the search" in md  # latencies come from the driver's quiet pass, not the trials
     assert report.files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     chosen = report.chosen
