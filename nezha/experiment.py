@@ -73,17 +73,17 @@ class ExperimentConfig:
             raise ConfigError("datasets, methods and seeds must each name at least one entry")
         if self.parallel < 1:
             raise ConfigError(f"parallel: must be >= 1, got {self.parallel}")
+        for name, spec in self.methods.items():
+            unknown = set(spec) - {"train", "select_by", "evals", "seeds"}
+            if unknown:
+                raise ConfigError(f"methods.{name}: unknown key(s) {sorted(unknown)}; "
+                                  "known: train, select_by, evals, seeds")
         unknown = set(self.width_sweep) - {"methods", "seed", "widths", "batches", "latency_requests"}
         if unknown:
             raise ConfigError(f"width_sweep: unknown key(s) {sorted(unknown)}")
         missing = [m for m in self.width_sweep.get("methods", []) if m not in self.methods]
         if missing:
             raise ConfigError(f"width_sweep.methods: {missing} are not methods of this grid")
-        for name, spec in self.methods.items():
-            unknown = set(spec) - {"train", "select_by", "evals", "seeds"}
-            if unknown:
-                raise ConfigError(f"methods.{name}: unknown key(s) {sorted(unknown)}; "
-                                  "known: train, select_by, evals, seeds")
 
 
 @dataclass(frozen=True)
