@@ -314,7 +314,9 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
 def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
     """summary.json, results.md and curves.png from every finished run under `cfg.out`."""
     out = Path(cfg.out)
-    results = load_results(out)
+    # Rows in the grid's order (methods as the config lists them, then seeds), not by directory name.
+    order = {name: i for i, name in enumerate(cfg.methods)}
+    results = sorted(load_results(out), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     table: dict[str, dict[str, Any]] = {}
     ranks: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for result in results:
