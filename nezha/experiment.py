@@ -8,7 +8,7 @@ then scored on every test user. Layout of `out`:
         train/            best/ and last/ checkpoints, history.json (validation curve)
         ranks.npz         per evaluation row: the 0-based rank of each test user's item (-1: not returned)
         result.json       written last: a run with this file is finished and is never repeated
-    summary.json          mean ± std per (dataset, row) over seeds, paired tests against the baseline
+    summary.json          mean ± std per (dataset, row) over seeds, paired tests against each baseline
     results.md            the same as Markdown tables
     curves.png            validation NDCG@10 per epoch, one line per run
 
@@ -58,7 +58,8 @@ class ExperimentConfig:
     beam: int = field(default=10, metadata={"help": "beam width of the test evaluation (top-10 returned)"})
     topk: int = 10
     eval_users: int = field(default=0, metadata={"help": "test users scored (0: all)"})
-    baseline: str = field(default="beam", metadata={"help": "row every other row is paired against"})
+    baselines: list[str] = field(default_factory=lambda: ["beam"], metadata={
+        "help": "rows every other row is paired against (e.g. beam for the comparison, nezha for ablations)"})
     resamples: int = field(default=10000, metadata={"help": "bootstrap / sign-flip resamples of a paired test"})
     parallel: int = field(default=1, metadata={"help": "runs at once (each gets train.threads torch threads)"})
     prepared_root: str = field(default="runs/exp/prepared", metadata={"help": "where prepared datasets are kept"})
@@ -334,10 +335,11 @@ def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
                 values = np.asarray([r[metric] for r in entry["runs"]], dtype=float)
                 entry[metric] = {"mean": float(values.mean()),
                                  "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-            base = ranks.get((dataset, cfg.baseline))
-            if row != cfg.baseline and base:
-                entry["vs_" + cfg.baseline] = _paired(ranks[(dataset, row)], base, cfg.resamples)
-    summary = {"experiment": str(out), "beam": cfg.beam, "baseline": cfg.baseline, "runs": len(results),
+            for baseline in cfg.baselines:
+                base = ranks.get((dataset, baseline))
+                if row != baseline and base:
+                    entry["vs_" + baseline] = _paired(ranks[(dataset, row)], base, cfg.resamples)
+    summary = {"experiment": str(out), "beam": cfg.beam, "baselines": cfg.baselines, "runs": len(results),
                "datasets": table}
     if (out / SWEEP_FILE).is_file():
         summary["width_sweep"] = json.loads((out / SWEEP_FILE).read_text())
@@ -370,28 +372,33 @@ def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
-    base = summary["baseline"]
     lines = [f"# {summary['experiment']}", "",
              f"{summary['runs']} runs; beam {summary['beam']}, top-10 over the test users; mean ± std over seeds. "
-             f"Δ vs {base}: paired over the same test users (per-user metric averaged over the shared seeds), "
-             "bootstrap 95% CI and two-sided sign-flip p-value; * = p < 0.05.", ""]
+             "Δ vs a baseline: paired over the same test users (per-user metric averaged over the seeds both rows "
+             "have), bootstrap 95% CI and two-sided sign-flip p-value; * = p < 0.05.", ""]
     for dataset, rows in summary["datasets"].items():
-        lines += [f"## {dataset}", "",
-                  "| row | seeds | H@5 | H@10 | N@5 | N@10 | invalid | best epoch | train min | "
-                  f"Δ H@10 vs {base} [95% CI] p | Δ N@10 vs {base} [95% CI] p |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {dataset}", "", "| row | seeds | H@5 | H@10 | N@5 | N@10 | invalid | best epoch | train min |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row, e in rows.items():
             cells = [f"{e[m]['mean']:.4f} ± {e[m]['std']:.4f}" for m in METRICS]
-            paired = e.get("vs_" + base, {})
-            deltas = []
-            for metric in ("hit@10", "ndcg@10"):
-                d = paired.get(metric)
-                deltas.append("–" if not d else f"{d['diff']:+.4f}{'*' if d['p_value'] < 0.05 else ''} "
-                              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] p={d['p_value']:.3f}")
             lines.append(f"| {row} | {len(e['seeds'])} | " + " | ".join(cells) +
                          f" | {e['invalid_rate']['mean']:.4f} | {e['best_epoch']['mean']:.1f} | "
-                         f"{e['train_minutes']['mean']:.1f} | " + " | ".join(deltas) + " |")
+                         f"{e['train_minutes']['mean']:.1f} |")
         lines.append("")
+        for base in summary["baselines"]:
+            paired_rows = [(row, e["vs_" + base]) for row, e in rows.items() if e.get("vs_" + base)]
+            if not paired_rows:
+                continue
+            lines += [f"Paired against {base} ({dataset}):", "",
+                      "| row | seeds paired | Δ H@10 [95% CI] | p | Δ N@10 [95% CI] | p |", "|---|---|---:|---:|---:|---:|"]
+            for row, paired in paired_rows:
+                cells = []
+                for metric in ("hit@10", "ndcg@10"):
+                    d = paired[metric]
+                    cells += [f"{d['diff']:+.4f}{'*' if d['p_value'] < 0.05 else ''} [{d['ci_low']:+.4f}, "
+                              f"{d['ci_high']:+.4f}]", f"{d['p_value']:.3f}"]
+                lines.append(f"| {row} | {','.join(map(str, paired['seeds']))} | " + " | ".join(cells) + " |")
+            lines.append("")
     sweep = summary.get("width_sweep")
     if sweep:
         batches = sweep["spec"]["batches"]
