@@ -3,6 +3,8 @@
 Closed-loop clients at fixed concurrency levels, each level bounded in requests and seconds, loopback only;
 latency percentiles from `nezha.timing.latency_stats`. `nezha bench serve` runs it against a service that
 is already up; `python -m serve.loadtest` starts one per replica count (Ray + Serve) and runs it there.
+With `offline_batch` > 0 it first times the same checkpoint's batched decoder in this process on the same
+histories (what the service could reach without HTTP), and reports each level's ratio to it.
 Histories are real test-split histories of the checkpoint's prepared dataset when it is there, else
 windows of the catalog.
 """
@@ -41,7 +43,7 @@ class ServeBenchConfig:
 
     checkpoint: str = field(default="runs/train/best", metadata={"help": "checkpoint whose catalog gives item ids"})
     url: str = field(default="http://127.0.0.1:8000", metadata={"help": "the app's base URL (loopback)"})
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16], metadata={"help": "clients in flight"})
+    concurrency: list[int] = field(default_factory=lambda: [1, 16, 64], metadata={"help": "clients in flight"})
     requests: int = field(default=200, metadata={"help": "at most this many requests per concurrency level"})
     max_seconds: float = field(default=30.0, metadata={"help": "and at most this long per level"})
     warmup: int = field(default=5, metadata={"help": "untimed requests before the first level"})
@@ -49,6 +51,10 @@ class ServeBenchConfig:
     k: int = 10
     decoder: str | None = field(default=None, metadata={"help": "decoder to ask for (default: the app's)"})
     timeout_s: float = field(default=30.0, metadata={"help": "per-request timeout"})
+    offline_batch: int = field(default=32, metadata={
+        "help": "time the checkpoint's batched decoder offline at this batch size first (0: skip)"})
+    beam: int = field(default=20, metadata={"help": "beam of the offline decode (the service's `beam`)"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads of the offline decode (a replica's)"})
     seed: int = 0
     json: str | None = None
 
@@ -72,6 +78,8 @@ def validate_serve_config(cfg: ServeBenchConfig) -> None:
         raise ValueError("requests, history and k must be at least 1 and warmup at least 0")
     if cfg.max_seconds <= 0 or cfg.timeout_s <= 0:
         raise ValueError("max_seconds and timeout_s must be positive")
+    if cfg.offline_batch < 0 or cfg.beam < 1:
+        raise ValueError("offline_batch must be >= 0 and beam >= 1")
 
 
 def catalog_windows(item_ids: Sequence[str], count: int, length: int, rng: np.random.Generator) -> list[list[str]]:
@@ -216,13 +224,43 @@ def _reported(answer: bytes) -> tuple[float | None, int | None]:
         return None, None
 
 
+def run_offline(cfg: ServeBenchConfig, catalog: Catalog, histories: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Requests/s of the checkpoint's batched decoder in this process (CPU), on the bench's histories."""
+    import torch
+
+    from nezha.decoding import decode
+    from nezha.model.checkpoint import load_checkpoint
+    from nezha.verify.verifier import PrefixVerifier
+
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    model = load_checkpoint(cfg.checkpoint, "cpu")
+    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+    codes = [catalog.codes[catalog.indices_of(h)] for h in histories]
+    batches = [codes[i:i + cfg.offline_batch] for i in range(0, len(codes), cfg.offline_batch)]
+    decoder = cfg.decoder or "nezha"
+    with torch.inference_mode():
+        decode(model, decoder, batches[0], verifier, beam=cfg.beam, topk=cfg.beam)  # warm-up
+        done, start = 0, time.perf_counter()
+        while done < cfg.requests and time.perf_counter() - start < cfg.max_seconds:
+            batch = batches[(done // cfg.offline_batch) % len(batches)]
+            decode(model, decoder, batch, verifier, beam=cfg.beam, topk=cfg.beam)
+            done += len(batch)
+        wall = time.perf_counter() - start
+    return {"decoder": decoder, "batch": cfg.offline_batch, "beam": cfg.beam, "requests": done, "wall_s": wall,
+            "throughput_rps": done / wall, "ms_per_request": wall * 1000 / done}
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     validate_serve_config(cfg)
     catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
     rng = np.random.default_rng(cfg.seed)
     request = {"k": cfg.k} if cfg.decoder is None else {"k": cfg.k, "decoder": cfg.decoder}
-    bodies = [json.dumps({"history": h, **request}).encode()
-              for h in sample_histories(cfg.checkpoint, max(cfg.requests, 64), cfg.history, rng, catalog)]
+    histories = sample_histories(cfg.checkpoint, max(cfg.requests, 64), cfg.history, rng, catalog)
+    offline = run_offline(cfg, catalog, histories) if cfg.offline_batch else None
+    if offline is not None:
+        log.info("offline batched decode (batch %d): %.1f req/s", cfg.offline_batch, offline["throughput_rps"])
+    bodies = [json.dumps({"history": h, **request}).encode() for h in histories]
     if cfg.warmup:
         warm = run_level(cfg.url, bodies, 1, cfg.warmup, cfg.max_seconds, cfg.timeout_s)
         if warm["ok"] == 0:
@@ -231,10 +269,13 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     levels = []
     for concurrency in cfg.concurrency:
         level = run_level(cfg.url, bodies, concurrency, cfg.requests, cfg.max_seconds, cfg.timeout_s)
+        if offline is not None:
+            level["ratio_to_offline"] = level["throughput_rps"] / offline["throughput_rps"]
         log.info("concurrency %d: %.1f req/s, p50 %s ms, %d errors", concurrency, level["throughput_rps"],
                  _fmt(level.get("p50_ms")), level["errors"])
         levels.append(level)
-    report = {"url": cfg.url, "config": asdict(cfg), "catalog_items": catalog.num_items, "levels": levels}
+    report = {"url": cfg.url, "config": asdict(cfg), "catalog_items": catalog.num_items, "offline": offline,
+              "levels": levels}
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json).write_text(json.dumps(report, indent=2))
@@ -243,9 +284,15 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
 
 def format_serve_table(report: dict[str, Any]) -> str:
     lines = [f"{report['url']}/v1/recommend, {report['catalog_items']} catalog items, history "
-             f"{report['config']['history']}, k {report['config']['k']}",
-             f"{'concurrency':>11}{'requests':>10}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"]
+             f"{report['config']['history']}, k {report['config']['k']}"]
+    offline = report.get("offline")
+    if offline:
+        lines.append(f"offline batched decode ({offline['decoder']}, batch {offline['batch']}, beam {offline['beam']}): "
+                     f"{offline['throughput_rps']:.1f} req/s ({offline['ms_per_request']:.2f} ms per request)")
+    lines.append(f"{'concurrency':>11}{'requests':>10}{'errors':>8}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p99 ms':>9}"
+                 f"{'mean ms':>9}{'batch':>7}")
     for lv in report["levels"]:
         lines.append(f"{lv['concurrency']:>11}{lv['requests']:>10}{lv['errors']:>8}{lv['throughput_rps']:>9.1f}"
-                     f"{_fmt(lv.get('p50_ms')):>9}{_fmt(lv.get('p99_ms')):>9}{_fmt(lv.get('mean_ms')):>9}")
+                     f"{_fmt(lv.get('ratio_to_offline')):>7}{_fmt(lv.get('p50_ms')):>9}{_fmt(lv.get('p99_ms')):>9}"
+                     f"{_fmt(lv.get('mean_ms')):>9}{_fmt(lv.get('mean_batch_size'), '.1f'):>7}")
     return "\n".join(lines)

@@ -3,20 +3,22 @@
     client -> Serve proxy -> Ingress (FastAPI: validation, auth, metrics) -> Recommender replicas
                                                                              (model + local catalog copy)
 
-    serve/config.py   ServeConfig, the one config (the `args` of serve.config.yaml)
+    serve/config.py   ServeConfig (the application `args`), BatchConfig (the Recommender's `user_config`)
     serve/http.py     the HTTP API (create_api), its error envelope, the store-error -> HTTP table
     serve/schemas.py  request and response models
     serve/replica.py  Recommender: one decoder replica (model, catalog copy, batched decoding, admin writes)
+    serve/metrics.py  metrics through ray.serve.metrics
     serve/app.py      Ingress and the application builder (this file)
+    serve/__main__.py `python -m serve run serve.config.yaml`: `serve run` with start-up limits for busy machines
 
-`serve run serve.config.yaml` builds the app with `app_builder(args)`; `build_app(ServeConfig(...))` does
-the same from Python (tests, serve/loadtest.py).
+`serve run serve.config.yaml` builds the app with `app_builder(args)` and applies the config's `deployments:`
+section (replicas, autoscaling, queue bounds, user_config) on top; `build_app(ServeConfig(...), options)`
+does the same from Python (tests, serve/loadtest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,16 @@ from ray.serve.handle import DeploymentHandle
 
 from nezha.catalog import Catalog
 from nezha.config import from_dict
-from nezha.live_catalog import REDIS_URL_ENV
 from nezha.model.checkpoint import verify_checkpoint
-from serve.config import ServeConfig
+from serve.config import DEFAULT_OPTIONS, INGRESS, RECOMMENDER, ServeConfig
 from serve.http import TimedOut, Unavailable, create_api
-from serve.metrics import ServiceMetrics
+from serve.metrics import IngressMetrics
 from serve.replica import Recommender
 
 __all__ = ["Ingress", "ServeConfig", "app_builder", "build_app"]
 
-log = logging.getLogger("ray.serve.nezha")
 
-
-@serve.deployment(name="Ingress")
+@serve.deployment(name=INGRESS)
 @serve.ingress()
 class Ingress:
     """HTTP front: validation, auth and metrics here; decoding and catalog work on the Recommender replicas."""
@@ -48,7 +47,7 @@ class Ingress:
     def __init__(self, recommender: DeploymentHandle, cfg: ServeConfig) -> None:
         self.recommender = recommender
         self.cfg = cfg
-        self.metrics = ServiceMetrics()
+        self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # called by Serve once per replica, after __init__
         return create_api(self.cfg, self._forward, self.metrics)
@@ -65,22 +64,26 @@ class Ingress:
                               "retry") from None
 
 
-def build_app(cfg: ServeConfig) -> serve.Application:
+def build_app(cfg: ServeConfig, options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The application; `options`: Serve deployment options by deployment name (the `deployments:` schema),
+    on top of DEFAULT_OPTIONS."""
     cfg = cfg.resolved()
     # Refuse a bad checkpoint here, with the reason, before any running replica is replaced by one that fails.
     verify_checkpoint(cfg.checkpoint)
     Catalog.load(Path(cfg.checkpoint) / "catalog")
-    scaling: dict[str, Any] = {"autoscaling_config": cfg.autoscaling_config}
-    if cfg.redis_url is None:
-        log.warning("no Redis URL (%s): the catalog lives in-process, so the decoder runs as 1 replica", REDIS_URL_ENV)
-        scaling = {"num_replicas": 1, "autoscaling_config": None}
-    recommender = serve.deployment(Recommender, name="Recommender").options(
-        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
-        health_check_period_s=cfg.health_check_period_s,
-        health_check_timeout_s=cfg.health_check_timeout_s, ray_actor_options=cfg.ray_actor_options, **scaling,
-    ).bind(cfg)
-    return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-                           ray_actor_options={"num_cpus": cfg.ingress_num_cpus}).bind(recommender, cfg)
+    unknown = set(options or {}) - {RECOMMENDER, INGRESS}
+    if unknown:
+        raise ValueError(f"options for unknown deployments {sorted(unknown)}; the app has {RECOMMENDER}, {INGRESS}")
+
+    def merged(name: str) -> dict[str, Any]:
+        given = (options or {}).get(name, {})
+        opts = {**DEFAULT_OPTIONS[name], **given}
+        if "autoscaling_config" in given:  # Serve refuses num_replicas next to autoscaling
+            opts.pop("num_replicas")
+        return opts
+
+    recommender = serve.deployment(Recommender, name=RECOMMENDER).options(**merged(RECOMMENDER)).bind(cfg)
+    return Ingress.options(**merged(INGRESS)).bind(recommender, cfg)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -1,4 +1,11 @@
-"""ServeConfig: the one config of the recommendation service (`serve run serve.config.yaml` args)."""
+"""The service's configs: `ServeConfig` (the application `args`: what needs new replicas) and `BatchConfig`
+(the decoder's `user_config`: applied to running replicas by `Recommender.reconfigure`).
+
+Replica counts, autoscaling, request limits per replica, queue bounds, health checks and actor resources are
+Serve's own deployment options: they live in the `deployments:` section of the Serve config (serve.config.yaml),
+where Serve applies them without restarting replicas (all but `ray_actor_options`). `DEFAULT_OPTIONS` holds
+what the app builder binds when the config does not say.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,41 @@ from nezha.decoding import DECODERS
 from nezha.live_catalog import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, REDIS_URL_ENV
 
 ADMIN_TOKEN_ENV = "NEZHA_ADMIN_TOKEN"
+RECOMMENDER, INGRESS = "Recommender", "Ingress"  # deployment names, as in the `deployments:` section
+
+# Serve deployment options the builder binds; a `deployments:` entry of the Serve config overrides them.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    RECOMMENDER: {
+        "num_replicas": 1,
+        "max_ongoing_requests": 64,  # above max_batch_size, so a batch fills while the previous one decodes
+        # Bounded: past it a caller gets a fast 503 `unavailable` (retryable) instead of a 504 after seconds.
+        "max_queued_requests": 64,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+        "ray_actor_options": {"num_cpus": 1},
+    },
+    # The ingress only awaits decoder replicas: its limit stays far above their total capacity.
+    INGRESS: {"num_replicas": 1, "max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.1}},
+}
+
+
+@dataclass
+class BatchConfig:
+    """How a decoder replica groups requests (its `user_config`; changed without restarting replicas)."""
+
+    max_batch_size: int = field(default=32, metadata={"help": "requests per batched decode call"})
+    batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "how long a batch waits to fill"})
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
 
 
 @dataclass
 class ServeConfig:
-    """The recommendation service: model, request limits, batching, catalog store, replicas."""
+    """The recommendation service's application args: model, catalog store, request limits."""
 
     checkpoint: str = field(default="runs/quickstart/train/best", metadata={"help": "checkpoint directory"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when the replica has one), cpu, cuda"})
@@ -33,9 +70,8 @@ class ServeConfig:
         "help": "history items the model sees (the last ones; default: the prepared dataset's max_history)"})
     max_history_items: int = field(default=200, metadata={"help": "longest history a request may send"})
     max_exclude: int = 200
+    max_batch_users: int = field(default=64, metadata={"help": "most users one POST /v1/recommend/batch may send"})
     max_body_bytes: int = field(default=65536, metadata={"help": "larger request bodies get 413"})
-    max_batch_size: int = field(default=32, metadata={"help": "requests per batched decode call"})
-    batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "how long a batch waits to fill"})
     redis_url: str | None = field(default=None, repr=False, metadata={
         "help": f"redis:// or rediss:// URL of the live catalog (else ${REDIS_URL_ENV}; neither: in-process)"})
     redis_prefix: str = DEFAULT_PREFIX
@@ -46,25 +82,11 @@ class ServeConfig:
     quantizer: str | None = field(default=None, metadata={
         "help": "quantizer.safetensors for text adds (default: the checkpoint's prepared dataset's)"})
     embedding_model: str | None = field(default=None, metadata={"help": "sentence-transformers folder for text adds"})
-    # Decoder replicas: passed to Serve as they are (same names and meaning as Serve's deployment options).
-    autoscaling_config: dict[str, Any] = field(default_factory=lambda: {
-        "min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}, metadata={
-        "help": "Serve autoscaling_config of the decoder (forced to 1 replica without Redis)"})
-    max_ongoing_requests: int = field(default=64, metadata={"help": "per decoder replica; > max_batch_size"})
-    max_queued_requests: int = field(default=-1, metadata={
-        "help": "requests a caller queues for the decoder before 503 (-1: unbounded)"})
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
-    ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1}, metadata={
-        "help": "per decoder replica, e.g. {num_cpus: 1, num_gpus: 1}; the replica decodes on its GPU if it has one"})
-    ingress_replicas: int = 1
-    ingress_max_ongoing_requests: int = field(default=1024, metadata={
-        "help": "the ingress only awaits decoder replicas: keep it far above their total capacity"})
-    ingress_num_cpus: float = 0.1
     ready_timeout_s: float = field(default=5.0, metadata={"help": "how long /readyz waits for a decoder replica"})
     request_timeout_s: float = field(default=5.0, metadata={
         "help": "how long a recommend or admin call waits for its decoder replica before 504 (keep it below "
                 "http_options.request_timeout_s, the proxy's own limit)"})
+    retry_after_s: int = field(default=1, metadata={"help": "Retry-After of a 503 `unavailable` (seconds)"})
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.decoders if d not in DECODERS]
@@ -79,8 +101,7 @@ class ServeConfig:
             raise ConfigError(f"max_k must be in 1..max_beam ({self.max_beam}), got {self.max_k}")
         if self.request_timeout_s <= 0 or self.ready_timeout_s <= 0:
             raise ConfigError("request_timeout_s and ready_timeout_s must be > 0")
-        for name in ("max_history_items", "max_batch_size", "max_body_bytes", "max_ongoing_requests",
-                     "ingress_replicas", "ingress_max_ongoing_requests"):
+        for name in ("max_history_items", "max_batch_users", "max_body_bytes", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -2,7 +2,8 @@
 
 Every non-200 answer, from the ingress or from a decoder replica, is `{"error": code, "detail": text, ...}`
 built by `error_body`; no answer ever carries a traceback. Decoder replicas answer the ingress with
-`reply(status, body, stats)` dicts, which `create_api` turns into responses.
+`reply(status, body)` dicts, which `create_api` turns into responses. A 503 `unavailable` (no decoder
+replica could take the call: queue full, none running) is retryable and carries `Retry-After`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,8 +30,15 @@ from nezha.live_catalog import (
     StoreUnavailableError,
 )
 from serve.config import ADMIN_TOKEN_ENV, ServeConfig
-from serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from serve.schemas import AddItemsRequest, RecommendRequest, RecommendResponse
+from serve.metrics import IngressMetrics
+from serve.schemas import (
+    AddItemsRequest,
+    BatchRecommendRequest,
+    BatchRecommendResponse,
+    ItemResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
 
 log = logging.getLogger("ray.serve.nezha")
 
@@ -46,9 +54,9 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
 
 
-def reply(status: int, body: dict[str, Any], stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A decoder replica's answer to the ingress: HTTP status, body, and decode stats for the metrics."""
-    return {"status": status, "body": body, "stats": stats}
+def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A decoder replica's answer to the ingress: HTTP status and body."""
+    return {"status": status, "body": body}
 
 
 def error_reply(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -141,16 +149,15 @@ class TimedOut(Exception):
 Forward = Callable[..., Awaitable[dict[str, Any]]]
 
 
-def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> FastAPI:
+def create_api(cfg: ServeConfig, forward: Forward, metrics: IngressMetrics) -> FastAPI:
     """The HTTP API; `forward(method, *args, timeout=seconds)` calls a decoder replica and returns its reply."""
     api = FastAPI(title="NEZHA recommendations", version="1",
                   description="Generative recommendation with the NEZHA decoder over a live item catalog.")
-    api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes,
-                       on_reject=lambda: metrics.requests.labels("*", "413").inc())
+    api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes, on_reject=lambda: metrics.count("*", 413))
 
     def count(request: Request, status: int) -> None:
         # The route template, not the path: paths carry item ids and would explode the label set.
-        metrics.requests.labels(getattr(request.scope.get("route"), "path", "unmatched"), str(status)).inc()
+        metrics.count(getattr(request.scope.get("route"), "path", "unmatched"), status)
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -170,7 +177,8 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
     @api.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         count(request, 503)
-        return error_response(503, "unavailable", str(exc), retryable=True)
+        return error_response(503, "unavailable", str(exc), headers={"Retry-After": str(cfg.retry_after_s)},
+                              retryable=True)
 
     @api.exception_handler(TimedOut)
     async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
@@ -199,14 +207,12 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
             raise StarletteHTTPException(403, "invalid admin token")
 
     def respond(route: str, start: float, answer: dict[str, Any]) -> JSONResponse:
-        """The HTTP response for a decoder replica's `reply(...)`, with the metrics it carries recorded."""
+        """The HTTP response for a decoder replica's `reply(...)`, recorded in the metrics."""
         body, status = answer["body"], answer["status"]
-        if answer["stats"] is not None:
-            metrics.observe_decode(answer["stats"])
         elapsed = time.perf_counter() - start
-        if status == 200 and route == "/v1/recommend":
+        if status == 200 and route.startswith("/v1/recommend"):
             body["latency_ms"] = round(elapsed * 1000, 3)
-        metrics.observe_request(route, status, elapsed)
+        metrics.observe(route, status, elapsed)
         return JSONResponse(body, status_code=status)
 
     def check_limits(req: RecommendRequest) -> str | None:
@@ -232,6 +238,30 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
             return respond("/v1/recommend", start, error_reply(422, "invalid_request", problem))
         return respond("/v1/recommend", start, await call("recommend", req.model_dump()))
 
+    @api.post("/v1/recommend/batch", response_model=BatchRecommendResponse,
+              responses={422: {"description": "too many users; one user's bad request is reported in its result"}})
+    async def recommend_batch(req: BatchRecommendRequest) -> JSONResponse:
+        start = time.perf_counter()
+        if len(req.requests) > cfg.max_batch_users:
+            return respond("/v1/recommend/batch", start, error_reply(
+                422, "invalid_request", f"requests: {len(req.requests)} users; at most {cfg.max_batch_users}"))
+        problems = [check_limits(r) for r in req.requests]
+        valid = [r.model_dump() for r, problem in zip(req.requests, problems, strict=True) if problem is None]
+        decoded = iter((await call("recommend_many", valid))["body"]["results"] if valid else [])
+        results = []
+        for problem in problems:
+            if problem is None:
+                answer = next(decoded)
+                results.append({"status": answer["status"], **answer["body"]})
+            else:
+                results.append({"status": 422, **error_body("invalid_request", problem)})
+        return respond("/v1/recommend/batch", start, reply(200, {"results": results}))
+
+    @api.get("/v1/items/{item_id}", response_model=ItemResponse,
+             responses={404: {"description": "no such item in the catalog"}})
+    async def item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)]) -> JSONResponse:
+        return respond("/v1/items/{item_id}", time.perf_counter(), await call("item", item_id))
+
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -242,13 +272,7 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: ServiceMetrics) -> F
             status = await forward("ready", timeout=cfg.ready_timeout_s)
         except (Unavailable, TimedOut) as exc:
             return error_response(503, "not_ready", str(exc), ready=False)
-        catalog = status["catalog"]
-        metrics.observe_catalog(status["replica"], catalog["version"], catalog["size"], bool(status["degraded"]))
         return JSONResponse(status)
-
-    @api.get("/metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/catalog", dependencies=[Depends(require_admin)])
     async def catalog_status() -> JSONResponse:

@@ -64,7 +64,7 @@ class LoadTestConfig:
         """The generator's config for one run against `url` (it checks the bounds and the loopback URL)."""
         return ServeBenchConfig(checkpoint=self.checkpoint, url=url, concurrency=[self.concurrency],
                                 requests=self.requests, max_seconds=self.max_seconds, warmup=self.warmup,
-                                history=self.history_len, k=self.k)
+                                history=self.history_len, k=self.k, offline_batch=0)
 
 
 def free_loopback_port() -> int:
@@ -120,10 +120,10 @@ def run_with_local_service(cfg: LoadTestConfig) -> list[dict[str, Any]]:
                 # Fit every replica next to the ingress on this machine's CPUs.
                 num_cpus = max(0.1, min(1.0, (cpus - 0.2) / replicas))
                 serve_cfg = ServeConfig(checkpoint=cfg.checkpoint, redis_url=redis_url, redis_prefix="nezha:loadtest",
-                                        beam=cfg.beam, max_k=cfg.k, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-                                        autoscaling_config={"min_replicas": replicas, "max_replicas": replicas},
-                                        ray_actor_options={"num_cpus": num_cpus})
-                serve.run(build_app(serve_cfg), name="loadtest", route_prefix="/")
+                                        beam=cfg.beam, max_k=cfg.k)
+                options = {"Recommender": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": num_cpus},
+                                           "user_config": {"batch_wait_timeout_s": cfg.batch_wait_timeout_s}}}
+                serve.run(build_app(serve_cfg, options), name="loadtest", route_prefix="/")
                 result = run_load(cfg, f"http://127.0.0.1:{port}", replicas)
                 log.info("%s", json.dumps(result))
                 results.append(result)

@@ -1,71 +1,63 @@
-"""Prometheus metrics of one ingress replica, in the text format served at GET /metrics.
+"""The service's metrics, through Ray Serve's metrics API (`ray.serve.metrics`).
 
-Decoder replicas report what they did with each answer (batch, decode time, invalid IDs, catalog
-version), so the ingress that routed a request records everything about it in one registry; every
-request passes through an ingress replica, so with the default single ingress replica /metrics covers
-all traffic. With several ingress replicas each serves its own share: sum them in Prometheus.
+Each replica records what it did (the ingress: HTTP requests and their latency; a decoder replica: batches,
+decode time, invalid IDs, its catalog copy), tagged by Serve with application, deployment and replica. Ray
+exports them on every node's metrics port (`ray start --metrics-export-port`, 8080 in cluster/), named
+`ray_nezha_*`, so totals over N ingress and M decoder replicas are a `sum` in Prometheus and a scrape
+never depends on which replica a load balancer picked. Grafana: cluster/grafana-nezha.json.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from ray.serve.metrics import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+LATENCY_BUCKETS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-class ServiceMetrics:
+class IngressMetrics:
+    """HTTP requests by route template (paths carry item ids and would explode the series) and status."""
+
     def __init__(self) -> None:
-        disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("nezha_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter("nezha_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.latency = Histogram("nezha_request_latency_seconds", "server-side latency of answered requests",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_latency = Histogram("nezha_decode_latency_seconds", "one batched decode call (prefill + search)",
-                                        ["decoder"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batches = Counter("nezha_decode_batches", "batched decode calls", ["decoder"], registry=r)
+                                 boundaries=LATENCY_BUCKETS, tag_keys=("route",))
+
+    def count(self, route: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.count(route, status)
+        self.latency.observe(seconds, tags={"route": route})
+
+
+class DecoderMetrics:
+    """A decoder replica's batches and catalog copy."""
+
+    def __init__(self) -> None:
+        self.batches = Counter("nezha_decode_batches", "batched decode calls", tag_keys=("decoder",))
+        self.decoded = Counter("nezha_decoded_requests", "requests answered by a decode", tag_keys=("decoder",))
         self.batch_size = Histogram("nezha_decode_batch_size", "requests decoded together in one call",
-                                    ["decoder"], buckets=BATCH_BUCKETS, registry=r)
+                                    boundaries=BATCH_BUCKETS, tag_keys=("decoder",))
+        self.decode_latency = Histogram("nezha_decode_latency_seconds", "one batched decode call (prefill + search)",
+                                        boundaries=LATENCY_BUCKETS, tag_keys=("decoder",))
         self.invalid = Counter("nezha_invalid_ids_dropped", "generated IDs that are not catalog items, dropped",
-                               ["decoder"], registry=r)
-        self.catalog_version = Gauge("nezha_catalog_version", "catalog version a decoder replica served last",
-                                     ["replica"], registry=r)
-        self.catalog_size = Gauge("nezha_catalog_size", "items in a decoder replica's catalog copy",
-                                  ["replica"], registry=r)
-        self.catalog_degraded = Gauge("nezha_catalog_degraded", "1 while a replica's catalog copy may be stale "
-                                      "(Redis unreachable or without a catalog), from the last readiness check",
-                                      ["replica"], registry=r)
+                               tag_keys=("decoder",))
+        self.catalog_version = Gauge("nezha_catalog_version", "catalog version of this replica's copy")
+        self.catalog_size = Gauge("nezha_catalog_size", "items in this replica's catalog copy")
+        self.catalog_degraded = Gauge("nezha_catalog_degraded",
+                                      "1 while this replica's copy may be stale (Redis unreachable or without a catalog)")
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+    def observe_batch(self, decoder: str, size: int, seconds: float, invalid: int) -> None:
+        tags = {"decoder": decoder}
+        self.batches.inc(tags=tags)
+        self.decoded.inc(size, tags=tags)
+        self.batch_size.observe(size, tags=tags)
+        self.decode_latency.observe(seconds, tags=tags)
+        if invalid:
+            self.invalid.inc(invalid, tags=tags)
 
-    def observe_decode(self, stats: dict) -> None:
-        """Per answered recommendation: `stats` from the decoder replica (see Recommender._answer)."""
-        decoder = stats["decoder"]
-        if stats["first_in_batch"]:  # count each batch once, by its first request
-            self.batches.labels(decoder).inc()
-            self.batch_size.labels(decoder).observe(stats["batch_size"])
-            self.decode_latency.labels(decoder).observe(stats["decode_s"])
-        self.invalid.labels(decoder).inc(stats["invalid"])
-        self.observe_catalog(stats["replica"], stats["catalog_version"], stats["catalog_size"])
-
-    def observe_catalog(self, replica: str, version: int, size: int, degraded: bool | None = None) -> None:
-        self.catalog_version.labels(replica).set(version)
-        self.catalog_size.labels(replica).set(size)
-        if degraded is not None:
-            self.catalog_degraded.labels(replica).set(int(degraded))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def observe_catalog(self, version: int, size: int, degraded: bool) -> None:
+        self.catalog_version.set(version)
+        self.catalog_size.set(size)
+        self.catalog_degraded.set(int(degraded))

@@ -5,6 +5,8 @@ Each replica loads the safetensors checkpoint and catalog once, on the GPU when 
 concurrent requests with `@serve.batch` into one `nezha.decoding.decode` call per decoder (one prefill +
 one draft-head beam search for NEZHA). Its catalog copy is followed from Redis by a background thread
 (`nezha.live_catalog.CatalogFollower`) or, without Redis, lives in-process (one replica).
+
+Batch size and wait are its `user_config` (`BatchConfig`), applied by `reconfigure` on running replicas.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from nezha.catalog import Catalog
+from nezha.config import from_dict
 from nezha.decoding import available_decoders, decode, decoder_available
 from nezha.decoding.graphs import DraftGraphs
 from nezha.device import resolve_device
 from nezha.live_catalog import (
+    META_FIELDS,
     REDIS_URL_ENV,
     CatalogFollower,
     CatalogStore,
+    CatalogView,
     InProcessStore,
     InvalidItemError,
     LocalCatalog,
@@ -42,13 +47,16 @@ from nezha.live_catalog import (
     RedisCatalog,
     StoreUnavailableError,
     add_new_items,
+    clean_meta,
     codes_of,
+    load_item_metadata,
     load_quantizer_for,
     redact_url,
 )
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
-from serve.config import ServeConfig
+from serve.config import BatchConfig, ServeConfig
 from serve.http import admin_errors, error_reply, reply, store_error_reply
+from serve.metrics import DecoderMetrics
 
 # Under "ray.serve" so Serve writes these lines to each replica's log file.
 log = logging.getLogger("ray.serve.nezha")
@@ -60,6 +68,23 @@ def _prepared_max_history(checkpoint: str) -> int | None:
     if summary is None or not summary.is_file():
         return None
     return json.loads(summary.read_text()).get("config", {}).get("max_history")
+
+
+def max_replicas_of(deployment_config: Any) -> int:
+    """The most replicas a deployment config lets Serve run (num_replicas, or autoscaling's max_replicas)."""
+    autoscaling = getattr(deployment_config, "autoscaling_config", None)
+    if autoscaling is not None:
+        return int(autoscaling.max_replicas)
+    return int(deployment_config.num_replicas or 1)
+
+
+def check_embedded_single_replica(deployment_config: Any) -> None:
+    """Without Redis each replica would hold its own diverging catalog: refuse more than one replica."""
+    most = max_replicas_of(deployment_config)
+    if most > 1:
+        raise ValueError(f"no Redis URL ({REDIS_URL_ENV}): the catalog lives in-process, so the Recommender must "
+                         f"run as one replica, but its deployment options allow {most}; set num_replicas: 1 "
+                         f"(no autoscaling_config) in the `deployments:` section, or give it a Redis URL")
 
 
 @dataclass
@@ -75,11 +100,19 @@ class Recommender:
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
+        try:
+            context = serve.get_replica_context()
+            self.replica, deployment_config = context.replica_id.unique_id, context._deployment_config
+        except RayServeException:  # constructed outside Serve
+            self.replica, deployment_config = f"local-{os.getpid()}", None
+        if not cfg.redis_url and deployment_config is not None:
+            check_embedded_single_replica(deployment_config)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         # Ray leaves CUDA_VISIBLE_DEVICES alone for replicas given no GPU, so ask Ray what this one got.
         self.device = resolve_device(cfg.device, gpu_granted=bool(ray.get_gpu_ids()) if ray.is_initialized() else True)
         self.model = load_checkpoint(cfg.checkpoint, self.device, dtype=cfg.dtype)
+        self.loaded_at = time.time()
         catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
         if tuple(self.model.layout.sizes) != catalog.codebook_sizes:
             raise ValueError(f"checkpoint model codebooks {self.model.layout.sizes} differ from its catalog's "
@@ -89,9 +122,10 @@ class Recommender:
         if not self.decoders:
             raise ValueError(f"the checkpoint serves none of the configured decoders {cfg.decoders} "
                              f"(it has heads for {list(available_decoders(self.model))})")
-        self.local = LocalCatalog.from_catalog(catalog, self.device)
+        self.local = LocalCatalog.from_catalog(catalog, self.device, load_item_metadata(cfg.checkpoint, catalog))
         # On a GPU the draft head's search is launch-bound: replay it from CUDA graphs (one per batch bucket).
         self.graphs = DraftGraphs() if self.device.type == "cuda" else None
+        self.metrics = DecoderMetrics()
         self.follower: CatalogFollower | None = None
         if cfg.redis_url:
             self.store: CatalogStore = RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen)
@@ -111,17 +145,20 @@ class Recommender:
         self._quantizer_loader = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
         self._quantizer: Any = None
         self._batch_ids = itertools.count()
-        self._decode_batch.set_max_batch_size(cfg.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except RayServeException:  # constructed outside Serve
-            self.replica = f"local-{os.getpid()}"
+        self.reconfigure({})  # BatchConfig defaults until Serve passes the deployment's user_config
         with torch.inference_mode():  # warm-up: first-call allocations happen before traffic
-            decode(self.model, self.decoders[0], [self.local.codes(self.local.lookup(catalog.item_ids[:1])[0])],
-                   self.local.verifier, beam=cfg.beam, graphs=self.graphs)
+            view = self.local.view()
+            decode(self.model, self.decoders[0], [self.local.codes(view.lookup(catalog.item_ids[:1])[0])],
+                   view.verifier, beam=cfg.beam, graphs=self.graphs)
         log.info("replica %s ready: %s on %s, decoders %s, max_history %d", self.replica, cfg.checkpoint,
                  self.device, self.decoders, self.max_history)
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve calls this with the deployment's `user_config` at start and whenever it changes."""
+        self.batching = from_dict(BatchConfig, dict(user_config or {}), source="Recommender user_config")
+        self._decode_batch.set_max_batch_size(self.batching.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+        log.info("replica %s batching: %s", self.replica, self.batching)
 
     def __del__(self) -> None:
         if getattr(self, "follower", None) is not None:
@@ -131,19 +168,34 @@ class Recommender:
         """Serve's health check: the follower thread must be alive (a Redis outage is not unhealthy)."""
         if self.follower is not None and not self.follower.is_alive():
             raise RuntimeError("the catalog follower thread died")
+        self._observe_catalog()
 
     # ---- recommendations ---------------------------------------------------------------------------
-    async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _query(self, request: dict[str, Any]) -> _Query | dict[str, Any]:
+        """The decode query of one request, or the error reply that refuses it."""
         decoder = request.get("decoder") or self.cfg.default_decoder
         if decoder not in self.decoders:
             return error_reply(422, "unknown_decoder", f"decoder {decoder!r} is not available; this service offers "
-                          f"{', '.join(self.decoders)}", available=self.decoders)
+                               f"{', '.join(self.decoders)}", available=self.decoders)
         packed, missing = self.local.lookup(request["history"])
         if missing:
-            return error_reply(422, "unknown_items", f"{len(missing)} history item(s) are not in the catalog (unknown or "
-                          f"removed): {', '.join(missing[:20])}", item_ids=missing)
-        query = _Query(decoder, request["k"], packed[-self.max_history:], frozenset(request.get("exclude") or ()))
-        return await self._decode_batch(query)
+            return error_reply(422, "unknown_items", f"{len(missing)} history item(s) are not in the catalog "
+                               f"(unknown or removed): {', '.join(missing[:20])}", item_ids=missing)
+        exclude = set(request.get("exclude") or ())
+        if request.get("exclude_history"):
+            exclude.update(request["history"])
+        return _Query(decoder, request["k"], packed[-self.max_history:], frozenset(exclude))
+
+    async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
+        query = self._query(request)
+        return query if isinstance(query, dict) else await self._decode_batch(query)
+
+    async def recommend_many(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Many users at once: their queries enter the batcher together, so they decode in one call where
+        max_batch_size allows; a user's refusal is that user's reply."""
+        queries = [self._query(r) for r in requests]
+        decoded = iter(await asyncio.gather(*(self._decode_batch(q) for q in queries if isinstance(q, _Query))))
+        return reply(200, {"results": [q if isinstance(q, dict) else next(decoded) for q in queries]})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _decode_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
@@ -155,40 +207,56 @@ class Recommender:
             batch = [queries[i] for i in rows]
             # Decode past k so excluded items can be dropped; one width for the whole group.
             beam = min(self.cfg.max_beam, max(self.cfg.beam, *(q.k + len(q.exclude) for q in batch)))
+            # One catalog version for the whole call: the search and the id mapping read the same view.
+            view = self.local.view()
             start = time.perf_counter()
             # In a thread: the event loop keeps accepting requests, which form the next batch.
-            ids, scores, invalid = await asyncio.to_thread(self._decode, decoder, batch, beam)
+            ids, scores, invalid = await asyncio.to_thread(self._decode, decoder, batch, beam, view)
             decode_s = time.perf_counter() - start
-            items, version = self.local.items_of(ids.reshape(-1))
-            size = len(self.local)
+            items = view.items_of(ids.reshape(-1))
             batch_id = next(self._batch_ids)
+            self.metrics.observe_batch(decoder, len(batch), decode_s, int(invalid.sum()))
             for pos, (row, q) in enumerate(zip(rows, batch, strict=True)):
                 ranked = []
                 for j, score in enumerate(scores[pos]):
                     item = items[pos * ids.shape[1] + j]
-                    # None: not an item (padding) or removed after this decode began.
-                    if item is not None and item not in q.exclude:
-                        ranked.append({"item_id": item, "score": round(float(score), 6)})
+                    if item is not None and item not in q.exclude:  # None: not an item (padding)
+                        ranked.append({"item_id": item, "score": round(float(score), 6), **view.meta_of(item)})
                         if len(ranked) == q.k:
                             break
-                body = {"items": ranked, "decoder": decoder, "k": q.k, "catalog_version": version,
-                        "replica": self.replica, "batch": {"id": batch_id, "size": len(batch)}}
-                stats = {"decoder": decoder, "first_in_batch": pos == 0, "batch_size": len(batch), "decode_s": decode_s,
-                         "invalid": int(invalid[pos]), "replica": self.replica, "catalog_version": version,
-                         "catalog_size": size}
-                replies[row] = reply(200, body, stats)
+                replies[row] = reply(200, {"items": ranked, "decoder": decoder, "k": q.k,
+                                           "catalog_version": view.version, "replica": self.replica,
+                                           "batch": {"id": batch_id, "size": len(batch)}})
         return replies
 
-    def _decode(self, decoder: str, batch: list[_Query], beam: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode(self, decoder: str, batch: list[_Query], beam: int,
+                view: CatalogView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         histories = [self.local.codes(q.history) for q in batch]
         with torch.inference_mode():  # thread-local: set in the decoding thread itself
-            out = decode(self.model, decoder, histories, self.local.verifier, beam=beam, topk=beam, graphs=self.graphs)
+            out = decode(self.model, decoder, histories, view.verifier, beam=beam, topk=beam, graphs=self.graphs)
         return out.ids.cpu().numpy(), out.scores.float().cpu().numpy(), out.invalid.cpu().numpy()
 
+    def item(self, item_id: str) -> dict[str, Any]:
+        """One item as this replica's catalog copy has it: semantic ID, codes, metadata."""
+        view = self.local.view()
+        packed = view.item_to_id.get(item_id)
+        if packed is None:
+            return error_reply(404, "not_found", f"item {item_id!r} is not in the catalog", item_id=item_id)
+        return reply(200, {"item_id": item_id, "semantic_id": packed, "codes": codes_of(packed, self.local.sizes),
+                           **view.meta_of(item_id), "catalog_version": view.version, "replica": self.replica})
+
     # ---- status --------------------------------------------------------------------------------------
+    def _observe_catalog(self) -> None:
+        state = self.local.state()
+        degraded = bool(self.follower.degraded()) if self.follower else False
+        self.metrics.observe_catalog(state["version"], state["size"], degraded)
+
     def ready(self) -> dict[str, Any]:
-        """Cheap (no Redis call): model loaded, catalog copy state, and why it may be stale."""
-        status = {"ready": True, "replica": self.replica, "device": str(self.device), "decoders": self.decoders,
+        """Cheap (no Redis call): model loaded, catalog copy state, batching in force, why the copy may be stale."""
+        status = {"ready": True, "replica": self.replica, "pid": os.getpid(), "loaded_at": self.loaded_at,
+                  "device": str(self.device), "decoders": self.decoders,
+                  "batching": {"max_batch_size": self.batching.max_batch_size,
+                               "batch_wait_timeout_s": self.batching.batch_wait_timeout_s},
                   "catalog": {"mode": "redis" if self.follower else "embedded", **self.local.state()},
                   "degraded": self.follower.degraded() if self.follower else []}
         if self.follower is not None:
@@ -219,14 +287,18 @@ class Recommender:
             return store_error_reply(exc)
         # Wait (bounded) for this replica's copy, so the writer can read its own write here at once.
         applied = self.local.wait_for(body["version"], timeout=1.0)
+        self._observe_catalog()
         return reply(200, {**body, "mode": "redis" if self.follower else "embedded",
                             "applied_on_replica": applied, "replica": self.replica})
 
     def _add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        new = [NewItem(i["item_id"], i.get("codes"), i.get("text")) for i in items]
+        new = [NewItem(i["item_id"], i.get("codes"), i.get("text"), {k: i[k] for k in META_FIELDS if k in i})
+               for i in items]
         version, pairs = add_new_items(self.store, new, self.local.sizes, self._load_quantizer_once, self._embed)
+        meta = {n.item_id: clean_meta(n.meta) for n in new}
         return {"version": version, "added": [{"item_id": item, "semantic_id": packed,
-                                               "codes": codes_of(packed, self.local.sizes)} for item, packed in pairs]}
+                                               "codes": codes_of(packed, self.local.sizes), **meta[item]}
+                                              for item, packed in pairs]}
 
     def _remove_items(self, item_ids: list[str]) -> dict[str, Any]:
         return {"version": self.store.remove(item_ids), "removed": item_ids}

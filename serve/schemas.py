@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    model_validator,
+)
 
 from nezha.live_catalog import MAX_ITEM_ID_CHARS
 
@@ -20,9 +29,23 @@ class RecommendRequest(BaseModel):
     k: StrictInt = Field(10, description="how many items to return (1..max_k)")
     decoder: StrictStr | None = Field(None, description="nezha (default), mtp, beam, hf-beam, hf-beam-constrained")
     exclude: list[ItemId] = Field(default_factory=list, description="item ids never to return")
+    exclude_history: StrictBool = Field(False, description="never return the items of `history` either")
 
 
-class RecommendedItem(BaseModel):
+class BatchRecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RecommendRequest] = Field(min_length=1, description="one request per user (at most "
+                                             "max_batch_users), decoded together")
+
+
+class ItemMetadata(BaseModel):
+    title: str | None = None
+    brand: str | None = None
+    categories: list[str] = Field(default_factory=list)
+
+
+class RecommendedItem(ItemMetadata):
     item_id: str
     score: float = Field(description="cumulative log-probability of the item's semantic ID")
 
@@ -42,12 +65,39 @@ class RecommendResponse(BaseModel):
     batch: BatchInfo
 
 
+class UserResult(BaseModel):
+    """One user's answer in a batch: `status` 200 with the fields of a recommendation, or an error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: int
+    items: list[RecommendedItem] | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[UserResult] = Field(description="one per request, in order")
+    latency_ms: float
+
+
+class ItemResponse(ItemMetadata):
+    item_id: str
+    semantic_id: int = Field(description="packed semantic ID")
+    codes: list[int] = Field(description="one code per level")
+    catalog_version: int
+    replica: str
+
+
 class NewItemModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: ItemId
     text: Annotated[StrictStr, StringConstraints(min_length=1, max_length=10_000)] | None = None
     codes: list[StrictInt] | None = None
+    title: Annotated[StrictStr, StringConstraints(max_length=1000)] | None = None
+    brand: Annotated[StrictStr, StringConstraints(max_length=200)] | None = None
+    categories: list[Annotated[StrictStr, StringConstraints(max_length=200)]] | None = Field(None, max_length=20)
 
     @model_validator(mode="after")
     def _one_source(self) -> NewItemModel:

@@ -14,7 +14,7 @@ import httpx
 from redis_fixtures import RedisServer, free_port
 
 from nezha.catalog import Catalog
-from nezha.live_catalog import RedisCatalog, codes_of
+from nezha.live_catalog import RedisCatalog, codes_of, load_item_metadata
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 HISTORY = ["I010", "I011", "I012"]  # the tiny dataset's users walk forward through the catalog
@@ -58,9 +58,26 @@ class Service:
         return codes_of(next(p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used), sizes)
 
 
+# The decoder deployment of the test service: 2 replicas, batches that wait long enough to fill.
+RECOMMENDER_OPTIONS: dict[str, Any] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
+                                       "user_config": {"batch_wait_timeout_s": 0.05}}
+
+
+def service_settings(checkpoint: Path, redis_url: str) -> dict[str, Any]:
+    """The ServeConfig fields (application args) of the test service."""
+    return dict(checkpoint=str(checkpoint), redis_url=redis_url, admin_token="test-admin-token", beam=10,
+                decoders=["nezha", "mtp", "beam"], max_history_items=50, max_exclude=20, max_batch_users=8,
+                max_body_bytes=16384, feed_block_ms=200,
+                request_timeout_s=30)  # a first text add loads the embedding model: slow on a busy machine
+
+
 @contextmanager
-def running_service(checkpoint: Path, redis_dir: Path, **overrides: Any) -> Iterator[Service]:
-    """Serve (own HTTP port) + redis-server + the app; needs a running Ray. Tears everything down."""
+def running_service(checkpoint: Path, redis_dir: Path, options: dict[str, dict[str, Any]] | None = None,
+                    **overrides: Any) -> Iterator[Service]:
+    """Serve (own HTTP port) + redis-server + the app; needs a running Ray. Tears everything down.
+
+    `options`: Serve deployment options by deployment name (default: RECOMMENDER_OPTIONS for the Recommender).
+    """
     from ray import serve
 
     from serve.app import ServeConfig, build_app
@@ -69,15 +86,11 @@ def running_service(checkpoint: Path, redis_dir: Path, **overrides: Any) -> Iter
     redis.start()
     try:
         catalog = Catalog.load(checkpoint / "catalog")
-        RedisCatalog(redis.url).push(catalog, source=str(checkpoint))
+        RedisCatalog(redis.url).push(catalog, source=str(checkpoint), item_meta=load_item_metadata(checkpoint, catalog))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        settings: dict[str, Any] = dict(
-            checkpoint=str(checkpoint), redis_url=redis.url, admin_token="test-admin-token",
-            autoscaling_config={"min_replicas": 2, "max_replicas": 2}, ray_actor_options={"num_cpus": 0.5},
-            beam=10, decoders=["nezha", "mtp", "beam"], max_history_items=50, max_exclude=20, max_body_bytes=16384,
-            batch_wait_timeout_s=0.05, feed_block_ms=200)
-        serve.run(build_app(ServeConfig(**{**settings, **overrides})), name="nezha", route_prefix="/")
+        cfg = ServeConfig(**{**service_settings(checkpoint, redis.url), **overrides})
+        serve.run(build_app(cfg, options or {"Recommender": RECOMMENDER_OPTIONS}), name="nezha", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield Service(client, redis, catalog, port, checkpoint)
     finally:

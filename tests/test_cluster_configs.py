@@ -103,7 +103,8 @@ def test_rayservice_serves_the_serve_app_with_valid_args():
     serve_app = importlib.import_module(module)
     assert callable(getattr(serve_app, attr))
     cfg = from_dict(serve_app.ServeConfig, app["args"])  # unknown keys or bad values raise
-    assert cfg.ray_actor_options.get("num_gpus") == 1 and cfg.device == "auto"
+    decoder = next(d for d in app["deployments"] if d["name"] == "Recommender")
+    assert decoder["ray_actor_options"].get("num_gpus") == 1 and cfg.device == "auto"
     # It serves what the RayJob writes: OUT/best = STORAGE_PATH/NAME/best of the training run.
     job = load(REPO / "cluster" / "kuberay-rayjob.yaml")
     args = shlex.split(job["spec"]["entrypoint"])
@@ -120,3 +121,44 @@ def test_readme_names_the_serve_import_path_and_every_file():
     for link in re.findall(r"\]\(([^)#]+)\)", readme):
         if "://" not in link:
             assert (REPO / "cluster" / link).resolve().exists(), link
+
+
+def test_rayservice_is_serve_gpu_yaml_and_uses_no_deprecated_fields():
+    import subprocess
+    import sys
+
+    service = load(REPO / "cluster" / "kuberay-rayservice.yaml")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    gpu = load(REPO / "cluster" / "serve.gpu.yaml")
+    embedded["applications"][0]["args"]["checkpoint"] = gpu["applications"][0]["args"]["checkpoint"]
+    assert embedded == gpu, "run python cluster/sync_rayservice.py"
+    check = subprocess.run([sys.executable, str(REPO / "cluster" / "sync_rayservice.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    # KubeRay deprecated these (v1.2+): health is judged by the Serve application's status instead.
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(service["spec"])
+    head_env = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "value": "60"} in head_env
+
+
+def test_sync_rayservice_rewrites_a_drifted_service(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_rayservice", REPO / "cluster" / "sync_rayservice.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    service = (REPO / "cluster" / "kuberay-rayservice.yaml").read_text()
+    drifted = service.replace("max_batch_size: 128", "max_batch_size: 32")
+    assert drifted != service
+    assert sync.rendered(drifted, (REPO / "cluster" / "serve.gpu.yaml").read_text()) == service
+
+
+def test_grafana_dashboard_graphs_the_service_metrics():
+    import json
+
+    dashboard = json.loads((REPO / "cluster" / "grafana-nezha.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    source = (REPO / "serve" / "metrics.py").read_text()
+    names = set(re.findall(r'"(nezha_[a-z_]+)"', source))
+    graphed = {n for n in names if f"ray_{n}" in exprs}
+    assert graphed == names, f"not graphed: {names - graphed}"

@@ -219,11 +219,11 @@ def test_text_items_get_nearest_free_ids_and_retry_a_lost_race(store: RedisCatal
         def used_ids(self) -> set[int]:
             return store.used_ids()
 
-        def add(self, pairs: list[tuple[str, int]]) -> int:
+        def add(self, pairs: list[tuple[str, int]], meta: dict[str, dict] | None = None) -> int:
             if not self.raced:
                 self.raced = True
                 store.add([("RIVAL", expected_first)])
-            return store.add(pairs)
+            return store.add(pairs, meta)
 
     version, pairs = add_new_items(Racing(), [NewItem("TEXT-1", text="a"), NewItem("TEXT-2", text="b")], sizes,
                                    lambda: quantizer, lambda texts: np.stack([x] * len(texts)))
@@ -337,3 +337,85 @@ def test_load_quantizer_for_finds_the_checkpoints_prepared_dataset(tiny_prepared
     assert load_quantizer_for(None, None) is None and load_quantizer_for(None, tmp_path / "missing") is None
     (checkpoint / "nezha.json").write_text(json.dumps({"extra": {}}))
     assert load_quantizer_for(checkpoint, None) is None
+
+
+def test_item_metadata_travels_through_push_add_feed_and_remove(store: RedisCatalog, follower: CatalogFollower,
+                                                                catalog: Catalog, tiny_prepared: Path) -> None:
+    meta = {item: {"title": title, "brand": "B-" + item, "categories": ["Beauty"]}
+            for item, title in zip(catalog.item_ids, catalog.titles, strict=True)}
+    store.push(catalog, item_meta=meta)
+    assert store.snapshot().meta["I003"] == meta["I003"]
+    assert wait_until(lambda: follower.local.view().meta_of("I003")["brand"] == "B-I003")
+    packed = free_ids(store.used_ids(), catalog.codebook_sizes, 1)[0]
+    version = store.add([("META-1", packed)], {"META-1": {"title": " New ", "brand": "", "categories": "Hair"}})
+    assert wait_until(lambda: follower.local.version >= version)
+    assert follower.local.view().meta_of("META-1") == {"title": "New", "brand": None, "categories": ["Hair"]}
+    version = store.remove(["META-1"])
+    assert wait_until(lambda: follower.local.version >= version)
+    assert "META-1" not in follower.local.view().meta and "META-1" not in store.snapshot().meta
+    # Without a pushed item_meta, push keeps the catalog's titles.
+    store.push(catalog)
+    assert store.snapshot().meta["I003"] == {"title": catalog.titles[3], "brand": None, "categories": []}
+
+
+def test_load_item_metadata_reads_the_source_items_jsonl(tiny_checkpoint: Path) -> None:
+    from nezha.live_catalog import load_item_metadata
+
+    meta = load_item_metadata(tiny_checkpoint)
+    assert meta["I007"] == {"title": "Bloom cream no. 7", "brand": "Bloom", "categories": ["Beauty", "Cream"]}
+
+
+def test_a_verifier_snapshot_keeps_its_catalog_while_the_live_one_changes() -> None:
+    from nezha.verify.verifier import PrefixVerifier
+
+    verifier = PrefixVerifier([0, 1, 2], (3, 3))
+    pinned = verifier.snapshot()
+    verifier.update(add=[8], remove=[0])
+    assert 0 in pinned and 8 not in pinned and pinned.ids == {0, 1, 2}
+    assert 8 in verifier and 0 not in verifier
+    assert pinned.contains(torch.tensor([0, 8])).tolist() == [True, False]
+    # Children of prefix 2: code 0 (ID 2) in both, code 2 (ID 8 = 2 + 2*3) only in the live verifier.
+    assert pinned.child_mask(torch.tensor([2]), 1).tolist() == [[True, False, False]]
+    assert verifier.child_mask(torch.tensor([2]), 1).tolist() == [[True, False, True]]
+
+
+def test_each_decode_sees_exactly_one_catalog_version_while_changes_race(tiny_checkpoint: Path) -> None:
+    """Two disjoint catalogs swapped in back and forth while decodes run: every call's IDs are all items of the
+    version it reports, and none is invalid (a mix of two versions' tables inside one search breaks both)."""
+    from nezha.decoding import decode
+    from nezha.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint, "cpu")
+    sizes = tuple(model.layout.sizes)
+    space = int(np.prod(sizes))
+    # Level 0 is the least significant digit: the catalogs share no level-0 code, so no prefix either.
+    catalogs = [{f"A{p}": p for p in range(space) if p % sizes[0] < sizes[0] // 2},
+                {f"B{p}": p for p in range(space) if p % sizes[0] >= sizes[0] // 2}]
+    local = LocalCatalog(catalogs[0], sizes)
+    histories = [local.codes([3, 40, 77]), local.codes([100, 5]), local.codes([150])]
+    stop = threading.Event()
+
+    def churn() -> None:
+        version = 0
+        while not stop.is_set():
+            version += 1
+            local.replace(catalogs[version % 2], version, source="test")
+
+    changer = threading.Thread(target=churn)
+    changer.start()
+    raced = 0
+    try:
+        for _ in range(40):
+            view = local.view()
+            with torch.inference_mode():
+                out = decode(model, "nezha", histories, view.verifier, beam=5, topk=5)
+            raced += local.version != view.version  # a change landed while this call decoded
+            valid = set(catalogs[view.version % 2].values())
+            ids = out.ids.numpy()
+            assert int(out.invalid.sum()) == 0 and (ids[:, 0] >= 0).all()
+            assert {int(p) for p in ids.reshape(-1) if p >= 0} <= valid
+            assert all(item is not None for item in view.items_of(p for p in ids.reshape(-1) if p >= 0))
+    finally:
+        stop.set()
+        changer.join()
+    assert raced > 0

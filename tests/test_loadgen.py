@@ -131,7 +131,7 @@ def test_serve_bench_end_to_end_against_a_stub_app(stub_url, tmp_path):
                       (5, 6), [f"item {i}" for i in range(30)])
     catalog.save(tmp_path / "ckpt" / "catalog")
     cfg = ServeBenchConfig(checkpoint=str(tmp_path / "ckpt"), url=stub_url, concurrency=[1, 3], requests=12,
-                           warmup=1, history=4, k=3, json=str(tmp_path / "serve.json"))
+                           warmup=1, history=4, k=3, offline_batch=0, json=str(tmp_path / "serve.json"))
     report = run_serve_bench(cfg)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
     for level in report["levels"]:
@@ -145,12 +145,24 @@ def test_serve_bench_end_to_end_against_a_stub_app(stub_url, tmp_path):
     assert "concurrency" in format_serve_table(report)
 
 
+def test_serve_bench_times_the_offline_decoder_and_reports_the_ratio(stub_url, tiny_checkpoint):
+    cfg = ServeBenchConfig(checkpoint=str(tiny_checkpoint), url=stub_url, concurrency=[2], requests=16, warmup=0,
+                           history=4, k=3, offline_batch=8, beam=5)
+    report = run_serve_bench(cfg)
+    offline = report["offline"]
+    assert offline["batch"] == 8 and offline["requests"] >= 16 and offline["throughput_rps"] > 0
+    (level,) = report["levels"]
+    assert level["ratio_to_offline"] == pytest.approx(level["throughput_rps"] / offline["throughput_rps"])
+    table = format_serve_table(report)
+    assert "offline batched decode (nezha, batch 8, beam 5)" in table and "ratio" in table
+
+
 def test_serve_bench_says_when_no_app_answers(tmp_path):
     catalog = Catalog(["a", "b"], np.array([[0, 0], [1, 0]]), (2, 2), ["a", "b"])
     catalog.save(tmp_path / "catalog")
     with pytest.raises(ValueError, match="is the app running"):
         run_serve_bench(ServeBenchConfig(checkpoint=str(tmp_path), url="http://127.0.0.1:9", warmup=1,
-                                         max_seconds=2, timeout_s=1))
+                                         max_seconds=2, timeout_s=1, offline_batch=0))
 
 
 def test_run_level_stops_at_its_time_bound(stub_url):

@@ -23,6 +23,10 @@ def test_recommend_round_trip(service: Service) -> None:
     assert scores == sorted(scores, reverse=True)
     assert body["decoder"] == "nezha" and body["k"] == 5 and body["catalog_version"] >= 1
     assert body["latency_ms"] > 0 and body["replica"] and body["batch"]["size"] >= 1
+    for item in items:  # readable: the catalog's title, and brand/categories from the dataset's items.jsonl
+        row = service.catalog.index_of(item["item_id"])
+        assert item["title"] == service.catalog.titles[row]
+        assert item["brand"] in item["title"] and item["categories"][0] == "Beauty"
     for decoder in ("mtp", "beam"):
         r = service.recommend(decoder=decoder, k=3)
         assert r.status_code == 200 and r.json()["decoder"] == decoder and r.json()["items"], r.text
@@ -35,26 +39,61 @@ def test_exclude_is_never_returned(service: Service) -> None:
     assert not set(got) & set(top[:2]) and len(got) == 3
 
 
+def test_exclude_history_drops_the_users_own_items(service: Service) -> None:
+    history = [f"I{i:03d}" for i in range(30)]  # most of the 48-item catalog: plain answers contain some
+    plain = [i["item_id"] for i in service.recommend(history=history, k=10).json()["items"]]
+    assert set(plain) & set(history)
+    r = service.recommend(history=history, k=10, exclude_history=True)
+    got = [i["item_id"] for i in r.json()["items"]]
+    assert r.status_code == 200 and len(got) == 10 and not set(got) & set(history)  # the search widened
+    # exclude_history is not bounded by max_exclude (20 here): the history already is, by max_history_items.
+    assert service.recommend(history=history, k=10, exclude=history[:21]).status_code == 422
+
+
+def test_batch_recommend_decodes_users_together_and_reports_errors_per_user(service: Service) -> None:
+    users = [{"history": ["I001", "I002"], "k": 3}, {"history": ["NOPE"]}, {"history": ["I020"], "k": 99},
+             {"history": ["I030", "I031"], "k": 2, "exclude_history": True}, {"history": ["I040"], "decoder": "mtp"}]
+    r = service.client.post("/v1/recommend/batch", json={"requests": users})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 422, 422, 200, 200]
+    assert results[1]["error"] == "unknown_items" and results[1]["item_ids"] == ["NOPE"]
+    assert results[2]["error"] == "invalid_request" and "k" in results[2]["detail"]
+    assert len(results[0]["items"]) == 3 and results[0]["items"][0]["title"]
+    assert not {i["item_id"] for i in results[3]["items"]} & {"I030", "I031"}
+    nezha = [results[0], results[3]]
+    assert nezha[0]["batch"] == nezha[1]["batch"] and nezha[0]["batch"]["size"] >= 2  # one decode call
+    too_many = service.client.post("/v1/recommend/batch", json={"requests": [{"history": ["I001"]}] * 9})
+    assert too_many.status_code == 422 and "at most 8" in too_many.json()["detail"]
+    assert service.client.post("/v1/recommend/batch", json={"requests": []}).status_code == 422
+
+
+def test_item_lookup(service: Service) -> None:
+    r = service.client.get("/v1/items/I007")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    row = service.catalog.index_of("I007")
+    assert body["semantic_id"] == int(service.catalog.packed[row])
+    assert body["codes"] == service.catalog.codes[row].tolist()
+    assert body["title"] == service.catalog.titles[row] and body["brand"] == "Bloom"
+    assert body["categories"] == ["Beauty", "Cream"] and body["catalog_version"] >= 1
+    missing = service.client.get("/v1/items/NO-SUCH")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
 def test_concurrent_requests_share_decode_batches(service: Service) -> None:
     bodies = service.burst(24)
     batches = {(b["replica"], b["batch"]["id"]) for b in bodies}
     assert len(batches) < 24 and max(b["batch"]["size"] for b in bodies) > 1
-    metrics = service.client.get("/metrics").text
-    assert 'nezha_decode_batches_total{decoder="nezha"}' in metrics
-    assert "nezha_decode_batch_size_bucket" in metrics and "nezha_request_latency_seconds_bucket" in metrics
 
 
-def test_health_ready_and_metrics(service: Service) -> None:
+def test_health_and_ready(service: Service) -> None:
     assert service.client.get("/healthz").json() == {"status": "ok"}
     ready = service.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["degraded"] == []
     assert ready.json()["catalog"]["mode"] == "redis"
-    metrics = service.client.get("/metrics")
-    assert metrics.headers["content-type"].startswith("text/plain")
-    for name in ("nezha_requests_total", "nezha_invalid_ids_dropped_total", "nezha_catalog_version",
-                 "nezha_catalog_size"):
-        assert name in metrics.text
-    assert "/openapi.json" not in metrics.text and service.client.get("/openapi.json").status_code == 200
+    assert ready.json()["batching"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.05}
+    assert service.client.get("/openapi.json").status_code == 200
 
 
 LONG = [f"X{i}" for i in range(51)]
@@ -152,11 +191,16 @@ def test_catalog_changes_reach_both_replicas(service: Service) -> None:
     r = service.recommend(history=[*HISTORY, top])
     assert r.status_code == 422 and top in r.json()["item_ids"]
 
-    added = service.client.post("/v1/catalog/items", json={"items": [{"item_id": top, "codes": codes}]},
+    meta = {"title": "Back again", "brand": "Phoenix", "categories": ["Beauty", "Returns"]}
+    added = service.client.post("/v1/catalog/items", json={"items": [{"item_id": top, "codes": codes, **meta}]},
                                 headers=ADMIN)
-    assert added.status_code == 200 and added.json()["added"][0]["codes"] == codes
+    assert added.status_code == 200 and added.json()["added"][0] == {
+        "item_id": top, "codes": codes, "semantic_id": added.json()["added"][0]["semantic_id"], **meta}
     version = added.json()["version"]
-    service.wait_replicas(lambda b: b["catalog_version"] >= version and b["items"][0]["item_id"] == top)
+    answers = service.wait_replicas(lambda b: b["catalog_version"] >= version and b["items"][0]["item_id"] == top)
+    for body in answers.values():  # every replica shows the metadata given when adding
+        assert {k: body["items"][0][k] for k in meta} == meta
+    assert {k: service.client.get(f"/v1/items/{top}").json()[k] for k in meta} == meta
 
 
 def test_text_add_gets_a_new_unique_id(service: Service) -> None:
@@ -192,8 +236,6 @@ def test_redis_outage_keeps_serving_and_refuses_writes(service: Service) -> None
             degraded = ready.json()
             break
     assert "catalog store unavailable" in degraded["degraded"][0]
-    metrics = service.client.get("/metrics").text
-    assert "nezha_catalog_degraded" in metrics
 
     service.redis.start()  # the append-only file brings back every acknowledged write
     service.wait_replicas(lambda b: b["catalog_version"] >= acked.json()["version"])
@@ -216,9 +258,9 @@ def test_embedded_catalog_without_redis(service: Service, monkeypatch: pytest.Mo
     monkeypatch.delenv("NEZHA_REDIS_URL", raising=False)
     used = set(service.catalog.packed.tolist())
     codes = codes_of(next(p for p in range(216) if p not in used), service.catalog.codebook_sizes)
-    cfg = ServeConfig(checkpoint=str(service.checkpoint), admin_token="test-admin-token", beam=10,
-                      autoscaling_config={"min_replicas": 1, "max_replicas": 3}, ray_actor_options={"num_cpus": 0.5})
-    serve.run(build_app(cfg), name="embedded", route_prefix="/embedded")
+    cfg = ServeConfig(checkpoint=str(service.checkpoint), admin_token="test-admin-token", beam=10)
+    serve.run(build_app(cfg, {"Recommender": {"ray_actor_options": {"num_cpus": 0.5}}}), name="embedded",
+              route_prefix="/embedded")
     try:
         status = service.client.get("/embedded/v1/catalog", headers=ADMIN).json()
         assert status["catalog"]["mode"] == "embedded" and status["store"]["mode"] == "embedded"
@@ -232,6 +274,18 @@ def test_embedded_catalog_without_redis(service: Service, monkeypatch: pytest.Mo
         serve.delete("embedded")
 
 
+def test_more_than_one_replica_without_redis_is_refused() -> None:
+    from ray.serve._private.config import DeploymentConfig
+
+    from serve.replica import check_embedded_single_replica
+
+    check_embedded_single_replica(DeploymentConfig(num_replicas=1))
+    with pytest.raises(ValueError, match="must run as one replica.*allow 2"):
+        check_embedded_single_replica(DeploymentConfig(num_replicas=2))
+    with pytest.raises(ValueError, match="allow 3"):
+        check_embedded_single_replica(DeploymentConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 3}))
+
+
 @pytest.mark.parametrize("path", ["serve.config.yaml", "cluster/serve.gpu.yaml"])
 def test_shipped_serve_configs_are_valid(path: str) -> None:
     import yaml
@@ -239,6 +293,7 @@ def test_shipped_serve_configs_are_valid(path: str) -> None:
 
     from nezha.config import from_dict
     from serve.app import ServeConfig
+    from serve.config import DEFAULT_OPTIONS, BatchConfig
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
     ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` check
@@ -246,8 +301,27 @@ def test_shipped_serve_configs_are_valid(path: str) -> None:
     assert app["import_path"] == "serve.app:app_builder"
     cfg = from_dict(ServeConfig, app["args"])
     assert cfg.default_decoder in cfg.decoders and cfg.max_k <= cfg.max_beam
-    if path == "serve.config.yaml":
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == set(DEFAULT_OPTIONS)  # both deployments, by the names the builder gives them
+    decoder = deployments["Recommender"]
+    batching = from_dict(BatchConfig, decoder["user_config"])
+    assert decoder["max_ongoing_requests"] > batching.max_batch_size
+    assert decoder["max_queued_requests"] > 0  # bounded: overload gets a fast 503
+    if path == "serve.config.yaml":  # no Redis by default: one decoder replica
         assert config["http_options"]["host"] == "127.0.0.1" and cfg.device == "auto"
+        assert decoder["num_replicas"] == 1 and "autoscaling_config" not in decoder
+
+
+def test_batch_config_errors_name_the_field() -> None:
+    from nezha.config import ConfigError, from_dict
+    from serve.config import BatchConfig
+
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        from_dict(BatchConfig, {"max_batch_size": 0})
+    with pytest.raises(ConfigError, match="batch_wait_timeout_s"):
+        BatchConfig(batch_wait_timeout_s=-1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(BatchConfig, {"max_replicas": 2})
 
 
 def test_config_errors_are_clear() -> None:

@@ -24,6 +24,7 @@ from nezha.config import ConfigError, config_from_args
 from nezha.live_catalog import (
     DEFAULT_FEED_MAXLEN,
     DEFAULT_PREFIX,
+    META_FIELDS,
     REDIS_URL_ENV,
     CatalogStoreError,
     InvalidItemError,
@@ -32,6 +33,7 @@ from nezha.live_catalog import (
     RedisCatalog,
     add_new_items,
     codes_of,
+    load_item_metadata,
     load_quantizer_for,
 )
 
@@ -120,7 +122,8 @@ def _push(cfg: CatalogPushConfig) -> None:
     assert cfg.checkpoint is not None
     catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
     store = cfg.store()
-    version = store.push(catalog, source=str(Path(cfg.checkpoint).resolve()), if_empty=cfg.if_empty)
+    version = store.push(catalog, source=str(Path(cfg.checkpoint).resolve()), if_empty=cfg.if_empty,
+                         item_meta=load_item_metadata(cfg.checkpoint, catalog))
     if version is None:
         print(f"{store.display_url} already holds a catalog under {store.prefix!r}: left unchanged (--if-empty)")
         return
@@ -142,7 +145,8 @@ def _read_jsonl(path: str) -> list[NewItem]:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise InvalidItemError(f"{path}:{n}: expected a JSON object")
-            items.append(NewItem(str(row.get("item_id", "")), row.get("codes"), row.get("text")))
+            items.append(NewItem(str(row.get("item_id", "")), row.get("codes"), row.get("text"),
+                                 {k: row[k] for k in META_FIELDS if k in row}))
     return items
 
 

@@ -4,7 +4,8 @@
     errors.py        the stores' errors, each worded once
     redis_store.py   RedisCatalog: the source of truth in Redis (maps, version, change feed), redact_url
     memory_store.py  InProcessStore: changes to one replica's copy only, when there is no Redis
-    local.py         LocalCatalog: a replica's copy (maps + PrefixVerifier) that the request path reads
+    local.py         LocalCatalog: a replica's copy; CatalogView: that copy at one version (what a decode reads)
+    metadata.py      item metadata (title, brand, categories) shown with recommendations
     follower.py      CatalogFollower: the thread that keeps a LocalCatalog in step with Redis
     new_items.py     new items by explicit codes or by text (nearest free semantic ID)
 
@@ -23,8 +24,9 @@ from nezha.live_catalog.errors import (
     StoreUnavailableError,
 )
 from nezha.live_catalog.follower import CatalogFollower, FollowerHealth
-from nezha.live_catalog.local import LocalCatalog
+from nezha.live_catalog.local import CatalogView, LocalCatalog
 from nezha.live_catalog.memory_store import InProcessStore
+from nezha.live_catalog.metadata import META_FIELDS, ItemMeta, clean_meta, load_item_metadata
 from nezha.live_catalog.new_items import NewItem, add_new_items, check_codes, codes_of, load_quantizer_for
 from nezha.live_catalog.redis_store import RedisCatalog, RemoteState, Snapshot, redact_url
 from nezha.live_catalog.store import (
@@ -37,9 +39,10 @@ from nezha.live_catalog.store import (
 )
 
 __all__ = [
-    "DEFAULT_FEED_MAXLEN", "DEFAULT_PREFIX", "MAX_ITEM_ID_CHARS", "REDIS_URL_ENV",
-    "CatalogConflictError", "CatalogFollower", "CatalogStore", "CatalogStoreError", "FeedEntry", "FollowerHealth",
+    "DEFAULT_FEED_MAXLEN", "DEFAULT_PREFIX", "MAX_ITEM_ID_CHARS", "META_FIELDS", "REDIS_URL_ENV",
+    "CatalogConflictError", "CatalogFollower", "CatalogView", "ItemMeta", "CatalogStore", "CatalogStoreError", "FeedEntry", "FollowerHealth",
     "IdTakenError", "InProcessStore", "InvalidItemError", "ItemExistsError", "ItemNotFoundError", "LocalCatalog",
     "NewItem", "NoCatalogError", "RedisCatalog", "RemoteState", "Snapshot", "StoreUnavailableError",
-    "add_new_items", "check_codes", "codes_of", "load_quantizer_for", "redact_url",
+    "add_new_items", "check_codes", "clean_meta", "codes_of", "load_item_metadata", "load_quantizer_for",
+    "redact_url",
 ]

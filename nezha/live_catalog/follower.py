@@ -137,7 +137,7 @@ class CatalogFollower(threading.Thread):
         self._log.info("catalog resync (%s): version %d, %d items", reason, snapshot.version, len(snapshot.items))
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
-        self.local.replace(snapshot.items, snapshot.version, source="redis")
+        self.local.replace(snapshot.items, snapshot.version, source="redis", meta=snapshot.meta)
         self._epoch, self._run_id = snapshot.epoch, snapshot.run_id
         self._need_resync = False
         self.health.resyncs += 1

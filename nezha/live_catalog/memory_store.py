@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nezha.live_catalog.errors import IdTakenError, ItemExistsError, ItemNotFoundError
@@ -23,7 +23,7 @@ class InProcessStore:
     def used_ids(self) -> set[int]:
         return self.local.used_ids()
 
-    def add(self, items: Sequence[tuple[str, int]]) -> int:
+    def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, dict[str, Any]] | None = None) -> int:
         with self._write_lock:
             for item_id, _ in items:
                 known, _ = self.local.lookup([item_id])
@@ -34,7 +34,7 @@ class InProcessStore:
                 if holder is not None:
                     raise IdTakenError(item_id, packed, holder)
             version = self.local.version + 1
-            self.local.apply([FeedEntry(version, "add", [(i, int(p)) for i, p in items])])
+            self.local.apply([FeedEntry(version, "add", [(i, int(p)) for i, p in items], meta=dict(meta or {}))])
             return version
 
     def remove(self, item_ids: Sequence[str]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ class NewItem:
     item_id: str
     codes: list[int] | None = None
     text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # title, brand, categories shown with recommendations
 
 
 def check_codes(codes: Sequence[int], sizes: Sequence[int]) -> int:
@@ -38,7 +39,7 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
                   attempts: int = 3) -> tuple[int, list[tuple[str, int]]]:
     """Add items with explicit codes or with text (embedded, then given the nearest free ID).
 
-    `store` is a CatalogStore (only its add(pairs) -> version and used_ids() are used).
+    `store` is a CatalogStore (only its add(pairs, meta) -> version and used_ids() are used).
     The store checks ID uniqueness atomically; when a concurrent writer took an ID chosen for a text item,
     that ID is excluded and the assignment retried. Returns (version, [(item id, packed ID)]).
     """
@@ -77,7 +78,7 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
             used.add(packed)  # two new items in one request never share an ID
         pairs = [(i.item_id, assigned[i.item_id]) for i in items]
         try:
-            return store.add(pairs), pairs
+            return store.add(pairs, {i.item_id: i.meta for i in items}), pairs
         except IdTakenError as exc:
             if exc.item_id not in text_ids or attempt == attempts - 1:
                 raise

@@ -6,8 +6,10 @@ Keys under one prefix P (default `nezha:catalog`):
     P:id2item   hash  packed semantic ID -> item id; its keys are the set of valid IDs
     P:version   int   bumped by every change (INCR, or SET under WATCH for a full push)
     P:meta      hash  codebook_sizes (JSON), epoch (random per push), source, pushed_at
+    P:itemmeta  hash  item id -> JSON {title, brand, categories}
     P:feed      stream one entry per change, entry ID `<version>-0`, fields op (add|remove|reset), epoch
-                and items (JSON [[item_id, packed], ...]); capped with MAXLEN ~ feed_maxlen
+                and items (JSON [[item_id, packed, meta JSON], ...]; removals [[item_id, packed], ...]);
+                capped with MAXLEN ~ feed_maxlen
 
 Every change updates the maps, the version and the feed in one atomic step (a Lua script for add/remove,
 WATCH + MULTI/EXEC for a full push), so a reader never sees a version whose feed entry or maps are
@@ -20,8 +22,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -38,23 +40,25 @@ from nezha.live_catalog.errors import (
     NoCatalogError,
     StoreUnavailableError,
 )
+from nezha.live_catalog.metadata import ItemMeta, clean_meta
 from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEntry, check_unique
 
-# ARGV[1] = feed maxlen, then item id / packed ID pairs. All checks happen before any write, so a
-# rejected batch changes nothing; Redis runs the script atomically.
+# ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
+# write, so a rejected batch changes nothing; Redis runs the script atomically.
 _ADD_LUA = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'nocatalog'} end
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   if current then return {'exists', ARGV[i], current} end
   local holder = redis.call('HGET', KEYS[2], ARGV[i + 1])
   if holder then return {'taken', ARGV[i], ARGV[i + 1], holder} end
 end
 local changes = {}
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i])
-  changes[#changes + 1] = {ARGV[i], ARGV[i + 1]}
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 2])
+  changes[#changes + 1] = {ARGV[i], ARGV[i + 1], ARGV[i + 2]}
 end
 local version = redis.call('INCR', KEYS[3])
 local epoch = redis.call('HGET', KEYS[5], 'epoch') or ''
@@ -74,6 +78,7 @@ for i = 2, #ARGV do
   local id = redis.call('HGET', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[6], ARGV[i])
   changes[#changes + 1] = {ARGV[i], id}
 end
 local version = redis.call('INCR', KEYS[3])
@@ -93,6 +98,7 @@ class Snapshot:
     items: dict[str, int]  # item id -> packed ID
     epoch: str
     run_id: str
+    meta: dict[str, ItemMeta] = field(default_factory=dict)  # item id -> title/brand/categories
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class RedisCatalog:
                                            socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
         self.item2id, self.id2item = f"{prefix}:item2id", f"{prefix}:id2item"
         self.version_key, self.meta, self.feed = f"{prefix}:version", f"{prefix}:meta", f"{prefix}:feed"
+        self.item_meta = f"{prefix}:itemmeta"  # item id -> JSON title/brand/categories
         self._add = self.client.register_script(_ADD_LUA)
         self._remove = self.client.register_script(_REMOVE_LUA)
 
@@ -144,14 +151,20 @@ class RedisCatalog:
         return StoreUnavailableError(self.display_url, f"{type(exc).__name__}: {exc}", what)
 
     # ---- writes ----------------------------------------------------------------------------------------
-    def push(self, catalog: Catalog, source: str = "", if_empty: bool = False) -> int | None:
-        """Replace the catalog with `catalog` (maps, meta, version+1, a `reset` feed entry) atomically.
+    def push(self, catalog: Catalog, source: str = "", if_empty: bool = False,
+             item_meta: Mapping[str, ItemMeta] | None = None) -> int | None:
+        """Replace the catalog with `catalog` (maps, item metadata, meta, version+1, a `reset` feed entry)
+        atomically. `item_meta`: title/brand/categories by item id (default: the catalog's titles).
 
         Idempotent in content; every push bumps the version so followers resync. With `if_empty`, only
         seeds a prefix that holds no catalog yet and returns None otherwise.
         """
         item2id = {item: str(int(p)) for item, p in zip(catalog.item_ids, catalog.packed.tolist(), strict=True)}
         id2item = {p: item for item, p in item2id.items()}
+        titles = dict(zip(catalog.item_ids, catalog.titles, strict=True))
+        item_meta = item_meta or {}
+        meta_json = {item: json.dumps(clean_meta(item_meta.get(item) or {"title": titles[item]}))
+                     for item in catalog.item_ids}
         epoch = uuid.uuid4().hex
         meta = {"codebook_sizes": json.dumps(list(catalog.codebook_sizes)), "epoch": epoch, "source": source,
                 "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items)}
@@ -166,9 +179,10 @@ class RedisCatalog:
                             return None
                         version = int(current or 0) + 1
                         pipe.multi()
-                        pipe.delete(self.item2id, self.id2item, self.meta)
+                        pipe.delete(self.item2id, self.id2item, self.meta, self.item_meta)
                         pipe.hset(self.item2id, mapping=item2id)
                         pipe.hset(self.id2item, mapping=id2item)
+                        pipe.hset(self.item_meta, mapping=meta_json)
                         pipe.hset(self.meta, mapping=meta)
                         pipe.set(self.version_key, version)
                         pipe.xadd(self.feed, {"op": "reset", "items": "[]", "epoch": epoch}, id=f"{version}-0",
@@ -180,13 +194,13 @@ class RedisCatalog:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "the push was not applied") from None
 
-    def add(self, items: Sequence[tuple[str, int]]) -> int:
-        """Add (item id, packed ID) pairs, all or none; returns the new version."""
+    def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, ItemMeta] | None = None) -> int:
+        """Add (item id, packed ID) pairs with their metadata, all or none; returns the new version."""
         check_unique([i for i, _ in items], "item id")
         check_unique([p for _, p in items], "semantic ID")
         args: list[Any] = [self.feed_maxlen]
         for item_id, packed in items:
-            args += [item_id, str(int(packed))]
+            args += [item_id, str(int(packed)), json.dumps(clean_meta((meta or {}).get(item_id)))]
         return self._run(self._add, args, "add")
 
     def remove(self, item_ids: Sequence[str]) -> int:
@@ -195,7 +209,7 @@ class RedisCatalog:
         return self._run(self._remove, [self.feed_maxlen, *item_ids], "remove")
 
     def _run(self, script: Any, args: list[Any], what: str) -> int:
-        keys = [self.item2id, self.id2item, self.version_key, self.feed, self.meta]
+        keys = [self.item2id, self.id2item, self.version_key, self.feed, self.meta, self.item_meta]
         try:
             reply = script(keys=keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -219,15 +233,16 @@ class RedisCatalog:
         """The whole catalog at one version (read in one MULTI/EXEC), or None when there is none."""
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key).hgetall(self.id2item).hgetall(self.meta).info("server")
-                version, id2item, meta, info = pipe.execute()
+                pipe.get(self.version_key).hgetall(self.id2item).hgetall(self.meta).hgetall(self.item_meta)
+                version, id2item, meta, item_meta, info = pipe.info("server").execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "cannot read the catalog") from None
         if version is None:
             return None
         return Snapshot(version=int(version), codebook_sizes=tuple(json.loads(meta.get("codebook_sizes", "[]"))),
                         items={item: int(p) for p, item in id2item.items()}, epoch=meta.get("epoch", ""),
-                        run_id=str(info.get("run_id", "")))
+                        run_id=str(info.get("run_id", "")),
+                        meta={item: json.loads(value) for item, value in item_meta.items()})
 
     def remote_state(self) -> RemoteState:
         try:
@@ -247,9 +262,12 @@ class RedisCatalog:
         entries = []
         for _stream, messages in reply or []:
             for entry_id, fields in messages:
-                items = [(str(i), int(p)) for i, p in json.loads(fields.get("items", "[]"))]
+                # [item id, packed ID] (removals, and adds written before metadata existed) or [.., meta JSON]
+                changes = json.loads(fields.get("items", "[]"))
+                items = [(str(c[0]), int(c[1])) for c in changes]
+                meta = {str(c[0]): json.loads(c[2]) for c in changes if len(c) > 2}
                 entries.append(FeedEntry(int(entry_id.split("-")[0]), fields.get("op", ""), items,
-                                         fields.get("epoch", "")))
+                                         fields.get("epoch", ""), meta))
         return entries
 
     def used_ids(self) -> set[int]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from nezha.live_catalog.errors import InvalidItemError
@@ -22,8 +22,8 @@ class CatalogStore(Protocol):
     `nezha.live_catalog.errors` (ItemExistsError, IdTakenError, ItemNotFoundError, ...).
     """
 
-    def add(self, items: Sequence[tuple[str, int]]) -> int:
-        """Add (item id, packed semantic ID) pairs; returns the new version."""
+    def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, dict[str, Any]] | None = None) -> int:
+        """Add (item id, packed semantic ID) pairs, with their metadata by item id; returns the new version."""
         ...
 
     def remove(self, item_ids: Sequence[str]) -> int:
@@ -47,6 +47,7 @@ class FeedEntry:
     op: str  # add | remove | reset
     items: list[tuple[str, int]]
     epoch: str = ""  # the push this change builds on; a follower on another epoch must resync
+    meta: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # added items' title/brand/categories
 
 
 def check_unique(values: Sequence[Any], what: str) -> None:

@@ -6,12 +6,14 @@ check there is) and as a sorted tensor + searchsorted otherwise. Both answer a w
 candidates in one kernel with no host sync, so a decoder can mask invalid branches at every beam step.
 A plain Python set of full IDs serves host-side lookups.
 
-Catalog changes (`update`) rebuild the tables from the ID set and swap them in with one assignment, so a
-decode running on another thread sees either the old or the new catalog, never a mix.
+Catalog changes (`update`) rebuild the tables from the ID set and swap them in with one assignment. A
+decode reads the tables at every level, so a change landing mid-search would mix two catalogs in one call:
+decode with `snapshot()`, a verifier pinned to the tables of one moment, to see exactly one catalog.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ DEFAULT_DENSE_LIMIT = 1 << 24
 
 @dataclass(frozen=True)
 class _Tables:
+    ids: frozenset[int]  # the full IDs the tables were built from
     dense: tuple[torch.Tensor | None, ...]  # per length 1..L: bool[prod T_<l] or None
     sorted_values: tuple[torch.Tensor | None, ...]  # per length 1..L: sorted unique int64 or None
     # per length 0..L-1: bool[prod T_<l, T_l], row p = which codes extend prefix p (None where the
@@ -50,8 +53,7 @@ class PrefixVerifier:
             packed_ids = packed_ids.cpu().numpy()
         values = np.asarray(list(packed_ids) if not isinstance(packed_ids, np.ndarray) else packed_ids, dtype=np.int64)
         self._check_range(values)
-        self._ids: set[int] = set(values.tolist())
-        self._tables = self._build()
+        self._tables = self._build(set(values.tolist()))
 
     # ---- queries -------------------------------------------------------------------------------------
     @property
@@ -59,10 +61,10 @@ class PrefixVerifier:
         return len(self.sizes)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._tables.ids)
 
     def __contains__(self, packed_id: int) -> bool:
-        return int(packed_id) in self._ids
+        return int(packed_id) in self._tables.ids
 
     @property
     def tables(self) -> object:
@@ -71,7 +73,12 @@ class PrefixVerifier:
 
     @property
     def ids(self) -> frozenset[int]:
-        return frozenset(self._ids)
+        return self._tables.ids
+
+    def snapshot(self) -> PrefixVerifier:
+        """A verifier that keeps answering from the current tables whatever `update` or `replace` do later."""
+        # Changes rebind `_tables` on this object (never mutate the tables), so a shallow copy is pinned.
+        return copy.copy(self)
 
     def contains(self, values: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """Bool tensor, same shape as `values`: True where some valid item has that prefix (length l, default L).
@@ -98,7 +105,8 @@ class PrefixVerifier:
         """[..., T_length] bool: which next codes extend each length-`length` prefix to a valid prefix."""
         space = self.weights[length]
         in_range = ((prefix_values >= 0) & (prefix_values < space)).unsqueeze(-1)  # e.g. -1 padding: no children
-        children = self._tables.children[length]
+        tables = self._tables  # one read: a concurrent update swaps the whole object
+        children = tables.children[length]
         if children is not None:
             rows = children.index_select(0, prefix_values.clamp(0, space - 1).reshape(-1))
             return rows.view(*prefix_values.shape, -1) & in_range
@@ -111,18 +119,16 @@ class PrefixVerifier:
         add_values = np.asarray(list(add), dtype=np.int64)
         remove_values = np.asarray(list(remove), dtype=np.int64)
         self._check_range(add_values)
-        ids = set(self._ids)
+        ids = set(self._tables.ids)
         ids.update(add_values.tolist())
         ids.difference_update(remove_values.tolist())
-        tables = self._build(ids)
-        self._ids, self._tables = ids, tables
+        self._tables = self._build(ids)
 
     def replace(self, packed_ids: Iterable[int]) -> None:
         """Swap in a whole new ID set (a full catalog resync)."""
         values = np.asarray(list(packed_ids), dtype=np.int64)
         self._check_range(values)
-        ids = set(values.tolist())
-        self._ids, self._tables = ids, self._build(ids)
+        self._tables = self._build(set(values.tolist()))
 
     # ---- internals -----------------------------------------------------------------------------------
     def _check_range(self, values: np.ndarray) -> None:
@@ -130,8 +136,8 @@ class PrefixVerifier:
             bad = values[(values < 0) | (values >= self.weights[-1])][:5].tolist()
             raise ValueError(f"packed IDs outside 0..{self.weights[-1] - 1} for sizes {list(self.sizes)}: {bad}")
 
-    def _build(self, ids: set[int] | None = None) -> _Tables:
-        full = np.fromiter(self._ids if ids is None else ids, dtype=np.int64)
+    def _build(self, ids: set[int]) -> _Tables:
+        full = np.fromiter(ids, dtype=np.int64, count=len(ids))
         dense: list[torch.Tensor | None] = []
         sorted_values: list[torch.Tensor | None] = []
         for length in range(1, self.levels + 1):
@@ -149,4 +155,4 @@ class PrefixVerifier:
         # as [T_l, W_l] holds the children of p in column p.
         children = tuple(None if table is None else table.view(size, -1).t().contiguous()
                          for table, size in zip(dense, self.sizes, strict=True))
-        return _Tables(tuple(dense), tuple(sorted_values), children)
+        return _Tables(frozenset(ids), tuple(dense), tuple(sorted_values), children)
