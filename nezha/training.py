@@ -26,7 +26,7 @@ from nezha.data.split import Examples
 from nezha.decoding import SELECTION_ORDER, available_decoders
 from nezha.device import resolve_device
 from nezha.evaluation import rank_examples
-from nezha.metrics import hit_ndcg
+from nezha.metrics import metrics_from_ranks, target_ranks
 from nezha.model.checkpoint import create_model, save_checkpoint
 from nezha.model.draft_head import TRANSITIONS
 from nezha.model.model import ModelConfig, NezhaModel, normalise_objectives
@@ -104,6 +104,23 @@ class TrainResult:
     steps: int
     seconds: float
     examples_per_second: float
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands after a step: what a full-state checkpoint keeps beside the optimiser state.
+
+    The data position is (epoch, batches of that epoch done); `train(resume=...)` continues from it.
+    """
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    running_loss: float
+    loss: float  # this step's loss on this rank
+    best: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stale: int = 0
 
 
 class Stepper(Protocol):
@@ -221,23 +238,43 @@ def validation_decoder(model: NezhaModel, select_by: str = "auto") -> str:
 
 
 def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, examples: Examples, beam: int,
-             max_users: int = 0, batch_size: int = 256, decoder: str | None = None) -> dict[str, float]:
+             max_users: int = 0, batch_size: int = 256, decoder: str | None = None, rank: int = 0,
+             world_size: int = 1) -> dict[str, float]:
+    """hit/ndcg@1,5,10 on `max_users` validation users. With world_size > 1 every rank decodes every
+    world_size-th user and the target ranks are gathered (torch.distributed), so all ranks get the
+    metrics of the whole set."""
     examples = examples.subset(max_users)
-    was_training = model.training
-    model.eval()
-    ranked, _invalid = rank_examples(model, decoder or validation_decoder(model), catalog, verifier, examples, beam,
-                                     batch_size=batch_size)
-    model.train(was_training)
-    return hit_ndcg(ranked, catalog.packed[examples.targets], ks=(1, 5, 10))
+    mine = Examples(examples.histories[rank::world_size], examples.targets[rank::world_size])
+    ranks = np.empty(0, dtype=np.int64)
+    if len(mine):
+        was_training = model.training
+        model.eval()
+        ranked, _invalid = rank_examples(model, decoder or validation_decoder(model), catalog, verifier, mine, beam,
+                                         batch_size=batch_size)
+        model.train(was_training)
+        ranks = target_ranks(ranked, catalog.packed[mine.targets])
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, ranks)
+        ranks = np.empty(len(examples), dtype=np.int64)
+        for r, part in enumerate(gathered):
+            ranks[r::world_size] = part  # back in the users' order: the same metrics as one process
+    return metrics_from_ranks(ranks, ks=(1, 5, 10))
 
 
 def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Stepper] | None = None,
           rank: int = 0, world_size: int = 1,
-          on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None) -> TrainResult:
+          on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None,
+          resume: Callable[[], LoopState | None] | None = None,
+          on_step: Callable[[LoopState], None] | None = None,
+          shard_validation: bool = False) -> TrainResult:
     """Train on `cfg.prepared`; rank 0 validates and writes `out/best` (by validation NDCG@10) and `out/last`.
 
     `stepper_factory(model, total_steps)` replaces plain AdamW (train/ passes a DeepSpeed engine);
     `on_evaluation(metrics, best_checkpoint_or_None)` is called on rank 0 after each validation.
+    The distributed trainer also passes `resume()` (called once the stepper exists: the state of a loaded
+    full-state checkpoint, or None), `on_step(state)` (every rank, after each step and its validation) and
+    `shard_validation` (every rank scores a slice of the validation users instead of rank 0 all of them).
     """
     if cfg.patience and world_size > 1:
         # Only rank 0 validates; an early stop there would leave the other ranks waiting in a collective.
@@ -272,13 +309,27 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     seen = 0
     step = 0
     epoch = 0
-    bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    skip = 0  # batches of the first epoch already trained (a resumed run)
     running = 0.0
     stale = 0  # validations since the last new best (early stopping)
+    state = resume() if resume else None
+    if state is not None:
+        # The last batch of an epoch is the start of the next one.
+        position = (state.epoch + 1, 0) if state.batch_in_epoch == epoch_steps else (state.epoch, state.batch_in_epoch)
+        if position != divmod(state.step, epoch_steps):
+            raise ConfigError(f"the checkpoint stopped at step {state.step} = epoch {state.epoch} batch "
+                              f"{state.batch_in_epoch}, which is not where this run's {epoch_steps} batches per "
+                              "epoch put it: resume with the batch size and number of workers it was saved with")
+        step, (epoch, skip) = state.step, position
+        running, best, history, stale = state.running_loss, dict(state.best), list(state.history), state.stale
+        log.info("resumed at step %d (epoch %d, batch %d)", step, epoch, skip)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
     stopped_early = False
     lengths = np.fromiter((len(h) for h in train_examples.histories), dtype=np.int64, count=len(train_examples))
     while step < total_steps:
-        for idx in epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, rank, world_size):
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, rank, world_size)
+        for batch_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
             batch = make_batch(model, catalog, [train_examples.histories[i] for i in idx],
                                train_examples.targets[idx], device)
             losses = stepper.forward(batch)
@@ -294,9 +345,12 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
                 log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f examples/s", step, total_steps, running,
                          " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items() if k != "loss"),
                          stepper.current_lr(), rate)
-            if rank == 0 and (step % eval_every == 0 or step == total_steps):
+            validating = step % eval_every == 0 or step == total_steps
+            if validating and (rank == 0 or shard_validation):
+                shards = world_size if shard_validation else 1
                 metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users,
-                                   decoder=selector)
+                                   decoder=selector, rank=rank % shards, world_size=shards)
+            if rank == 0 and validating:
                 record = {"step": step, "epoch": step / epoch_steps, "loss": running,
                           "seconds": time.perf_counter() - start, "decoder": selector, **metrics}
                 history.append(record)
@@ -312,9 +366,12 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
                 if cfg.patience and stale >= cfg.patience:
                     log.info("early stop at step %d: %d validations without a new best", step, stale)
                     stopped_early = True
+            if on_step:
+                on_step(LoopState(step, epoch, batch_in_epoch, running, loss_value, dict(best), list(history), stale))
             if step >= total_steps or stopped_early:
                 break
         epoch += 1
+        skip = 0
         if stopped_early:
             break
     bar.close()

@@ -90,3 +90,25 @@ def test_quick_search_end_to_end(tiny_prepared, tmp_path, ray_session):
     resumed = run_search(dataclasses.replace(cfg, resume=True))  # finished trials are not trained again
     assert [(r["trial"], r["width"], r["ndcg@10"]) for r in resumed.rows] == \
         [(r["trial"], r["width"], r["ndcg@10"]) for r in report.rows]
+
+
+@pytest.mark.slow
+def test_search_over_the_distributed_trainer(tiny_prepared, tmp_path, ray_session):
+    """trainer: ray makes each trial a 2-worker DeepSpeed job whose validations reach Tune (and ASHA)."""
+    cfg = parse_config(SearchConfig, ["--config", str(QUICK), "--prepared", str(tiny_prepared),
+                                      "--storage-path", str(tmp_path), "--trainer", "ray",
+                                      "--workers-per-trial", "2", "--cpus-per-trial", "0.5"])
+    cfg = dataclasses.replace(cfg, name="quick-ray", transitions=["rnn"], widths=[5], max_concurrent_trials=1)
+    report = run_search(cfg)
+
+    [trial] = report.trials
+    assert trial["status"] == "swept" and trial["steps"] == 8
+    assert trial["best_val_ndcg@10"] >= 0.0  # Tune saw the Train job's validations (steps 4 and 8)
+    [train_run] = [p for p in (tmp_path / "quick-ray" / "train").iterdir() if p.is_dir()]  # named by the trial
+    assert sorted(p.name for p in train_run.glob("state_step*")) == ["state_step00000008"]  # keep_checkpoints 1
+    assert load_checkpoint(report.chosen["checkpoint"]).config.transition == "rnn"
+
+
+def test_trainer_must_be_single_or_ray():
+    with pytest.raises(ConfigError, match="trainer: must be one of"):
+        SearchConfig(trainer="fsdp")

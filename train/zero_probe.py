@@ -30,7 +30,7 @@ from nezha.config import parse_config  # noqa: E402
 from nezha.model.checkpoint import create_model  # noqa: E402
 from nezha.training import make_batch  # noqa: E402
 from nezha.verify import random_packed_ids, unpack  # noqa: E402
-from train.run import DeepSpeedStepper, RayTrainConfig  # noqa: E402
+from train.run import DeepSpeedStepper, RayTrainConfig, use_interpreter_tools  # noqa: E402
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ZeroProbeConfig:
 def run_probe(cfg: ZeroProbeConfig) -> dict[str, object]:
     use_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
+    use_interpreter_tools()  # the ninja that Ray workers build DeepSpeed's ops with: one build cache for both
     # One process is a world of one; DeepSpeed still wants the usual torch.distributed variables.
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29511"}.items():

@@ -5,7 +5,9 @@
 
 Every trial trains with the library's `nezha.training.train` (transition, learning rate and head lr
 multiplier from the search space) and reports each validation to Tune, where ASHA stops weak trials at
-validation steps. A trial that trains to the end then decodes its best checkpoint on the validation users
+validation steps. With `trainer: ray` a trial is a Ray Train job instead (train/run.py: DeepSpeed ZeRO over
+`workers_per_trial` workers, e.g. one per GPU, with its full-state checkpoints); `trainer: single` (the
+default) keeps one process per trial for CPUs. A trial that trains to the end then decodes its best checkpoint on the validation users
 at every beam width (NEZHA decoder: quality, and latency per request at batch 1) without retraining, and
 reports those rows. The driver writes results.csv, results.md and a quality-vs-latency plot next to Ray's
 results and prints the (transition, width) to ship: the best NDCG@10, or the best within a latency budget.
@@ -45,6 +47,7 @@ from nezha.verify.verifier import PrefixVerifier
 log = logging.getLogger("nezha.tune")
 
 OBJECTIVES = ("ndcg", "ndcg_within_budget")
+TRAINERS = ("single", "ray")
 SCORE = "ndcg@10"  # Tune's metric: validation NDCG@10 at eval_beam (ASHA compares trials on it)
 ROW_FIELDS = ("trial", "transition", "lr", "head_lr_mult", "width", "hit@10", "ndcg@10", "p50_ms", "p99_ms",
               "within_budget", "frontier", "checkpoint")
@@ -82,8 +85,13 @@ class SearchConfig:
                                                                     "(ndcg_within_budget; drawn on the plot)"})
     asha_grace_evals: int = field(default=1, metadata={"help": "validations before ASHA may stop a trial"})
     asha_reduction_factor: int = field(default=2, metadata={"help": "ASHA keeps the top 1/N at each rung"})
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    trainer: str = field(default="single", metadata={
+        "help": "single: one process per trial; ray: each trial a Ray Train DeepSpeed job of workers_per_trial"})
+    workers_per_trial: int = field(default=2, metadata={"help": "trainer ray: Ray Train workers per trial"})
+    zero_stage: int = field(default=2, metadata={"help": "trainer ray: DeepSpeed ZeRO stage"})
+    cpus_per_trial: float = field(default=1.0, metadata={"help": "per trial (trainer ray: per worker)"})
+    gpus_per_trial: float = field(default=0.0, metadata={"help": "per trial (trainer ray: > 0 gives each worker "
+                                                                 "one GPU)"})
     max_concurrent_trials: int = field(default=0, metadata={"help": "0: as many as the resources allow"})
     seed: int = 0
     docs_img: str = field(default="", metadata={"help": "also copy the plot into this folder (e.g. docs/img)"})
@@ -92,6 +100,10 @@ class SearchConfig:
         unknown = sorted(set(self.transitions) - set(TRANSITIONS))
         if unknown or not self.transitions:
             raise ConfigError(f"transitions: must be a non-empty subset of {TRANSITIONS}, got {self.transitions}")
+        if self.trainer not in TRAINERS:
+            raise ConfigError(f"trainer: must be one of {TRAINERS}, got {self.trainer!r}")
+        if self.workers_per_trial < 1:
+            raise ConfigError(f"workers_per_trial: must be >= 1, got {self.workers_per_trial}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "ndcg_within_budget" and self.latency_budget_ms <= 0:
@@ -118,7 +130,9 @@ class SearchReport:
 
 def plan_steps(cfg: SearchConfig, num_train_examples: int) -> tuple[int, int]:
     """(training steps per trial, steps between validations), as the library counts them."""
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(num_train_examples, 1, cfg.batch_size)))
+    world = cfg.workers_per_trial if cfg.trainer == "ray" else 1
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(num_train_examples, world,
+                                                                           cfg.batch_size)))
     eval_every = max(1, math.ceil(total / max(1, cfg.evaluations)))
     if eval_every * cfg.asha_grace_evals >= total:
         raise ConfigError(f"{total} steps with a validation every {eval_every}: ASHA needs a validation before "
@@ -219,15 +233,44 @@ def run_trial(config: dict[str, Any], settings: SearchConfig, total_steps: int, 
                  "sweep": {str(row["width"]): row for row in rows}})
 
 
+def run_distributed_trial(config: dict[str, Any], settings: SearchConfig, total_steps: int, eval_every: int,
+                          scratch: str) -> None:
+    """One trial as a Ray Train job (train/run.py's DeepSpeed trainer); its validations reach Tune through
+    Ray Train's report callback. A restored trial continues its Train run from its latest full state."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.run import RayTrainConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    trial = tune.get_context().get_trial_id()
+    train_cfg = RayTrainConfig(
+        prepared=settings.prepared, storage_path=str(Path(settings.storage_path) / settings.name / "train"),
+        name=trial, out=str(Path(scratch) / trial), backbone=settings.backbone, transition=config["transition"],
+        objectives=["nezha"], max_steps=total_steps, batch_size=settings.batch_size, lr=config["lr"],
+        head_lr_mult=config["head_lr_mult"], eval_every=eval_every, checkpoint_every=eval_every,
+        eval_users=settings.eval_users, eval_beam=settings.eval_beam, seed=settings.seed,
+        num_workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_trial,
+        use_gpu=settings.gpus_per_trial > 0, zero_stage=settings.zero_stage, keep_checkpoints=1)
+    summary = run(train_cfg, callbacks=[TuneReportCallback()])
+    device = "cuda" if settings.gpus_per_trial > 0 else "cpu"
+    rows = sweep_quality(summary["best_checkpoint"], settings.prepared, settings.widths, settings.eval_users, device)
+    tune.report({"step": summary["steps"], SCORE: summary["best_metrics"][SCORE],
+                 "sweep": {str(row["width"]): row for row in rows}},
+                checkpoint=tune.Checkpoint.from_directory(summary["best_checkpoint"]))
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
 def make_tuner(cfg: SearchConfig, total_steps: int, eval_every: int, scratch: str) -> tune.Tuner:
     experiment = Path(cfg.storage_path) / cfg.name
+    trial_fn = run_distributed_trial if cfg.trainer == "ray" else run_trial
+    # A distributed trial only drives its Train job; the job's workers reserve the CPUs/GPUs themselves.
+    resources = {"cpu": 0} if cfg.trainer == "ray" else {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=cfg, total_steps=total_steps, eval_every=eval_every,
+        tune.with_parameters(trial_fn, settings=cfg, total_steps=total_steps, eval_every=eval_every,
                              scratch=scratch),
-        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+        resources)
     if tune.Tuner.can_restore(experiment):
         if not cfg.resume:
             raise ConfigError(f"{experiment} already holds a search: pass --resume to continue it, "

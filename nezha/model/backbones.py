@@ -3,6 +3,7 @@ Hugging Face checkpoint directory (real weights; nothing is downloaded)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,30 @@ def build_backbone(spec: str, num_new_tokens: int, dtype: torch.dtype = torch.fl
             f"backbone {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a local Hugging Face "
             "checkpoint directory with a config.json (models are never downloaded at run time)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    base_vocab = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(base_vocab + num_new_tokens)
+    rows = model.get_input_embeddings().weight.shape[0]
+    exported_base = exported_base_vocab(path)
+    if exported_base is None:
+        base_vocab = rows
+        model.resize_token_embeddings(base_vocab + num_new_tokens)
+    elif rows != exported_base + num_new_tokens:
+        # A `nezha export` folder already holds our tokens, for the codebooks it was trained with.
+        raise BackboneError(f"backbone {spec!r} is a nezha export with {rows - exported_base} semantic-ID tokens; "
+                            f"this dataset's codebooks need {num_new_tokens}")
+    else:
+        base_vocab = exported_base
     pad = base_vocab + num_new_tokens - 1
     model.config.pad_token_id = pad
     model.generation_config.pad_token_id = pad
     return model, base_vocab
+
+
+def exported_base_vocab(path: Path) -> int | None:
+    """The base vocabulary of a `nezha export` folder (whose embeddings already hold our tokens), else None."""
+    from nezha.export import META, is_export
+
+    if not is_export(path):
+        return None
+    return int(json.loads((path / META).read_text())["base_vocab"])
 
 
 def backbone_from_config(config_dict: dict[str, Any], dtype: torch.dtype = torch.float32) -> PreTrainedModel:

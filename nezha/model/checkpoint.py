@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -13,9 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from nezha.export import EXPORT_FORMAT, is_export, load_exported, load_heads
 from nezha.model.backbones import BackboneError, backbone_from_config, build_backbone
 from nezha.model.model import DTYPES, ModelConfig, NezhaModel
 from nezha.model.tokens import TokenLayout
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 META = "nezha.json"
@@ -31,7 +35,12 @@ def create_model(config: ModelConfig, seed: int = 0) -> NezhaModel:
     num_new = TokenLayout(0, sizes).num_new_tokens
     backbone, base_vocab = build_backbone(config.backbone, num_new, DTYPES[config.dtype], seed=seed)
     torch.manual_seed(seed + 1)
-    return NezhaModel(backbone, TokenLayout(base_vocab, sizes), config)
+    model = NezhaModel(backbone, TokenLayout(base_vocab, sizes), config)
+    if is_export(config.backbone):
+        # Fine-tuning a `nezha export` folder: its heads too, wherever this model has the same ones.
+        loaded = load_heads(model, config.backbone, strict=False)
+        log.info("loaded the exported heads %s of %s", ", ".join(loaded) or "(none match)", config.backbone)
+    return model
 
 
 def save_checkpoint(model: NezhaModel, out_dir: str | Path, catalog_dir: str | Path | None = None,
@@ -68,15 +77,20 @@ def _sha256(path: Path) -> str:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint or of a `nezha export` folder (whose weights are Hugging Face's files)."""
     path = Path(path)
     meta_path = path / META
-    if not meta_path.is_file() or not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"{path} is not a nezha checkpoint (needs {META} and {WEIGHTS}); "
-                              "train one with `nezha train` or `nezha quickstart`")
+    not_a_checkpoint = CheckpointError(f"{path} is not a nezha checkpoint (needs {META} and {WEIGHTS}); "
+                                       "train one with `nezha train` or `nezha quickstart`")
+    if not meta_path.is_file():
+        raise not_a_checkpoint
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
+    if meta.get("format") != EXPORT_FORMAT and not (path / WEIGHTS).is_file():
+        raise not_a_checkpoint
+    return meta
 
 
 def prepared_dir_of(checkpoint: str | Path) -> Path | None:
@@ -101,6 +115,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     meta = verify_checkpoint(path)
     try:
+        if meta.get("format") == EXPORT_FORMAT:
+            return load_exported(path, meta, device, dtype)
         config = ModelConfig(**meta["model"])
         if dtype is not None:
             config.dtype = dtype
