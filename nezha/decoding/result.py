@@ -21,7 +21,7 @@ class DecodeResult:
 
 def check_verify_mode(verify: str) -> None:
     if verify not in VERIFY_MODES:
-        raise ConfigError(f"verify: unknown mode {verify!r}; choose one of {VERIFY_MODES}")
+        raise ConfigError(f"verify: unknown verify mode {verify!r}; choose one of {VERIFY_MODES}")
 
 
 def finish(ids: torch.Tensor, scores: torch.Tensor, verifier: PrefixVerifier, verify: str,
