@@ -41,6 +41,7 @@ from nezha.recommend import (
     UserHistory,
     atomic_path,
     check_checkpoint,
+    check_parquet_columns,
     parse_line,
     parse_row,
     split_histories,
@@ -107,11 +108,14 @@ def read_input(cfg: RayRecommendConfig) -> ray.data.Dataset:
         users = split_histories(cfg.checkpoint, cfg.from_split)
         return ray.data.from_items([dataclasses.asdict(u) for u in users])
     path = cfg.input or ""
-    if "://" not in path and not Path(path).is_file():
+    local = "://" not in path
+    if local and not Path(path).is_file():
         raise FileNotFoundError(f"input: no such file {path}")
     # Reading only splits the file into blocks: with a CPU of its own it would wait forever when the
     # decoder actors hold every core (2 actors on 2 cores).
     if INPUT_FORMATS[Path(path).suffix.lower()] == "parquet":
+        if local:
+            check_parquet_columns(Path(path))  # here, not as a failed read task
         return ray.data.read_parquet(path, columns=["user_id", "history"], num_cpus=0)
     # Lines as text, parsed by the actors: pyarrow's JSON reader (read_json) fails the whole read on one
     # bad line or one history of another type, and a bad line must only be reported.
@@ -119,7 +123,7 @@ def read_input(cfg: RayRecommendConfig) -> ray.data.Dataset:
 
 
 def _recommendations(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"])).select(RECS_SCHEMA.names).cast(RECS_SCHEMA)
+    return batch.filter(pc.is_null(batch["reason"])).select(RECS_SCHEMA.names)
 
 
 def _skipped(batch: pa.Table) -> pa.Table:

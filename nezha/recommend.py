@@ -18,7 +18,6 @@ Data path (`batch/run.py`), which runs one per actor.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -41,8 +40,6 @@ from nezha.device import resolve_device
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of, read_meta
 from nezha.model.model import ModelConfig
 from nezha.verify.verifier import PrefixVerifier
-
-log = logging.getLogger(__name__)
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
@@ -155,14 +152,15 @@ def parse_row(row: Any, line: int | None = None) -> UserHistory | Skipped:
 
 def parse_line(text: str, line: int | None = None) -> UserHistory | Skipped | None:
     """One JSONL line; None for a blank line (ignored, as Ray Data's read_text drops them)."""
-    if not text.strip():
+    text = text.strip()  # also makes a JSON error's column point into the line, not past its newline
+    if not text:
         return None
     try:
-        parsed = parse_row(json.loads(text.strip()), line)  # stripped: errors point into the line, not past it
+        parsed = parse_row(json.loads(text), line)
     except json.JSONDecodeError as exc:
         parsed = Skipped("malformed", line, detail=f"not valid JSON: {exc.msg} (column {exc.colno})")
     if isinstance(parsed, Skipped) and line is None and parsed.user_id is None:
-        parsed.detail = f"{parsed.detail}: {text.strip()[:80]!r}"  # no line number to find it by: quote it
+        parsed.detail = f"{parsed.detail}: {text[:80]!r}"  # no line number to find it by: quote it
     return parsed
 
 
@@ -174,13 +172,17 @@ def read_jsonl(path: Path) -> Iterator[UserHistory | Skipped]:
                 yield parsed
 
 
-def read_parquet(path: Path) -> Iterator[UserHistory | Skipped]:
-    file = pq.ParquetFile(path)
-    missing = {"user_id", "history"} - set(file.schema_arrow.names)
+def check_parquet_columns(path: Path) -> None:
+    names = pq.ParquetFile(path).schema_arrow.names
+    missing = {"user_id", "history"} - set(names)
     if missing:
-        raise ValueError(f"{path}: no {sorted(missing)} column(s); it has {file.schema_arrow.names}")
+        raise ValueError(f"{path}: no {sorted(missing)} column(s); it has {names}")
+
+
+def read_parquet(path: Path) -> Iterator[UserHistory | Skipped]:
+    check_parquet_columns(path)
     number = 0
-    for batch in file.iter_batches(columns=["user_id", "history"]):
+    for batch in pq.ParquetFile(path).iter_batches(columns=["user_id", "history"]):
         for row in batch.to_pylist():
             number += 1
             yield parse_row(row, number)

@@ -53,6 +53,13 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def recommend(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(["recommend", "--progress", "false", *argv]) == 0
     return capsys.readouterr().out
@@ -235,6 +242,17 @@ def test_ray_data_gives_the_single_process_output(ray_session, tiny_checkpoint, 
         return sorted((r["reason"], r.get("user_id", "")) for r in read_report(path))
 
     assert reasons(tmp_path / "ray.parquet.skipped.jsonl") == reasons(tmp_path / "single.parquet.skipped.jsonl")
+
+    # Parquet in (the rows that Parquet can hold: lists of ids, an empty one, a null user id): the same lists.
+    rows = [r for r in map(json_or_none, lines) if r is not None and isinstance(r.get("history"), list)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "h.parquet")
+    parquet_args = [a if a != str(histories) else str(tmp_path / "h.parquet") for a in args]
+    batch_main([*parquet_args, "--out", str(tmp_path / "ray-from-parquet.parquet"), "--actors", "1"])
+    from_parquet = {r["user_id"]: r["items"] for r in read_recs(tmp_path / "ray-from-parquet.parquet")}
+    assert from_parquet.keys() == single.keys()
+    assert all([i["item_id"] for i in from_parquet[u]] == [i["item_id"] for i in single[u]] for u in single)
+    assert reasons(tmp_path / "ray-from-parquet.parquet.skipped.jsonl") == [
+        ("malformed", ""), ("malformed", "empty"), ("no_known_items", "nobody"), ("unknown_items", "partly")]
 
     with pytest.raises(ConfigError, match="^out: Ray Data writes a folder of Parquet"):
         RayRecommendConfig(checkpoint="c", input="h.jsonl", out="r.jsonl")
