@@ -180,7 +180,6 @@ def check_parquet_columns(path: Path) -> None:
 
 
 def read_parquet(path: Path) -> Iterator[UserHistory | Skipped]:
-    check_parquet_columns(path)
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(columns=["user_id", "history"]):
         for row in batch.to_pylist():
@@ -228,6 +227,7 @@ def open_input(cfg: RecommendConfig) -> tuple[Iterator[UserHistory | Skipped], i
     if not path.is_file():
         raise FileNotFoundError(f"input: no such file {path}")
     if INPUT_FORMATS[path.suffix.lower()] == "parquet":
+        check_parquet_columns(path)  # now: the reading generator would only fail once the run has begun
         return read_parquet(path), pq.ParquetFile(path).metadata.num_rows
     with path.open("rb") as f:
         lines = sum(1 for line in f if line.strip())

@@ -192,10 +192,12 @@ def test_config_errors_name_the_field(tmp_path):
     (["--out", "r.jsonl"], "input: give exactly one of --in FILE and --from-split"),
     (["--in", "missing.jsonl", "--out", "r.jsonl"], "input: no such file missing.jsonl"),
     (["--in", "h.jsonl", "--out", "r.jsonl", "--k", "x"], "k: expected int, got 'x'"),
+    (["--in", "users.parquet", "--out", "r.jsonl"], "users.parquet: no ['history'] column(s)"),
 ])
 def test_cli_errors_are_one_line_not_a_traceback(argv, message, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "h.jsonl", GOOD)
+    pq.write_table(pa.table({"user_id": ["u1"]}), tmp_path / "users.parquet")
     assert main(["recommend", "--checkpoint", str(tiny_checkpoint), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nezha recommend: error: ") and message in err and "Traceback" not in err
