@@ -93,9 +93,6 @@ def test_quick_search_end_to_end(tiny_prepared, tmp_path, ray_session):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="known bug: with trainer=ray the trial's resources form an empty placement group "
-                          "(Ray: 'Cannot initialize a ResourceRequest with an empty head and zero worker bundles')")
 def test_search_over_the_distributed_trainer(tiny_prepared, tmp_path, ray_session):
     """trainer: ray makes each trial a 2-worker DeepSpeed job whose validations reach Tune (and ASHA)."""
     cfg = parse_config(SearchConfig, ["--config", str(QUICK), "--prepared", str(tiny_prepared),

@@ -52,6 +52,7 @@ SCORE = "ndcg@10"  # Tune's metric: validation NDCG@10 at eval_beam (ASHA compar
 ROW_FIELDS = ("trial", "transition", "lr", "head_lr_mult", "width", "hit@10", "ndcg@10", "p50_ms", "p99_ms",
               "within_budget", "frontier", "checkpoint")
 LATENCY_ROUNDS = 5
+DRIVER_CPUS = 0.01  # what a trial with trainer ray reserves for itself (its Train workers reserve theirs)
 
 
 @dataclass
@@ -265,8 +266,9 @@ def run_distributed_trial(config: dict[str, Any], settings: SearchConfig, total_
 def make_tuner(cfg: SearchConfig, total_steps: int, eval_every: int, scratch: str) -> tune.Tuner:
     experiment = Path(cfg.storage_path) / cfg.name
     trial_fn = run_distributed_trial if cfg.trainer == "ray" else run_trial
-    # A distributed trial only drives its Train job; the job's workers reserve the CPUs/GPUs themselves.
-    resources = {"cpu": 0} if cfg.trainer == "ray" else {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    # A distributed trial only drives its Train job; the job's workers reserve the CPUs/GPUs themselves. The
+    # driver still asks for a sliver of a CPU: Tune builds a placement group from it, and Ray refuses an empty one.
+    resources = {"cpu": DRIVER_CPUS} if cfg.trainer == "ray" else {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, settings=cfg, total_steps=total_steps, eval_every=eval_every,
                              scratch=scratch),
