@@ -20,34 +20,40 @@ from nezha.decoding import DECODERS
 from nezha.live_catalog import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, REDIS_URL_ENV
 
 ADMIN_TOKEN_ENV = "NEZHA_ADMIN_TOKEN"
-RECOMMENDER, INGRESS = "Recommender", "Ingress"  # deployment names, as in the `deployments:` section
+RECOMMENDER = "Recommender"  # the deployment's name, as in the `deployments:` section
 
 # Serve deployment options the builder binds; a `deployments:` entry of the Serve config overrides them.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     RECOMMENDER: {
         "num_replicas": 1,
-        "max_ongoing_requests": 64,  # above max_batch_size, so a batch fills while the previous one decodes
-        # Bounded: past it a caller gets a fast 503 `unavailable` (retryable) instead of a 504 after seconds.
+        # Above BatchConfig.max_pending_requests: the replica itself turns away what is past its bound, with a
+        # fast 503 `unavailable` in the API's envelope; the proxy's queue is a backstop only.
+        "max_ongoing_requests": 256,
         "max_queued_requests": 64,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
         "ray_actor_options": {"num_cpus": 1},
     },
-    # The ingress only awaits decoder replicas: its limit stays far above their total capacity.
-    INGRESS: {"num_replicas": 1, "max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.1}},
 }
 
 
 @dataclass
 class BatchConfig:
-    """How a decoder replica groups requests (its `user_config`; changed without restarting replicas)."""
+    """How a replica groups requests (its `user_config`; changed without restarting replicas)."""
 
     max_batch_size: int = field(default=32, metadata={"help": "requests per batched decode call"})
-    batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "how long a batch waits to fill"})
+    batch_wait_timeout_s: float = field(default=0.0, metadata={
+        "help": "how long a batch that is not full waits for more requests (0: decode what waits; under load, "
+                "requests arriving during a decode still form the next batch together)"})
+    max_pending_requests: int = field(default=64, metadata={
+        "help": "requests decoding or waiting on one replica; past it a fast 503 `unavailable` (retryable)"})
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_pending_requests < self.max_batch_size:
+            raise ConfigError(f"max_pending_requests ({self.max_pending_requests}) must be >= max_batch_size "
+                              f"({self.max_batch_size}), or no batch could fill")
         if self.batch_wait_timeout_s < 0:
             raise ConfigError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
 
@@ -82,9 +88,9 @@ class ServeConfig:
     quantizer: str | None = field(default=None, metadata={
         "help": "quantizer.safetensors for text adds (default: the checkpoint's prepared dataset's)"})
     embedding_model: str | None = field(default=None, metadata={"help": "sentence-transformers folder for text adds"})
-    ready_timeout_s: float = field(default=5.0, metadata={"help": "how long /readyz waits for a decoder replica"})
+    ready_timeout_s: float = field(default=5.0, metadata={"help": "how long /readyz waits for the replica's status"})
     request_timeout_s: float = field(default=5.0, metadata={
-        "help": "how long a recommend or admin call waits for its decoder replica before 504 (keep it below "
+        "help": "how long a recommend or admin call may take before 504 (keep it below "
                 "http_options.request_timeout_s, the proxy's own limit)"})
     retry_after_s: int = field(default=1, metadata={"help": "Retry-After of a 503 `unavailable` (seconds)"})
 

@@ -1,9 +1,9 @@
 """The HTTP layer: the FastAPI app (`create_api`), its error envelope, and the store-error -> HTTP table.
 
-Every non-200 answer, from the ingress or from a decoder replica, is `{"error": code, "detail": text, ...}`
-built by `error_body`; no answer ever carries a traceback. Decoder replicas answer the ingress with
-`reply(status, body)` dicts, which `create_api` turns into responses. A 503 `unavailable` (no decoder
-replica could take the call: queue full, none running) is retryable and carries `Retry-After`.
+Every non-200 answer is `{"error": code, "detail": text, ...}` built by `error_body`; no answer ever carries
+a traceback. The replica's methods answer with `reply(status, body)` dicts, which `create_api` turns into
+responses. A 503 `unavailable` (the replica is past its pending-request bound) is retryable and carries
+`Retry-After`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from nezha.live_catalog import (
     StoreUnavailableError,
 )
 from serve.config import ADMIN_TOKEN_ENV, ServeConfig
-from serve.metrics import IngressMetrics
+from serve.metrics import HttpMetrics
 from serve.schemas import (
     AddItemsRequest,
     BatchRecommendRequest,
@@ -55,7 +55,7 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
 
 
 def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
-    """A decoder replica's answer to the ingress: HTTP status and body."""
+    """A replica method's answer to the HTTP layer: HTTP status and body."""
     return {"status": status, "body": body}
 
 
@@ -67,7 +67,7 @@ def error_reply(status: int, code: str, detail: str, **extra: Any) -> dict[str, 
 def store_errors() -> tuple[tuple[type[Exception], int, str], ...]:
     """Catalog admin failures -> (HTTP status, error code), most specific first; errors about one item add its id.
 
-    Built on first use: the embedding module's package pulls in scikit-learn, which the ingress never needs.
+    Built on first use: the embedding module's package pulls in scikit-learn, which recommendations never need.
     """
     from nezha.semantic_ids.embed import EmbeddingModelError
 
@@ -139,18 +139,18 @@ class BodySizeLimit:
 
 
 class Unavailable(Exception):
-    """No decoder replica could take the call (backpressure, none running, the replica died): safe to retry."""
+    """The replica cannot take the call now (past its pending-request bound): safe to retry."""
 
 
 class TimedOut(Exception):
-    """The decoder replica did not answer within request_timeout_s."""
+    """The replica's decode did not finish within request_timeout_s."""
 
 
 Forward = Callable[..., Awaitable[dict[str, Any]]]
 
 
-def create_api(cfg: ServeConfig, forward: Forward, metrics: IngressMetrics) -> FastAPI:
-    """The HTTP API; `forward(method, *args, timeout=seconds)` calls a decoder replica and returns its reply."""
+def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> FastAPI:
+    """The HTTP API; `forward(method, *args, timeout=seconds)` calls a replica method and returns its reply."""
     api = FastAPI(title="NEZHA recommendations", version="1",
                   description="Generative recommendation with the NEZHA decoder over a live item catalog.")
     api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes, on_reject=lambda: metrics.count("*", 413))
@@ -207,7 +207,7 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: IngressMetrics) -> F
             raise StarletteHTTPException(403, "invalid admin token")
 
     def respond(route: str, start: float, answer: dict[str, Any]) -> JSONResponse:
-        """The HTTP response for a decoder replica's `reply(...)`, recorded in the metrics."""
+        """The HTTP response for a replica method's `reply(...)`, recorded in the metrics."""
         body, status = answer["body"], answer["status"]
         elapsed = time.perf_counter() - start
         if status == 200 and route.startswith("/v1/recommend"):

@@ -1,10 +1,9 @@
 """The service's metrics, through Ray Serve's metrics API (`ray.serve.metrics`).
 
-Each replica records what it did (the ingress: HTTP requests and their latency; a decoder replica: batches,
-decode time, invalid IDs, its catalog copy), tagged by Serve with application, deployment and replica. Ray
-exports them on every node's metrics port (`ray start --metrics-export-port`, 8080 in cluster/), named
-`ray_nezha_*`, so totals over N ingress and M decoder replicas are a `sum` in Prometheus and a scrape
-never depends on which replica a load balancer picked. Grafana: cluster/grafana-nezha.json.
+Each replica records what it did (HTTP requests and their latency; batches, decode time, invalid IDs, its
+catalog copy), tagged by Serve with application, deployment and replica. Ray exports them on every node's
+metrics port (`ray start --metrics-export-port`, 8080 in cluster/), named `ray_nezha_*`, so totals over N
+replicas are a `sum` in Prometheus and a scrape never depends on which replica a load balancer picked. Grafana: cluster/grafana-nezha.json.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ LATENCY_BUCKETS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-class IngressMetrics:
+class HttpMetrics:
     """HTTP requests by route template (paths carry item ids and would explode the series) and status."""
 
     def __init__(self) -> None:
@@ -32,7 +31,7 @@ class IngressMetrics:
 
 
 class DecoderMetrics:
-    """A decoder replica's batches and catalog copy."""
+    """A replica's batches and catalog copy."""
 
     def __init__(self) -> None:
         self.batches = Counter("nezha_decode_batches", "batched decode calls", tag_keys=("decoder",))

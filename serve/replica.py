@@ -1,31 +1,37 @@
-"""The Recommender deployment: one decoder replica with the model, a local catalog copy, batched decoding
-and the catalog admin writes.
+"""The Recommender deployment: one replica serves the HTTP API itself (serve/http.py) over the model, a local
+catalog copy, batched decoding and the catalog admin writes.
 
-Each replica loads the safetensors checkpoint and catalog once, on the GPU when Ray gave it one, and groups
-concurrent requests with `@serve.batch` into one `nezha.decoding.decode` call per decoder (one prefill +
+There is no separate ingress deployment: the proxy routes each HTTP request straight to a replica, so a request
+costs one hop and no second (de)serialisation, and no ingress process competes with decoding for the cores
+(docs/serving.md has the profile that chose this). Each replica loads the safetensors checkpoint and catalog once, on the GPU when Ray gave it one, and groups
+concurrent requests (serve/batcher.py) into one `nezha.decoding.decode` call per decoder (one prefill +
 one draft-head beam search for NEZHA). Its catalog copy is followed from Redis by a background thread
 (`nezha.live_catalog.CatalogFollower`) or, without Redis, lives in-process (one replica).
 
-Batch size and wait are its `user_config` (`BatchConfig`), applied by `reconfigure` on running replicas.
+Batch size, batch wait and the pending-request bound are its `user_config` (`BatchConfig`), applied by
+`reconfigure` on running replicas. Past the bound a request gets a fast 503 `unavailable` from the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import itertools
 import json
 import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
@@ -54,9 +60,10 @@ from nezha.live_catalog import (
     redact_url,
 )
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
+from serve.batcher import DecodeBatcher
 from serve.config import BatchConfig, ServeConfig
-from serve.http import admin_errors, error_reply, reply, store_error_reply
-from serve.metrics import DecoderMetrics
+from serve.http import TimedOut, Unavailable, admin_errors, create_api, error_reply, reply, store_error_reply
+from serve.metrics import DecoderMetrics, HttpMetrics
 
 # Under "ray.serve" so Serve writes these lines to each replica's log file.
 log = logging.getLogger("ray.serve.nezha")
@@ -96,7 +103,7 @@ class _Query:
 
 
 class Recommender:
-    """One decoder replica: the model, a local catalog copy, batched decoding, catalog admin."""
+    """One replica: the HTTP API, the model, a local catalog copy, batched decoding, catalog admin."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
@@ -126,6 +133,8 @@ class Recommender:
         # On a GPU the draft head's search is launch-bound: replay it from CUDA graphs (one per batch bucket).
         self.graphs = DraftGraphs() if self.device.type == "cuda" else None
         self.metrics = DecoderMetrics()
+        self.http_metrics = HttpMetrics()
+        self._pending = 0  # recommendation queries decoding or waiting for a batch on this replica
         self.follower: CatalogFollower | None = None
         if cfg.redis_url:
             self.store: CatalogStore = RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen)
@@ -145,6 +154,7 @@ class Recommender:
         self._quantizer_loader = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
         self._quantizer: Any = None
         self._batch_ids = itertools.count()
+        self.batcher = DecodeBatcher(self._decode_batch, BatchConfig.max_batch_size, BatchConfig.batch_wait_timeout_s)
         self.reconfigure({})  # BatchConfig defaults until Serve passes the deployment's user_config
         with torch.inference_mode():  # warm-up: first-call allocations happen before traffic
             view = self.local.view()
@@ -153,11 +163,23 @@ class Recommender:
         log.info("replica %s ready: %s on %s, decoders %s, max_history %d", self.replica, cfg.checkpoint,
                  self.device, self.decoders, self.max_history)
 
+    def __serve_build_asgi_app__(self) -> FastAPI:  # called by Serve once per replica, after __init__
+        return create_api(self.cfg, self._call, self.http_metrics)
+
+    async def _call(self, method: str, *args: Any, timeout: float) -> dict[str, Any]:
+        """The HTTP API's way to this replica's methods, each answer bounded by `timeout` seconds."""
+        answer = getattr(self, method)(*args)
+        if not inspect.isawaitable(answer):
+            return answer
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"the decode did not finish within {timeout} s") from None
+
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve calls this with the deployment's `user_config` at start and whenever it changes."""
         self.batching = from_dict(BatchConfig, dict(user_config or {}), source="Recommender user_config")
-        self._decode_batch.set_max_batch_size(self.batching.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+        self.batcher.configure(self.batching.max_batch_size, self.batching.batch_wait_timeout_s)
         log.info("replica %s batching: %s", self.replica, self.batching)
 
     def __del__(self) -> None:
@@ -188,16 +210,34 @@ class Recommender:
 
     async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
         query = self._query(request)
-        return query if isinstance(query, dict) else await self._decode_batch(query)
+        if isinstance(query, dict):
+            return query
+        with self._admitted(1):
+            return await self.batcher.submit(query)
 
     async def recommend_many(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
         """Many users at once: their queries enter the batcher together, so they decode in one call where
         max_batch_size allows; a user's refusal is that user's reply."""
         queries = [self._query(r) for r in requests]
-        decoded = iter(await asyncio.gather(*(self._decode_batch(q) for q in queries if isinstance(q, _Query))))
+        valid = [q for q in queries if isinstance(q, _Query)]
+        with self._admitted(len(valid)):
+            decoded = iter(await asyncio.gather(*(self.batcher.submit(q) for q in valid)))
         return reply(200, {"results": [q if isinstance(q, dict) else next(decoded) for q in queries]})
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @contextlib.contextmanager
+    def _admitted(self, count: int) -> Iterator[None]:
+        """Count `count` queries as pending while they decode; refuse them at once (503, retryable) when they
+        would take this replica past max_pending_requests, instead of queueing into a timeout."""
+        limit = self.batching.max_pending_requests
+        if self._pending + count > limit:
+            raise Unavailable(f"replica {self.replica} has {self._pending} requests pending (max_pending_requests "
+                              f"{limit}); retry")
+        self._pending += count
+        try:
+            yield
+        finally:
+            self._pending -= count
+
     async def _decode_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
@@ -255,8 +295,7 @@ class Recommender:
         """Cheap (no Redis call): model loaded, catalog copy state, batching in force, why the copy may be stale."""
         status = {"ready": True, "replica": self.replica, "pid": os.getpid(), "loaded_at": self.loaded_at,
                   "device": str(self.device), "decoders": self.decoders,
-                  "batching": {"max_batch_size": self.batching.max_batch_size,
-                               "batch_wait_timeout_s": self.batching.batch_wait_timeout_s},
+                  "batching": asdict(self.batching), "pending": self._pending,
                   "catalog": {"mode": "redis" if self.follower else "embedded", **self.local.state()},
                   "degraded": self.follower.degraded() if self.follower else []}
         if self.follower is not None:

@@ -36,16 +36,24 @@ def free_codes(service: Service, n: int) -> list[list[int]]:
     return [codes_of(next(free), sizes) for _ in range(n)]
 
 
-def until_accepted(send: Callable[[], Any], deadline_s: float = 60.0) -> tuple[Any, int]:
-    """Send until 200, retrying only answers the API marks safe to retry; returns (response, refused tries)."""
+def until_accepted(send: Callable[[], Any], deadline_s: float = 60.0,
+                   crashed: list[str] | None = None) -> tuple[Any, int]:
+    """Send until 200, retrying only answers the API marks safe to retry; returns (response, refused tries).
+
+    `crashed`: a replica is being killed; Serve's proxy answers the requests that were in flight on it with its
+    own plain-text 500 (the app has no hop left to turn that into a 503): count those in it and retry them.
+    """
     refused = 0
     deadline = time.monotonic() + deadline_s
     while True:
         r = send()
         if r.status_code == 200:
             return r, refused
-        assert r.status_code == 503, r.text  # never a 5xx other than "unavailable, retry"
-        assert "Traceback" not in r.text and r.json()["error"] in {"unavailable", "store_unavailable"}
+        if crashed is not None and r.status_code == 500 and r.text == "Internal Server Error":
+            crashed.append(r.text)
+        else:
+            assert r.status_code == 503, r.text  # never a 5xx other than "unavailable, retry"
+            assert "Traceback" not in r.text and r.json()["error"] in {"unavailable", "store_unavailable"}
         refused += 1
         assert time.monotonic() < deadline, f"still refused after {deadline_s} s: {r.text}"
         time.sleep(0.1)
@@ -63,10 +71,10 @@ def test_a_replica_killed_under_load_is_replaced_and_retries_succeed(service: Se
 
     victims = decoder_replica_actors()
     assert len(victims) == 2
-    sent, first_try_failed, statuses = 240, [], []
+    sent, first_try_failed, statuses, crashed = 240, [], [], []
 
     def one_request(_: int) -> None:
-        r, refused = until_accepted(lambda: service.recommend(k=5))
+        r, refused = until_accepted(lambda: service.recommend(k=5), crashed=crashed)
         statuses.append(r.status_code)
         if refused:
             first_try_failed.append(refused)
@@ -81,8 +89,11 @@ def test_a_replica_killed_under_load_is_replaced_and_retries_succeed(service: Se
     killed = victims[0].rsplit("#", 1)[-1]
     replicas = service.wait_replicas(lambda b: True, replicas=2, timeout=180)
     assert killed not in replicas  # Serve started a new replica in its place
+    # Only what was in flight on the killed replica can be lost with it (its pending bound, 64 by default).
+    assert len(crashed) <= 64
     print(f"\nFAULT replica-kill: sent {sent}, failed on first try {len(first_try_failed)} "
-          f"(503 retryable; {sum(first_try_failed)} refused tries), failed after retry 0, replicas serving 2")
+          f"({len(crashed)} proxy 500s for requests in flight on the killed replica, "
+          f"{sum(first_try_failed) - len(crashed)} 503 retryable), failed after retry 0, replicas serving 2")
 
 
 def test_redis_restart_with_changes_during_the_outage_loses_none(service: Service) -> None:
@@ -192,13 +203,13 @@ def test_a_slow_request_gets_504_and_the_replica_keeps_serving(service: Service,
 def _openapi_schema() -> Any:
     from serve.config import ServeConfig
     from serve.http import create_api
-    from serve.metrics import IngressMetrics
+    from serve.metrics import HttpMetrics
 
     async def no_forward(*_: Any, **__: Any) -> dict[str, Any]:
         raise AssertionError("the schema is read, never called")
 
     # The same app Serve runs (same routes, models and limits); only its schema is used here.
-    return schemathesis.openapi.from_dict(create_api(ServeConfig(), no_forward, IngressMetrics()).openapi())
+    return schemathesis.openapi.from_dict(create_api(ServeConfig(), no_forward, HttpMetrics()).openapi())
 
 
 SCHEMA = _openapi_schema()

@@ -92,7 +92,7 @@ def test_health_and_ready(service: Service) -> None:
     ready = service.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["degraded"] == []
     assert ready.json()["catalog"]["mode"] == "redis"
-    assert ready.json()["batching"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.05}
+    assert ready.json()["batching"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.05, "max_pending_requests": 64}
     assert service.client.get("/openapi.json").status_code == 200
 
 
@@ -302,10 +302,11 @@ def test_shipped_serve_configs_are_valid(path: str) -> None:
     cfg = from_dict(ServeConfig, app["args"])
     assert cfg.default_decoder in cfg.decoders and cfg.max_k <= cfg.max_beam
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == set(DEFAULT_OPTIONS)  # both deployments, by the names the builder gives them
+    assert set(deployments) == set(DEFAULT_OPTIONS) == {"Recommender"}  # it serves HTTP itself: no Ingress
     decoder = deployments["Recommender"]
     batching = from_dict(BatchConfig, decoder["user_config"])
-    assert decoder["max_ongoing_requests"] > batching.max_batch_size
+    # The replica, not Serve's queue, turns overload away: Serve must let more requests reach it than it admits.
+    assert decoder["max_ongoing_requests"] > batching.max_pending_requests >= batching.max_batch_size
     assert decoder["max_queued_requests"] > 0  # bounded: overload gets a fast 503
     if path == "serve.config.yaml":  # no Redis by default: one decoder replica
         assert config["http_options"]["host"] == "127.0.0.1" and cfg.device == "auto"

@@ -154,6 +154,7 @@ def train_on(cluster: LocalCluster, tmp_path: Path, tiny_prepared: Path, name: s
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, extra", [
     (2, {"shard-validation": "false"}),  # rank 0 validates alone: the wait to compare with the sharded runs
+    (2, {}),  # sharded validation (the default)
     (3, {"gradient-accumulation-steps": 2}),
 ])
 def test_one_worker_per_node_on_a_two_node_cluster(two_nodes, tiny_prepared, tmp_path, stage, extra):

@@ -1,0 +1,77 @@
+"""Dynamic batching for the decoder: the next batch is formed when the decoder is free, from everything waiting.
+
+Serve's `@serve.batch` forms batches on a timer, also while an earlier batch still decodes; the formed
+batches then queue for the decoder. Measured on the 2-core machine at 16 concurrent clients: 16 requests
+waited on the replica while it decoded batches of 2.4 on average (docs/serving.md). Here one consumer takes
+the waiting queries only when the previous decode has finished, so batches grow with the load, and the
+wait for stragglers (`wait_s`) applies only to a batch that is not full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Query = TypeVar("Query")
+Answer = TypeVar("Answer")
+
+
+class DecodeBatcher(Generic[Query, Answer]):
+    """`await submit(query)` -> its answer from `run(batch)`, which answers a list of queries in order."""
+
+    def __init__(self, run: Callable[[list[Query]], Awaitable[Sequence[Answer]]], max_batch_size: int,
+                 wait_s: float) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self._queue: asyncio.Queue[tuple[Query, asyncio.Future[Answer]]] | None = None
+        self._consumer: asyncio.Task[None] | None = None
+
+    def configure(self, max_batch_size: int, wait_s: float) -> None:
+        """New limits, in force from the next batch."""
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+
+    async def submit(self, query: Query) -> Answer:
+        if self._consumer is None:  # on first use: the queue and the consumer belong to the serving event loop
+            self._queue = asyncio.Queue()
+            self._consumer = asyncio.get_running_loop().create_task(self._consume())
+        assert self._queue is not None
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((query, future))
+        return await future
+
+    async def _next_batch(self) -> list[tuple[Query, asyncio.Future[Answer]]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        # A caller that gave up (its request timed out) needs no decode.
+        return [(q, f) for q, f in batch if not f.done()]
+
+    async def _consume(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                answers = await self._run([q for q, _ in batch])
+            except Exception as exc:  # every caller of the batch gets the error (the API answers 500)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
