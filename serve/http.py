@@ -1,14 +1,12 @@
-"""The HTTP layer: the FastAPI app (`create_api`), its error envelope, and the store-error -> HTTP table.
+"""The HTTP layer: the FastAPI app (`create_api`) over a replica's methods, and its body-size limit.
 
-Every non-200 answer is `{"error": code, "detail": text, ...}` built by `error_body`; no answer ever carries
-a traceback. The replica's methods answer with `reply(status, body)` dicts, which `create_api` turns into
-responses. A 503 `unavailable` (the replica is past its pending-request bound) is retryable and carries
-`Retry-After`.
+Every non-200 answer is the envelope of serve/errors.py; no answer ever carries a traceback. The replica's
+methods answer with `reply(status, body)` dicts, which `create_api` turns into responses. A 503
+`unavailable` (the replica is past its pending-request bound) is retryable and carries `Retry-After`.
 """
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
 import time
@@ -23,13 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nezha.live_catalog import (
     MAX_ITEM_ID_CHARS,
-    CatalogConflictError,
-    InvalidItemError,
-    ItemNotFoundError,
-    NoCatalogError,
-    StoreUnavailableError,
 )
 from serve.config import ADMIN_TOKEN_ENV, ServeConfig
+from serve.errors import TimedOut, Unavailable, error_body, error_reply, error_response, reply
 from serve.metrics import HttpMetrics
 from serve.schemas import (
     AddItemsRequest,
@@ -41,54 +35,6 @@ from serve.schemas import (
 )
 
 log = logging.getLogger("ray.serve.nezha")
-
-
-# ---- the error envelope ----------------------------------------------------------------------------------
-def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """The body of every error answer: a stable machine-readable code, a sentence for people, extra fields."""
-    return {"error": code, "detail": detail, **extra}
-
-
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
-    return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
-
-
-def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
-    """A replica method's answer to the HTTP layer: HTTP status and body."""
-    return {"status": status, "body": body}
-
-
-def error_reply(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return reply(status, error_body(code, detail, **extra))
-
-
-@functools.cache
-def store_errors() -> tuple[tuple[type[Exception], int, str], ...]:
-    """Catalog admin failures -> (HTTP status, error code), most specific first; errors about one item add its id.
-
-    Built on first use: the embedding module's package pulls in scikit-learn, which recommendations never need.
-    """
-    from nezha.semantic_ids.embed import EmbeddingModelError
-
-    return ((InvalidItemError, 422, "invalid_item"),
-            (CatalogConflictError, 409, "conflict"),
-            (ItemNotFoundError, 404, "not_found"),
-            (NoCatalogError, 503, "no_catalog"),
-            (StoreUnavailableError, 503, "store_unavailable"),
-            (EmbeddingModelError, 503, "embedding_unavailable"))
-
-
-def admin_errors() -> tuple[type[Exception], ...]:
-    """The exceptions a catalog change answers with an error reply (anything else is a bug: 500)."""
-    return tuple(cls for cls, _, _ in store_errors())
-
-
-def store_error_reply(exc: Exception) -> dict[str, Any]:
-    """The reply for a failed catalog change (`exc` is one of admin_errors())."""
-    status, code = next((s, c) for cls, s, c in store_errors() if isinstance(exc, cls))
-    extra = {"item_id": exc.item_id} if isinstance(exc, CatalogConflictError | ItemNotFoundError) else {}
-    return error_reply(status, code, str(exc), **extra)
 
 
 class BodySizeLimit:
@@ -136,14 +82,6 @@ class BodySizeLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-
-class Unavailable(Exception):
-    """The replica cannot take the call now (past its pending-request bound): safe to retry."""
-
-
-class TimedOut(Exception):
-    """The replica's decode did not finish within request_timeout_s."""
 
 
 Forward = Callable[..., Awaitable[dict[str, Any]]]

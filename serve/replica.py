@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,28 +41,24 @@ from nezha.decoding import available_decoders, decode, decoder_available
 from nezha.decoding.graphs import DraftGraphs
 from nezha.device import resolve_device
 from nezha.live_catalog import (
-    META_FIELDS,
     REDIS_URL_ENV,
     CatalogFollower,
     CatalogStore,
     CatalogView,
     InProcessStore,
-    InvalidItemError,
     LocalCatalog,
-    NewItem,
     RedisCatalog,
     StoreUnavailableError,
-    add_new_items,
-    clean_meta,
     codes_of,
     load_item_metadata,
-    load_quantizer_for,
     redact_url,
 )
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
+from serve.admin import CatalogAdmin
 from serve.batcher import DecodeBatcher
 from serve.config import BatchConfig, ServeConfig
-from serve.http import TimedOut, Unavailable, admin_errors, create_api, error_reply, reply, store_error_reply
+from serve.errors import TimedOut, Unavailable, error_reply, reply
+from serve.http import create_api
 from serve.metrics import DecoderMetrics, HttpMetrics
 
 # Under "ray.serve" so Serve writes these lines to each replica's log file.
@@ -151,8 +147,8 @@ class Recommender:
             self.local.source = "embedded"
             log.warning("catalog: no Redis URL (%s): in-process catalog from the checkpoint; admin changes apply "
                         "to this replica only and are lost on restart", REDIS_URL_ENV)
-        self._quantizer_loader = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
-        self._quantizer: Any = None
+        self.admin = CatalogAdmin(self.store, self.local, cfg, "redis" if self.follower else "embedded",
+                                  self.replica, on_change=self._observe_catalog)
         self._batch_ids = itertools.count()
         self.batcher = DecodeBatcher(self._decode_batch, BatchConfig.max_batch_size, BatchConfig.batch_wait_timeout_s)
         self.reconfigure({})  # BatchConfig defaults until Serve passes the deployment's user_config
@@ -312,45 +308,9 @@ class Recommender:
             status["store"] = {"mode": "redis", "available": False, "error": str(exc)}
         return reply(200, status)
 
-    # ---- catalog admin -------------------------------------------------------------------------------
+    # ---- catalog admin (serve/admin.py) -------------------------------------------------------------
     async def add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._admin, self._add_items, items)
+        return await asyncio.to_thread(self.admin.add, items)
 
     async def remove_items(self, item_ids: list[str]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._admin, self._remove_items, item_ids)
-
-    def _admin(self, action: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:
-        try:
-            body = action(arg)
-        except admin_errors() as exc:  # serve/http.py maps each to its HTTP status and error code
-            return store_error_reply(exc)
-        # Wait (bounded) for this replica's copy, so the writer can read its own write here at once.
-        applied = self.local.wait_for(body["version"], timeout=1.0)
-        self._observe_catalog()
-        return reply(200, {**body, "mode": "redis" if self.follower else "embedded",
-                            "applied_on_replica": applied, "replica": self.replica})
-
-    def _add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        new = [NewItem(i["item_id"], i.get("codes"), i.get("text"), {k: i[k] for k in META_FIELDS if k in i})
-               for i in items]
-        version, pairs = add_new_items(self.store, new, self.local.sizes, self._load_quantizer_once, self._embed)
-        meta = {n.item_id: clean_meta(n.meta) for n in new}
-        return {"version": version, "added": [{"item_id": item, "semantic_id": packed,
-                                               "codes": codes_of(packed, self.local.sizes), **meta[item]}
-                                              for item, packed in pairs]}
-
-    def _remove_items(self, item_ids: list[str]) -> dict[str, Any]:
-        return {"version": self.store.remove(item_ids), "removed": item_ids}
-
-    def _load_quantizer_once(self) -> Any:
-        if self._quantizer_loader is None:
-            raise InvalidItemError("adding items by text needs the quantizer of the checkpoint's prepared dataset, "
-                                   "which this service cannot find (set `quantizer`); give explicit `codes`")
-        if self._quantizer is None:
-            self._quantizer = self._quantizer_loader()
-        return self._quantizer
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        from nezha.semantic_ids.embed import embed_texts
-
-        return embed_texts(texts, self.cfg.embedding_model, show_progress=False)
+        return await asyncio.to_thread(self.admin.remove, item_ids)

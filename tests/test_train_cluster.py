@@ -25,10 +25,8 @@ from typing import Any
 import pytest
 from redis_fixtures import free_port
 
-# Two `ray start` nodes plus DeepSpeed's CPU build take many minutes on 2 cores and were not yet seen to
-# pass end to end while other jobs loaded the machine: opt in with NEZHA_CLUSTER_TESTS=1.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("NEZHA_CLUSTER_TESTS"),
-                                                   reason="2-node Ray cluster tests: set NEZHA_CLUSTER_TESTS=1")]
+# Two `ray start` nodes and four short jobs: about 3 minutes on the idle 2-core machine.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -183,8 +181,9 @@ def test_ray_job_submit_runs_the_same_job_with_a_users_ds_config(two_nodes, tiny
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
     summary = json.loads(summary_file.read_text())
     lines = check_two_nodes(output, summary)
-    assert summary["steps"] == 20 and summary["config"]["deepspeed_config"] == "train/configs/ds_config.json"
+    assert summary["steps"] == 20 and summary["config"]["deepspeed_config"].endswith("train/configs/ds_config.json")
     best = [line for line in output.splitlines() if line.startswith("best checkpoint:")]
+    submitted = [line for line in output.splitlines() if re.search(r"Job '?raysubmit_\w+'? (submitted|succeeded)", line)]
     print(f"\nray job submit: {' | '.join(lines)}; wall {wall:.1f} s; validation waits per rank "
-          f"{summary['validation_wait_s']} s\n" + "\n".join(best))
+          f"{summary['validation_wait_s']} s\n" + "\n".join(submitted + best))
     assert best

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from nezha.config import add_config_arguments
+from nezha.config import add_config_arguments, config_from_args
 
 
 def add_command(subparsers: Any, name: str, cls: type, handler: Callable[[argparse.Namespace], None]) -> None:
@@ -15,6 +15,20 @@ def add_command(subparsers: Any, name: str, cls: type, handler: Callable[[argpar
     parser = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
     add_config_arguments(parser, cls)
     parser.set_defaults(handler=handler)
+
+
+def report_handler(cls: type, run: Callable[[Any], Any], table: Callable[[Any], str],
+                   outputs: Callable[[Any], list[str | None]]) -> Callable[[argparse.Namespace], None]:
+    """A handler that builds `cls` from the flags, runs it, prints its table and where its files went."""
+
+    def handler(args: argparse.Namespace) -> None:
+        cfg = config_from_args(cls, args)
+        print(table(run(cfg)))
+        for path in outputs(cfg):
+            if path:
+                print(f"wrote {path}")
+
+    return handler
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:

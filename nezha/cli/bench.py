@@ -5,26 +5,8 @@ from __future__ import annotations
 import argparse
 
 from nezha.bench import LatencyBenchConfig, format_latency_table, run_latency_bench
-from nezha.cli._common import add_command
-from nezha.config import config_from_args
+from nezha.cli._common import add_command, report_handler
 from nezha.loadgen import ServeBenchConfig, format_serve_table, run_serve_bench
-
-
-def _latency(args: argparse.Namespace) -> None:
-    cfg = config_from_args(LatencyBenchConfig, args)
-    report = run_latency_bench(cfg)
-    print(format_latency_table(report))
-    for path in (cfg.json, cfg.plot):
-        if path:
-            print(f"wrote {path}")
-
-
-def _serve(args: argparse.Namespace) -> None:
-    cfg = config_from_args(ServeBenchConfig, args)
-    report = run_serve_bench(cfg)
-    print(format_serve_table(report))
-    if cfg.json:
-        print(f"wrote {cfg.json}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,5 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="decoder latency and serving throughput benchmarks",
                                   description=__doc__)
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    add_command(sub, "latency", LatencyBenchConfig, _latency)
-    add_command(sub, "serve", ServeBenchConfig, _serve)
+    add_command(sub, "latency", LatencyBenchConfig, report_handler(
+        LatencyBenchConfig, run_latency_bench, format_latency_table, lambda cfg: [cfg.json, cfg.plot]))
+    add_command(sub, "serve", ServeBenchConfig, report_handler(
+        ServeBenchConfig, run_serve_bench, format_serve_table, lambda cfg: [cfg.json]))

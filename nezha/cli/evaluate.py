@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from nezha.cli._common import add_command
-from nezha.config import config_from_args
+from nezha.cli._common import add_command, report_handler
 from nezha.evaluation import EvalConfig, evaluate, format_table
 
 
-def run(args: argparse.Namespace) -> None:
-    cfg = config_from_args(EvalConfig, args)
-    report = evaluate(cfg)
-    print(format_table(report))
-    if cfg.json:
-        print(f"wrote {cfg.json}")
-
-
 def register(subparsers: Any) -> None:
-    add_command(subparsers, "evaluate", EvalConfig, run)
+    add_command(subparsers, "evaluate", EvalConfig,
+                report_handler(EvalConfig, evaluate, format_table, lambda cfg: [cfg.json]))
