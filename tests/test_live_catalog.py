@@ -365,6 +365,26 @@ def test_load_item_metadata_reads_the_source_items_jsonl(tiny_checkpoint: Path) 
     assert meta["I007"] == {"title": "Bloom cream no. 7", "brand": "Bloom", "categories": ["Beauty", "Cream"]}
 
 
+def test_item_metadata_is_found_when_the_dataset_was_prepared_by_name(tiny_checkpoint: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nezha prepare --dataset amazon-beauty` records a name in its config; the path is `dataset_dir`."""
+    import json
+
+    import nezha.model.checkpoint
+    from nezha.live_catalog import load_item_metadata
+    from nezha.model.checkpoint import prepared_dir_of
+    from nezha.prepare import SUMMARY_FILE
+
+    summary = json.loads((prepared_dir_of(tiny_checkpoint) / SUMMARY_FILE).read_text())
+    dataset_dir = summary.get("dataset_dir") or summary["config"]["dataset"]
+    by_name = tmp_path / "prepared"
+    by_name.mkdir()
+    (by_name / SUMMARY_FILE).write_text(json.dumps({"config": {"dataset": "tiny"}, "dataset_dir": dataset_dir}))
+    monkeypatch.setattr(nezha.model.checkpoint, "prepared_dir_of", lambda checkpoint: by_name)
+    meta = load_item_metadata(tiny_checkpoint)
+    assert meta["I007"] == {"title": "Bloom cream no. 7", "brand": "Bloom", "categories": ["Beauty", "Cream"]}
+
+
 def test_a_verifier_snapshot_keeps_its_catalog_while_the_live_one_changes() -> None:
     from nezha.verify.verifier import PrefixVerifier
 

@@ -43,7 +43,9 @@ def _source_items_file(checkpoint: str | Path) -> Path | None:
     summary = prepared / SUMMARY_FILE if prepared else None
     if summary is None or not summary.is_file():
         return None
-    dataset = json.loads(summary.read_text()).get("config", {}).get("dataset")
+    record = json.loads(summary.read_text())
+    # `dataset_dir` is where prepare found the data; `config.dataset` may be only a name ("amazon-beauty").
+    dataset = record.get("dataset_dir") or record.get("config", {}).get("dataset")
     path = Path(dataset) / "items.jsonl" if dataset else None
     return path if path is not None and path.is_file() else None
 
