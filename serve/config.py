@@ -30,6 +30,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
         # fast 503 `unavailable` in the API's envelope; the proxy's queue is a backstop only.
         "max_ongoing_requests": 256,
         "max_queued_requests": 64,
+        "backpressure_config": {"retry_after_s": 1},  # the proxy's backstop 503 carries Retry-After too
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
         "ray_actor_options": {"num_cpus": 1},
