@@ -80,6 +80,9 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
     # A short private temp dir: Ray's socket paths must stay short, and the cluster address file it writes
     # there must not replace that of another Ray on this machine.
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    # The second node's own: with one shared temp dir, its runtime-env agent garbage-collects a job's unpacked
+    # working_dir (it holds no reference to it) while the job's driver runs in it on the head node.
+    second_temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")
     port, dashboard = free_port(), free_port()
     # `python` in jobs and DeepSpeed's JIT builds (ninja) must come from this interpreter's environment.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -97,8 +100,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
                       f"--ray-client-server-port={free_port()}"], env, logs / "head.log"))
         second = [a if not a.startswith("--dashboard-agent") else f"--dashboard-agent-listen-port={free_port()}"
                   for a in common]
-        nodes.append(start_node(second + [f"--address=127.0.0.1:{port}", "--resources={\"second\": 1}"],
-                                env, logs / "second.log"))
+        nodes.append(start_node(second + [f"--address=127.0.0.1:{port}", f"--temp-dir={second_temp_dir}",
+                                          "--resources={\"second\": 1}"], env, logs / "second.log"))
         cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env)
         wait_for_nodes(cluster, 2, 180)
         yield cluster
@@ -106,6 +109,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
         for process in reversed(nodes):
             stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(second_temp_dir, ignore_errors=True)
 
 
 def wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:

@@ -580,6 +580,11 @@ def run(cfg: RayTrainConfig, callbacks: list[Any] | None = None) -> dict[str, An
     from ray.train.torch import TorchConfig, TorchTrainer
 
     start = time.perf_counter()
+    # Relative paths mean the directory the command started in; under `ray job submit` that is the unpacked
+    # working_dir, which need not outlive the driver's own view of it: make them absolute before Ray starts.
+    cfg = dataclasses.replace(cfg, **{name: str(Path(value).expanduser().resolve())
+                                      for name in ("prepared", "out", "storage_path", "deepspeed_config")
+                                      if (value := getattr(cfg, name)) and not is_uri(value)})
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; else a local instance
     cfg = resolve_config(cfg, float(ray.cluster_resources().get("GPU", 0)))
