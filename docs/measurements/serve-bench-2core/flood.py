@@ -1,33 +1,92 @@
-import json, statistics, sys, threading, time, http.client, os
+"""How fast overload is turned away: N closed-loop clients x 6 requests against one replica admitting 8.
+
+    PYTHONPATH=. .venv/bin/python docs/measurements/serve-bench-2core/flood.py 16 32 64
+
+Starts its own local Ray + Serve on port 8011 with the quickstart checkpoint (docs/serving.md, "Load test").
+The proxy row of that page: set `max_ongoing_requests` 8, `max_queued_requests` 1 and `max_pending_requests`
+64 in OPTIONS, so that Serve's proxy refuses before the replica sees the request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+
 import numpy as np
-from ray import serve
 import ray
-from serve.app import build_app, ServeConfig
+from ray import serve
+
 from nezha.loadgen import sample_histories
-ck = "runs/quickstart/train/best"
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-serve.start(http_options={"host": "127.0.0.1", "port": 8011})
-opts = {"Recommender": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 64,
-        "ray_actor_options": {"num_cpus": 1},
-        "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_pending_requests": 8}}}
-serve.run(build_app(ServeConfig(checkpoint=ck), opts), name="nezha", route_prefix="/")
-hs = sample_histories(ck, 64, 20, np.random.default_rng(0))
-bodies = [json.dumps({"history": h, "k": 10}).encode() for h in hs]
-for clients in map(int, sys.argv[1:]):
-    res = []; lock = threading.Lock()
-    def run(i):
-        c = http.client.HTTPConnection("127.0.0.1", 8011, timeout=30)
-        for j in range(6):
-            t = time.perf_counter(); c.request("POST", "/v1/recommend", body=bodies[(i + j) % 64], headers={"Content-Type": "application/json"})
-            r = c.getresponse(); r.read(); dt = (time.perf_counter() - t) * 1000
-            with lock: res.append((r.status, dt))
-        c.close()
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    r503 = sorted(d for s, d in res if s == 503); r200 = sorted(d for s, d in res if s == 200)
-    other = [s for s, _ in res if s not in (200, 503)]
-    q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))] if v else float("nan")
-    print(f"clients {clients}: sent {len(res)}, 200 {len(r200)}, 503 {len(r503)}, other {len(other)}; "
-          f"503 p50 {q(r503, .5):.1f} p99 {q(r503, .99):.1f} max {r503[-1] if r503 else float('nan'):.1f} ms; "
-          f"200 p50 {q(r200, .5):.1f} ms; load {os.getloadavg()[0]:.1f}", flush=True)
-serve.shutdown(); ray.shutdown()
+from nezha.timing import latency_stats
+from serve.app import ServeConfig, build_app
+
+CHECKPOINT = "runs/quickstart/train/best"
+PORT = 8011
+REQUESTS_PER_CLIENT = 6
+OPTIONS = {"Recommender": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 64,
+                           "ray_actor_options": {"num_cpus": 1},
+                           "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.0,
+                                           "max_pending_requests": 8}}}
+
+
+def flood(bodies: list[bytes], clients: int) -> list[tuple[int, float, str | None]]:
+    """(status, latency ms, Retry-After) of every request of `clients` concurrent keep-alive clients."""
+    results: list[tuple[int, float, str | None]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        for j in range(REQUESTS_PER_CLIENT):
+            start = time.perf_counter()
+            conn.request("POST", "/v1/recommend", body=bodies[(index + j) % len(bodies)],
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            elapsed = (time.perf_counter() - start) * 1000
+            with lock:
+                results.append((response.status, elapsed, response.getheader("Retry-After")))
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def summary(clients: int, results: list[tuple[int, float, str | None]]) -> str:
+    refused = [ms for status, ms, _ in results if status == 503]
+    ok = [ms for status, ms, _ in results if status == 200]
+    other = sum(status not in (200, 503) for status, _, _ in results)
+    line = f"clients {clients}: sent {len(results)}, 200 {len(ok)}, 503 {len(refused)}, other {other}"
+    if refused:
+        stats = latency_stats(refused)
+        retry_after = sorted({str(h) for status, _, h in results if status == 503})
+        line += (f"; 503 p50 {stats['p50']:.1f} p99 {stats['p99']:.1f} max {max(refused):.1f} ms, "
+                 f"Retry-After {retry_after}")
+    if ok:
+        line += f"; 200 p50 {latency_stats(ok)['p50']:.1f} ms"
+    return line + f"; load {os.getloadavg()[0]:.1f}"
+
+
+def main(levels: list[int]) -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(ServeConfig(checkpoint=CHECKPOINT), OPTIONS), name="nezha", route_prefix="/")
+    histories = sample_histories(CHECKPOINT, 64, 20, np.random.default_rng(0))
+    bodies = [json.dumps({"history": h, "k": 10}).encode() for h in histories]
+    try:
+        for clients in levels:
+            print(summary(clients, flood(bodies, clients)), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [16, 32, 64])
