@@ -89,7 +89,6 @@ class ServeConfig:
     quantizer: str | None = field(default=None, metadata={
         "help": "quantizer.safetensors for text adds (default: the checkpoint's prepared dataset's)"})
     embedding_model: str | None = field(default=None, metadata={"help": "sentence-transformers folder for text adds"})
-    ready_timeout_s: float = field(default=5.0, metadata={"help": "how long /readyz waits for the replica's status"})
     request_timeout_s: float = field(default=5.0, metadata={
         "help": "how long a recommend or admin call may take before 504 (keep it below "
                 "http_options.request_timeout_s, the proxy's own limit)"})
@@ -106,8 +105,8 @@ class ServeConfig:
         self.max_k = self.beam if self.max_k is None else self.max_k
         if not 1 <= self.max_k <= self.max_beam:
             raise ConfigError(f"max_k must be in 1..max_beam ({self.max_beam}), got {self.max_k}")
-        if self.request_timeout_s <= 0 or self.ready_timeout_s <= 0:
-            raise ConfigError("request_timeout_s and ready_timeout_s must be > 0")
+        if self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s must be > 0")
         for name in ("max_history_items", "max_batch_users", "max_body_bytes", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,10 +1,10 @@
 """The Recommender deployment: one replica serves the HTTP API itself (serve/http.py) over the model, a local
 catalog copy, batched decoding and the catalog admin writes.
 
-There is no separate ingress deployment: the proxy routes each HTTP request straight to a replica, so a request
-costs one hop and no second (de)serialisation, and no ingress process competes with decoding for the cores
-(docs/serving.md has the profile that chose this). Each replica loads the safetensors checkpoint and catalog once, on the GPU when Ray gave it one, and groups
-concurrent requests (serve/batcher.py) into one `nezha.decoding.decode` call per decoder (one prefill +
+There is no separate ingress deployment: the proxy routes each HTTP request straight to a replica, so a
+request costs one hop and no second (de)serialisation, and no ingress process competes with decoding for
+the cores (docs/serving.md has the profile that chose this). Each replica loads the safetensors checkpoint
+and catalog once, on the GPU when Ray gave it one, and groups concurrent requests (serve/batcher.py) into one `nezha.decoding.decode` call per decoder (one prefill +
 one draft-head beam search for NEZHA). Its catalog copy is followed from Redis by a background thread
 (`nezha.live_catalog.CatalogFollower`) or, without Redis, lives in-process (one replica).
 
@@ -292,7 +292,7 @@ class Recommender:
         status = {"ready": True, "replica": self.replica, "pid": os.getpid(), "loaded_at": self.loaded_at,
                   "device": str(self.device), "decoders": self.decoders,
                   "batching": asdict(self.batching), "pending": self._pending,
-                  "catalog": {"mode": "redis" if self.follower else "embedded", **self.local.state()},
+                  "catalog": {"mode": self.admin.mode, **self.local.state()},
                   "degraded": self.follower.degraded() if self.follower else []}
         if self.follower is not None:
             h = self.follower.health

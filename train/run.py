@@ -194,7 +194,6 @@ def resolve_config(cfg: RayTrainConfig, cluster_gpus: float) -> RayTrainConfig:
     eval_every = cfg.eval_every or steps_per_epoch(train_examples, cfg.num_workers, cfg.batch_size)
     resolved = dataclasses.replace(
         cfg, prepared=str(prepared), use_gpu=use_gpu, dtype=dtype, storage_path=storage, name=name,
-        deepspeed_config=str(Path(cfg.deepspeed_config).expanduser().resolve()) if cfg.deepspeed_config else "",
         out=str(Path(out).expanduser().resolve()), device="cuda" if use_gpu else "cpu", eval_every=eval_every,
         checkpoint_every=cfg.checkpoint_every or eval_every)
     if resolved.checkpoint_every % resolved.gradient_accumulation_steps:
