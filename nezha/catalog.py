@@ -14,8 +14,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nezha.verify.codec import pack
+from nezha.verify.verifier import PrefixVerifier
 
 _FORMAT = "nezha-catalog/1"
 _META_FILE = "catalog.json"
@@ -94,6 +96,14 @@ class Catalog:
     def _packed_order(self) -> np.ndarray:
         return np.argsort(self.packed, kind="stable")
 
+    @cached_property
+    def _sorted_packed(self) -> np.ndarray:
+        return self.packed[self._packed_order]
+
+    def verifier(self, device: str | torch.device = "cpu") -> PrefixVerifier:
+        """The model-free verifier over this catalog's semantic IDs, its tables on `device`."""
+        return PrefixVerifier(self.packed, self.codebook_sizes, device=device)
+
     def index_of(self, item_id: str) -> int:
         try:
             return self._index[item_id]
@@ -106,7 +116,7 @@ class Catalog:
     def item_of_packed(self, values: np.ndarray) -> list[str | None]:
         """Item id for each packed ID; None where no item has that ID."""
         values = np.asarray(values, dtype=np.int64).reshape(-1)
-        sorted_packed = self.packed[self._packed_order]
+        sorted_packed = self._sorted_packed  # cached: one sort per catalog, not one gather per call
         pos = np.minimum(np.searchsorted(sorted_packed, values), self.num_items - 1)
         found = sorted_packed[pos] == values
         rows = self._packed_order[pos]

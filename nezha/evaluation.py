@@ -98,7 +98,7 @@ class EvalConfig:
 
 
 def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[np.ndarray], torch.device]:
-    from nezha.prepare import load_prepared  # local: prepare pulls in the embedding stack
+    from nezha.prepared import load_prepared  # local: prepare pulls in the embedding stack
 
     device = resolve_device(cfg.device)
     prepared = cfg.prepared or prepared_dir_of(cfg.checkpoint)
@@ -115,7 +115,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     examples = split.valid if cfg.split == "valid" else split.test
     examples = examples.subset(cfg.max_users, cfg.seed)
     targets = catalog.packed[examples.targets]
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    verifier = catalog.verifier(device)
     report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "split": cfg.split, "users": len(examples),
                               "device": device_name(device), "config": asdict(cfg), "decoders": {}}
     for decoder in cfg.decoders:

@@ -146,9 +146,8 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     from nezha.evaluation import rank_examples
     from nezha.metrics import target_ranks
     from nezha.model.checkpoint import load_checkpoint
-    from nezha.prepare import load_prepared
+    from nezha.prepared import load_prepared
     from nezha.training import TrainConfig, train
-    from nezha.verify.verifier import PrefixVerifier
 
     run_dir = Path(cfg.out) / "runs" / run.name
     if run_dir.exists():
@@ -171,7 +170,7 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     examples = split.test.subset(cfg.eval_users)
     model = load_checkpoint(trained.best_checkpoint, train_cfg.device if train_cfg.device != "auto" else "cpu")
     device = next(model.parameters()).device
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    verifier = catalog.verifier(device)
     targets = catalog.packed[examples.targets]
     rows: dict[str, Any] = {}
     ranks_out: dict[str, np.ndarray] = {}
@@ -263,8 +262,7 @@ def run_width_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     from nezha.evaluation import measure_latency, rank_examples
     from nezha.metrics import target_ranks
     from nezha.model.checkpoint import load_checkpoint
-    from nezha.prepare import load_prepared
-    from nezha.verify.verifier import PrefixVerifier
+    from nezha.prepared import load_prepared
 
     path = Path(cfg.out) / SWEEP_FILE
     if path.is_file():
@@ -278,7 +276,7 @@ def run_width_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
         catalog, split, _ = load_prepared(prepared_dir(cfg, dataset))
         examples = split.test.subset(cfg.eval_users)
         targets = catalog.packed[examples.targets]
-        verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+        verifier = catalog.verifier()
         models = {run.method: load_checkpoint(Path(cfg.out) / "runs" / run.name / "train" / "best")
                   for run in sweep_runs(cfg) if run.dataset == dataset}
         rows: dict[str, dict[str, Any]] = {}

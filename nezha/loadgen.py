@@ -230,12 +230,11 @@ def run_offline(cfg: ServeBenchConfig, catalog: Catalog, histories: Sequence[Seq
 
     from nezha.decoding import decode
     from nezha.model.checkpoint import load_checkpoint
-    from nezha.verify.verifier import PrefixVerifier
 
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     model = load_checkpoint(cfg.checkpoint, "cpu")
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+    verifier = catalog.verifier()
     codes = [catalog.codes[catalog.indices_of(h)] for h in histories]
     batches = [codes[i:i + cfg.offline_batch] for i in range(0, len(codes), cfg.offline_batch)]
     decoder = cfg.decoder or "nezha"

@@ -45,22 +45,26 @@ from nezha.data.datasets import (
     resolve_dataset_dir,
 )
 from nezha.data.split import Split, leave_one_out, save_sequences
+from nezha.prepared import (
+    CATALOG_DIR,
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_META_FILE,
+    FORMAT,
+    ID_SOURCE_FILE,
+    ID_SOURCE_TEXT,
+    QUANTIZER_FILE,
+    SEQUENCES_FILE,
+    SPLIT_FILE,
+    SUMMARY_FILE,
+    artifacts,
+    load_prepared,
+)
 from nezha.semantic_ids.embed import embed_texts, model_identity
 from nezha.semantic_ids.id_file import COLLISION_RULES, make_unique, read_semantic_ids
 from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_unique_codes
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "nezha-prepared/1"
-SUMMARY_FILE = "prepare.json"
-CATALOG_DIR = "catalog"
-QUANTIZER_FILE = "quantizer.safetensors"
-EMBEDDINGS_FILE = "embeddings.npy"
-EMBEDDINGS_META_FILE = "embeddings.json"
-SEQUENCES_FILE = "sequences.npz"
-SPLIT_FILE = "split.npz"
-_ARTIFACTS = (CATALOG_DIR, QUANTIZER_FILE, SEQUENCES_FILE, SPLIT_FILE)
-_ID_SOURCE_TEXT, _ID_SOURCE_FILE = "rq-kmeans", "file"  # prepare.json "id_source"
 
 # Fields that do not change the outputs: where things are read from/written to (the inputs, the ID file
 # included, enter the fingerprint by content) and the embedding batch size.
@@ -141,7 +145,7 @@ def _sha256_files(paths: list[Path], extra: str) -> str:
 def _fingerprint(cfg: PrepareConfig, dataset_dir: Path) -> str:
     unused = _ID_FILE_ONLY if cfg.semantic_ids is None else _TEXT_ONLY
     relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED | unused}
-    relevant["format"] = _FORMAT
+    relevant["format"] = FORMAT
     items_path, inter_path = dataset_files(dataset_dir, items_required=cfg.semantic_ids is None)
     files = [p for p in (items_path, inter_path) if p is not None]
     if cfg.semantic_ids is None:
@@ -174,13 +178,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     tmp.replace(path)  # atomic: a crashed run never leaves a half-written summary
-
-
-def _artifacts(summary: dict[str, Any]) -> tuple[str, ...]:
-    """The files besides prepare.json that a prepared directory holds: no quantizer when the IDs came from a file."""
-    if summary.get("id_source") == _ID_SOURCE_FILE:
-        return tuple(a for a in _ARTIFACTS if a != QUANTIZER_FILE)
-    return _ARTIFACTS
 
 
 def _check_item_text(ds: Dataset, dataset_dir: Path) -> None:
@@ -266,7 +263,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     summary_path = out / SUMMARY_FILE
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary.get("fingerprint") == fingerprint and all((out / a).exists() for a in _artifacts(summary)):
+        if summary.get("fingerprint") == fingerprint and all((out / a).exists() for a in artifacts(summary)):
             log.info("%s is already prepared with fingerprint %s: reusing it", out, fingerprint[:12])
             catalog, split, quantizer = load_prepared(out)
             return PrepareResult(out, catalog, split, quantizer, summary, cached=True)
@@ -299,11 +296,11 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     timings["total_s"] = time.perf_counter() - start
 
     summary = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "fingerprint": fingerprint,
         "config": dataclasses.asdict(cfg),
         "dataset_dir": str(dataset_dir),
-        "id_source": _ID_SOURCE_TEXT if ids.quantizer is not None else _ID_SOURCE_FILE,
+        "id_source": ID_SOURCE_TEXT if ids.quantizer is not None else ID_SOURCE_FILE,
         **ids.summary,
         "num_items": catalog.num_items,
         "num_users": ds.num_users,
@@ -320,16 +317,3 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         out, timings["total_s"], catalog.num_items, ids.stats["raw_collision_rate"], split.sizes(), split.skipped_users,
     )
     return PrepareResult(out, catalog, split, ids.quantizer, summary, cached=False)
-
-
-def load_prepared(out_dir: str | Path) -> tuple[Catalog, Split, ResidualQuantizer | None]:
-    """Catalog, split and quantizer of a prepared directory. The quantizer is None when the IDs came from a
-    file (`--semantic-ids`): such a dataset cannot give new items IDs from their text."""
-    out = Path(out_dir)
-    summary_path = out / SUMMARY_FILE
-    artifacts = _artifacts(json.loads(summary_path.read_text()) if summary_path.is_file() else {})
-    missing = [a for a in (SUMMARY_FILE, *artifacts) if not (out / a).exists()]
-    if missing:
-        raise DataError(f"{out} is not a prepared directory (missing {missing}); run `nezha prepare --out {out}` first")
-    quantizer = ResidualQuantizer.load(out / QUANTIZER_FILE) if QUANTIZER_FILE in artifacts else None
-    return Catalog.load(out / CATALOG_DIR), Split.load(out / SPLIT_FILE), quantizer

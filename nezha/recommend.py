@@ -39,7 +39,6 @@ from nezha.decoding import DECODERS, decode
 from nezha.device import resolve_device
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of, read_meta
 from nezha.model.model import ModelConfig
-from nezha.verify.verifier import PrefixVerifier
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
@@ -199,7 +198,7 @@ def prepared_max_history(checkpoint: str | Path) -> int | None:
 def split_histories(checkpoint: str | Path, split_name: str) -> list[UserHistory]:
     """The users of the prepared dataset's valid or test split, each with everything before its target."""
     from nezha.data.split import load_sequences
-    from nezha.prepare import SEQUENCES_FILE, load_prepared  # local: prepare pulls in the embedding stack
+    from nezha.prepared import SEQUENCES_FILE, load_prepared  # local: prepare pulls in the embedding stack
 
     prepared = prepared_dir_of(checkpoint)
     if prepared is None:
@@ -258,7 +257,7 @@ class Recommender:
         check_checkpoint(cfg)
         self.model = load_checkpoint(cfg.checkpoint, self.device)
         self.catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
-        self.verifier = PrefixVerifier(self.catalog.packed, self.catalog.codebook_sizes, device=self.device)
+        self.verifier = self.catalog.verifier(self.device)
         self.max_history = cfg.max_history or prepared_max_history(cfg.checkpoint) or DEFAULT_MAX_HISTORY
 
     def width(self, excluded: int) -> int:

@@ -31,7 +31,7 @@ from nezha.model.checkpoint import create_model, save_checkpoint
 from nezha.model.draft_head import TRANSITIONS
 from nezha.model.model import ModelConfig, NezhaModel, normalise_objectives
 from nezha.model.tokens import build_prompts
-from nezha.prepare import load_prepared
+from nezha.prepared import load_prepared
 from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
     catalog_dir = Path(cfg.prepared) / "catalog"
     model = create_model(cfg.model_config(catalog.codebook_sizes), seed=cfg.seed).to(device)
     model.train()
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    verifier = catalog.verifier(device)
     selector = validation_decoder(model, cfg.select_by)
 
     train_examples = split.train

@@ -16,7 +16,7 @@ from nezha.export import HEADS, TOKENS, ExportConfig, export_checkpoint, token_n
 from nezha.model.backbones import BackboneError
 from nezha.model.checkpoint import create_model, load_checkpoint
 from nezha.model.model import ModelConfig
-from nezha.prepare import load_prepared
+from nezha.prepared import load_prepared
 from nezha.training import TrainConfig, make_batch, train
 
 

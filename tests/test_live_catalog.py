@@ -373,7 +373,7 @@ def test_item_metadata_is_found_when_the_dataset_was_prepared_by_name(tiny_check
     import nezha.model.checkpoint
     from nezha.live_catalog import load_item_metadata
     from nezha.model.checkpoint import prepared_dir_of
-    from nezha.prepare import SUMMARY_FILE
+    from nezha.prepared import SUMMARY_FILE
 
     summary = json.loads((prepared_dir_of(tiny_checkpoint) / SUMMARY_FILE).read_text())
     dataset_dir = summary.get("dataset_dir") or summary["config"]["dataset"]

@@ -8,7 +8,8 @@ import pytest
 from nezha.config import ConfigError
 from nezha.data.datasets import DataError
 from nezha.data.split import load_sequences
-from nezha.prepare import PrepareConfig, load_prepared, prepare
+from nezha.prepare import PrepareConfig, prepare
+from nezha.prepared import load_prepared
 from nezha.verify.codec import pack
 
 # ---- prepare ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from nezha.catalog import Catalog
 from nezha.cli import main
 from nezha.config import ConfigError
 from nezha.model.checkpoint import prepared_dir_of
-from nezha.prepare import load_prepared
+from nezha.prepared import load_prepared
 from nezha.recommend import RecommendConfig, Recommender, UserHistory, parse_line, recommend_all
 
 GOOD = [

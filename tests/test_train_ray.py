@@ -23,9 +23,8 @@ from nezha.config import ConfigError, parse_config
 from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint
-from nezha.prepare import load_prepared
+from nezha.prepared import load_prepared
 from nezha.training import LoopState, make_batch, steps_per_epoch, train
-from nezha.verify import PrefixVerifier
 from train.deepspeed_config import deepspeed_config, get_path, leaf_paths
 from train.run import (
     RayTrainConfig,
@@ -254,7 +253,7 @@ def test_two_worker_deepspeed_job_keeps_full_states_and_the_best_model(first_run
     batch = make_batch(model, catalog, split.train.histories[:64], split.train.targets[:64], "cpu")
     with torch.no_grad():
         assert float(model(batch)["loss"]) < 0.8 * float(fresh(batch)["loss"])
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+    verifier = catalog.verifier()
     ranked, _ = rank_examples(model, "nezha", catalog, verifier, split.valid, beam=5)
     metrics = hit_ndcg(ranked, catalog.packed[split.valid.targets], ks=(1, 5, 10))
     assert metrics["hit@10"] == pytest.approx(best["hit@10"])

@@ -9,9 +9,8 @@ from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint, read_meta
 from nezha.model.model import ModelConfig
-from nezha.prepare import load_prepared
+from nezha.prepared import load_prepared
 from nezha.training import TrainConfig, make_batch, param_groups, train, warmup_cosine
-from nezha.verify import PrefixVerifier
 
 
 def test_training_lowers_the_loss_and_beats_chance(tiny_prepared, tmp_path):
@@ -30,7 +29,7 @@ def test_training_lowers_the_loss_and_beats_chance(tiny_prepared, tmp_path):
     assert (tmp_path / "last" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "history.json").read_text())[-1]["step"] == 40
     # the next-item pattern (item i -> i + 1) is learnable: far above the 5/48 of a random guess
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes)
+    verifier = catalog.verifier()
     ranked, invalid = rank_examples(trained, "nezha", catalog, verifier, split.train, beam=5)
     assert hit_ndcg(ranked, catalog.packed[split.train.targets])["hit@5"] > 0.3
     assert invalid.sum() == 0

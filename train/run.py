@@ -174,7 +174,7 @@ def resolve_config(cfg: RayTrainConfig, cluster_gpus: float) -> RayTrainConfig:
     """The config the workers run: no 'auto' left, absolute local paths, validation and checkpoint intervals
     every rank knows, the ZeRO stage of a deepspeed_config file (its errors raised here, not in the workers)."""
     from nezha.data.split import Split
-    from nezha.prepare import SPLIT_FILE
+    from nezha.prepared import SPLIT_FILE
 
     prepared = Path(cfg.prepared).expanduser().resolve()
     if not (prepared / SPLIT_FILE).is_file():

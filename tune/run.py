@@ -40,9 +40,8 @@ from nezha.evaluation import measure_latency, rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import load_checkpoint
 from nezha.model.draft_head import TRANSITIONS
-from nezha.prepare import SPLIT_FILE, load_prepared
+from nezha.prepared import SPLIT_FILE, load_prepared
 from nezha.training import TrainConfig, steps_per_epoch, train, validation_decoder
-from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger("nezha.tune")
 
@@ -163,7 +162,7 @@ def sweep_quality(checkpoint: str | Path, prepared: str | Path, widths: list[int
     run side by side, so their latencies would measure each other's load; the driver times the finalists)."""
     model = load_checkpoint(checkpoint, device)
     catalog, split, _ = load_prepared(prepared)
-    verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+    verifier = catalog.verifier(device)
     examples = split.valid.subset(max_users)  # the users training's validation scores
     targets = catalog.packed[examples.targets]
     decoder = validation_decoder(model)
@@ -193,7 +192,7 @@ def time_finalists(rows: list[dict[str, Any]], cfg: SearchConfig) -> None:
         by_checkpoint.setdefault(row["checkpoint"], []).append(row)
     for checkpoint, ckpt_rows in by_checkpoint.items():
         model = load_checkpoint(checkpoint, device)
-        verifier = PrefixVerifier(catalog.packed, catalog.codebook_sizes, device=device)
+        verifier = catalog.verifier(device)
         decoder = validation_decoder(model)
         rounds = [[measure_latency(model, decoder, catalog, verifier, examples, row["width"], batch_size=1,
                                    repeats=per_round, warmup=3 if r == 0 else 1) for row in ckpt_rows]

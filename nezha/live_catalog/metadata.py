@@ -34,7 +34,7 @@ def clean_meta(raw: dict[str, Any] | None) -> ItemMeta:
 def _source_items_file(checkpoint: str | Path) -> Path | None:
     """items.jsonl of the dataset the checkpoint's prepared dataset was made from, if it is still there."""
     from nezha.model.checkpoint import CheckpointError, prepared_dir_of
-    from nezha.prepare import SUMMARY_FILE
+    from nezha.prepared import SUMMARY_FILE
 
     try:
         prepared = prepared_dir_of(checkpoint)

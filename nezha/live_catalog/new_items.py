@@ -90,7 +90,7 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
 def load_quantizer_for(checkpoint: str | Path | None, quantizer: str | Path | None) -> Callable[[], Any] | None:
     """A loader for the quantizer: an explicit file, else the checkpoint's prepared dataset's; None if neither."""
     from nezha.model.checkpoint import prepared_dir_of
-    from nezha.prepare import QUANTIZER_FILE
+    from nezha.prepared import QUANTIZER_FILE
 
     path: Path | None = Path(quantizer) if quantizer else None
     if path is None and checkpoint is not None:
