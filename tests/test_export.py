@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 from nezha.cli import main as cli
 from nezha.config import ConfigError
 from nezha.evaluation import EvalConfig, evaluate
-from nezha.export import HEADS, TOKENS, ExportConfig, export_checkpoint, token_names
+from nezha.export import ExportConfig, export_checkpoint
 from nezha.model.backbones import BackboneError
 from nezha.model.checkpoint import create_model, load_checkpoint
+from nezha.model.hf_export import HEADS, TOKENS, token_names
 from nezha.model.model import ModelConfig
 from nezha.prepared import load_prepared
 from nezha.training import TrainConfig, make_batch, train

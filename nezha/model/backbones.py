@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from nezha.model.hf_export import META, is_export
+
 # Shapes of the models the paper and users run; weights do not change latency, so random init is
 # enough for benchmarks. base_vocab keeps the real vocabulary size so the LM head costs what it costs.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -81,8 +83,6 @@ def build_backbone(spec: str, num_new_tokens: int, dtype: torch.dtype = torch.fl
 
 def exported_base_vocab(path: Path) -> int | None:
     """The base vocabulary of a `nezha export` folder (whose embeddings already hold our tokens), else None."""
-    from nezha.export import META, is_export
-
     if not is_export(path):
         return None
     return int(json.loads((path / META).read_text())["base_vocab"])

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from nezha.export import EXPORT_FORMAT, is_export, load_exported, load_heads
 from nezha.model.backbones import BackboneError, backbone_from_config, build_backbone
+from nezha.model.hf_export import EXPORT_FORMAT, is_export, load_exported, load_heads
 from nezha.model.model import DTYPES, ModelConfig, NezhaModel
 from nezha.model.tokens import TokenLayout
 
