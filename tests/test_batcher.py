@@ -85,3 +85,43 @@ def test_a_caller_that_gave_up_is_not_decoded() -> None:
         return decoder.batches
 
     assert asyncio.run(scenario()) == [[0], [2]]
+
+
+def test_a_decode_answering_the_wrong_number_fails_its_batch_and_the_batcher_keeps_serving() -> None:
+    async def scenario() -> tuple[list[object], int]:
+        calls = 0
+
+        async def one_answer_short(queries: list[int]) -> list[int]:
+            nonlocal calls
+            calls += 1
+            answers = [q * 10 for q in queries]
+            return answers[:-1] if calls == 1 else answers
+
+        batcher = DecodeBatcher(one_answer_short, max_batch_size=8, wait_s=0.0)
+        # Short timeouts: a batcher whose consumer died would leave these waiting forever.
+        failed = await asyncio.wait_for(asyncio.gather(batcher.submit(1), batcher.submit(2),
+                                                       return_exceptions=True), 2)
+        return failed, await asyncio.wait_for(batcher.submit(3), 2)
+
+    failed, later = asyncio.run(scenario())
+    # No caller of the bad batch gets an answer that may be another's: all of them get the error.
+    assert all(isinstance(f, RuntimeError) and "answered 1 of 2" in str(f) for f in failed), failed
+    assert later == 30
+
+
+def test_stop_ends_the_consumer_and_fails_every_waiting_caller() -> None:
+    async def scenario() -> tuple[list[object], object, set[asyncio.Task[object]]]:
+        batcher = DecodeBatcher(SlowDecoder(0.5), max_batch_size=1, wait_s=0.0)
+        decoding = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)  # [0] decodes
+        queued = asyncio.create_task(batcher.submit(1))  # waits for the decoder
+        await asyncio.sleep(0.01)
+        batcher.stop()
+        outcomes = await asyncio.wait_for(asyncio.gather(decoding, queued, return_exceptions=True), 2)
+        late = await asyncio.wait_for(asyncio.gather(batcher.submit(2), return_exceptions=True), 2)
+        await asyncio.sleep(0.01)
+        return outcomes, late[0], asyncio.all_tasks() - {asyncio.current_task()}
+
+    outcomes, late, tasks_left = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) and "stopped" in str(o) for o in [*outcomes, late]), [*outcomes, late]
+    assert tasks_left == set()  # the consumer task has ended
