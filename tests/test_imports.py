@@ -4,6 +4,8 @@ imports it back, directly or through others."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 NEZHA = Path(__file__).resolve().parents[1] / "nezha"
@@ -84,3 +86,11 @@ def test_a_cycle_closed_by_an_import_inside_a_function_is_found(tmp_path: Path) 
     (package / "sub" / "b.py").write_text("def f():\n    from pkg import a\n")
     (package / "c.py").write_text("from . import a\n")
     assert import_cycles(package) == [["pkg.a", "pkg.sub.b", "pkg.a"]]
+
+
+def test_reading_prepared_data_and_quantizers_imports_no_kmeans_or_embedding_library() -> None:
+    heavy = ("sklearn", "sentence_transformers")
+    code = ("import sys; import nezha.prepared, nezha.semantic_ids, nezha.live_catalog; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

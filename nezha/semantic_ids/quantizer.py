@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from sklearn.cluster import KMeans
 
 from nezha.verify.codec import pack, radix_weights
 
@@ -35,13 +34,8 @@ _FORMAT = "nezha-rq-kmeans/1"
 
 
 class ResidualQuantizer:
-    """RQ-KMeans with scikit-learn's full (Lloyd) KMeans, k-means++ init, fitted in float64.
-
-    Measured on Beauty (12,035 x 384, T=256, 2 CPU cores), CPU seconds for one level: float64 input
-    ~9 s (k-means++ ~6 s of it, inertia 4586); float32 input ~33 s, because sklearn's k-means++ upcasts
-    float32 distances chunk by chunk. MiniBatchKMeans was no faster here and worse (inertia 4648), and
-    n_init=3 bought 0.1% inertia for 2-3x the time, so the default is full KMeans with n_init=1.
-    """
+    """RQ-KMeans codebooks: fitted per level by nezha/semantic_ids/rq_kmeans.py (scikit-learn's KMeans, its
+    measurements there), stored as safetensors, and encoding with numpy alone."""
 
     def __init__(
         self,
@@ -76,6 +70,9 @@ class ResidualQuantizer:
             raise RuntimeError("ResidualQuantizer is not fitted: call fit() or load()")
 
     def fit(self, X: np.ndarray) -> ResidualQuantizer:
+        # Imported here: scikit-learn is for fitting only; loading and encoding (training, serving) go without.
+        from nezha.semantic_ids.rq_kmeans import kmeans_level
+
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or len(X) < max(self.codebook_sizes):
             raise ValueError(
@@ -86,13 +83,11 @@ class ResidualQuantizer:
         self.centroids, self.fit_stats = [], []
         for level, size in enumerate(self.codebook_sizes):
             start = time.perf_counter()
-            km = KMeans(
-                n_clusters=size, n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed + level
-            ).fit(residual.astype(np.float64))
-            centroids = km.cluster_centers_.astype(np.float32)
+            centroids, iterations, inertia = kmeans_level(residual, size, seed=self.seed + level,
+                                                          n_init=self.n_init, max_iter=self.max_iter)
             self.centroids.append(centroids)
             residual -= centroids[self.distances(residual, level).argmin(1)]
-            stats = {"seconds": time.perf_counter() - start, "iterations": int(km.n_iter_), "inertia": float(km.inertia_)}
+            stats = {"seconds": time.perf_counter() - start, "iterations": iterations, "inertia": inertia}
             self.fit_stats.append(stats)
             log.info(
                 "rq-kmeans level %d: %d codes, %d iterations, inertia %.4g, %.2f s",
