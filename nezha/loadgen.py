@@ -25,9 +25,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import torch
 
 from nezha.catalog import Catalog
-from nezha.model.checkpoint import CheckpointError, prepared_dir_of
+from nezha.data.split import Split
+from nezha.decoding import decode
+from nezha.model.checkpoint import CheckpointError, load_checkpoint, prepared_dir_of
 from nezha.timing import latency_stats
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,6 @@ def _test_split_histories(checkpoint: str | Path, catalog: Catalog) -> list[np.n
         return None
     if prepared is None or not (prepared / "split.npz").is_file():
         return None
-    from nezha.data.split import Split
-
     histories = [h for h in Split.load(prepared / "split.npz").test.histories if len(h)]
     if not histories or max(int(h.max()) for h in histories) >= catalog.num_items:
         return None  # empty, or not this catalog's items
@@ -226,11 +227,6 @@ def _reported(answer: bytes) -> tuple[float | None, int | None]:
 
 def run_offline(cfg: ServeBenchConfig, catalog: Catalog, histories: Sequence[Sequence[str]]) -> dict[str, Any]:
     """Requests/s of the checkpoint's batched decoder in this process (CPU), on the bench's histories."""
-    import torch
-
-    from nezha.decoding import decode
-    from nezha.model.checkpoint import load_checkpoint
-
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     model = load_checkpoint(cfg.checkpoint, "cpu")

@@ -36,6 +36,7 @@ from nezha.live_catalog import (
     load_item_metadata,
     load_quantizer_for,
 )
+from nezha.semantic_ids.embed import embed_texts
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def _add(cfg: CatalogAddConfig) -> None:
     quantizer = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
 
     def embed(texts: list[str]) -> np.ndarray:
-        from nezha.semantic_ids.embed import embed_texts
-
         return embed_texts(texts, cfg.embedding_model, show_progress=False)
 
     version, pairs = add_new_items(store, items, sizes, quantizer, embed)

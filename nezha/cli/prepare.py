@@ -7,12 +7,10 @@ from typing import Any
 
 from nezha.cli._common import add_command
 from nezha.config import config_from_args
-from nezha.prepare import PrepareConfig
+from nezha.prepare import PrepareConfig, prepare
 
 
 def run(args: argparse.Namespace) -> None:
-    from nezha.prepare import prepare
-
     result = prepare(config_from_args(PrepareConfig, args))
     s = result.summary
     ids = s["semantic_ids"]

@@ -11,6 +11,9 @@ from typing import Any
 
 from nezha.cli._common import add_command
 from nezha.config import config_from_args
+from nezha.evaluation import EvalConfig, evaluate, format_table
+from nezha.prepare import PrepareConfig, prepare
+from nezha.training import TrainConfig, train
 
 log = logging.getLogger("nezha")
 
@@ -42,10 +45,6 @@ class QuickstartConfig:
 
 
 def run(args: argparse.Namespace) -> None:
-    from nezha.evaluation import EvalConfig, evaluate, format_table
-    from nezha.prepare import PrepareConfig, prepare
-    from nezha.training import TrainConfig, train
-
     cfg = config_from_args(QuickstartConfig, args)
     out = Path(cfg.out)
     start = time.perf_counter()

@@ -7,12 +7,10 @@ from typing import Any
 
 from nezha.cli._common import add_command, metrics_line
 from nezha.config import config_from_args
-from nezha.training import TrainConfig
+from nezha.training import TrainConfig, train
 
 
 def run(args: argparse.Namespace) -> None:
-    from nezha.training import train
-
     result = train(config_from_args(TrainConfig, args))
     print(f"best checkpoint: {result.best_checkpoint} (validation {metrics_line(result.best_metrics)})")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from nezha.catalog import Catalog
+from nezha.model.checkpoint import CheckpointError, prepared_dir_of
+from nezha.prepared import read_summary
 
 META_FIELDS = ("title", "brand", "categories")
 ItemMeta = dict[str, Any]  # {"title": str | None, "brand": str | None, "categories": list[str]}
@@ -33,17 +35,11 @@ def clean_meta(raw: dict[str, Any] | None) -> ItemMeta:
 
 def _source_items_file(checkpoint: str | Path) -> Path | None:
     """items.jsonl of the dataset the checkpoint's prepared dataset was made from, if it is still there."""
-    from nezha.model.checkpoint import CheckpointError, prepared_dir_of
-    from nezha.prepared import SUMMARY_FILE
-
     try:
         prepared = prepared_dir_of(checkpoint)
     except CheckpointError:
         return None
-    summary = prepared / SUMMARY_FILE if prepared else None
-    if summary is None or not summary.is_file():
-        return None
-    record = json.loads(summary.read_text())
+    record = read_summary(prepared) if prepared else {}
     # `dataset_dir` is where prepare found the data; `config.dataset` may be only a name ("amazon-beauty").
     dataset = record.get("dataset_dir") or record.get("config", {}).get("dataset")
     path = Path(dataset) / "items.jsonl" if dataset else None

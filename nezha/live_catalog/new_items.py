@@ -13,6 +13,9 @@ import numpy as np
 
 from nezha.live_catalog.errors import IdTakenError, InvalidItemError
 from nezha.live_catalog.store import MAX_ITEM_ID_CHARS, CatalogStore, check_unique
+from nezha.model.checkpoint import prepared_dir_of
+from nezha.prepared import QUANTIZER_FILE
+from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_new_item
 from nezha.verify.codec import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,6 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
     The store checks ID uniqueness atomically; when a concurrent writer took an ID chosen for a text item,
     that ID is excluded and the assignment retried. Returns (version, [(item id, packed ID)]).
     """
-    from nezha.semantic_ids.quantizer import assign_new_item  # local: pulls in scikit-learn
-
     for item in items:
         if not isinstance(item.item_id, str) or not item.item_id.strip() or len(item.item_id) > MAX_ITEM_ID_CHARS:
             raise InvalidItemError(f"item id {item.item_id!r} must be a non-blank string of at most "
@@ -87,11 +88,9 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
     raise AssertionError("unreachable")
 
 
-def load_quantizer_for(checkpoint: str | Path | None, quantizer: str | Path | None) -> Callable[[], Any] | None:
+def load_quantizer_for(checkpoint: str | Path | None,
+                       quantizer: str | Path | None) -> Callable[[], ResidualQuantizer] | None:
     """A loader for the quantizer: an explicit file, else the checkpoint's prepared dataset's; None if neither."""
-    from nezha.model.checkpoint import prepared_dir_of
-    from nezha.prepared import QUANTIZER_FILE
-
     path: Path | None = Path(quantizer) if quantizer else None
     if path is None and checkpoint is not None:
         prepared = prepared_dir_of(checkpoint)
@@ -99,9 +98,7 @@ def load_quantizer_for(checkpoint: str | Path | None, quantizer: str | Path | No
     if path is None or not path.is_file():
         return None
 
-    def load() -> Any:
-        from nezha.semantic_ids.quantizer import ResidualQuantizer
-
+    def load() -> ResidualQuantizer:
         return ResidualQuantizer.load(path)
 
     return load
