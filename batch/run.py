@@ -4,11 +4,11 @@
     ray job submit --working-dir . -- python -m batch.run --checkpoint "$PWD/runs/train/best" \\
         --in "$PWD/histories.jsonl" --out "$PWD/runs/recs.parquet" --actors 4
 
-Rows are those of `nezha recommend` (the same parsing, `nezha.recommend.Recommender` and output schema),
-in no particular order, as a folder of Parquet part files. Each actor loads the checkpoint once and
-decodes `batch_size` users per call: one GPU per actor when the cluster has GPUs, else `cpus_per_actor`
-cores. The checkpoint and input paths must be readable from every node (shared storage). See
-docs/recommend.md.
+Rows are those of `nezha recommend` (the same parsing, `nezha.recommend.OfflineRecommender` and output
+schema), in no particular order, as a folder of Parquet part files. Each actor loads the checkpoint once
+and decodes `batch_size` users per call: one GPU per actor when the cluster has GPUs, else
+`cpus_per_actor` cores. The checkpoint and input paths must be readable from every node (shared storage).
+See docs/recommend.md.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from nezha.recommend import (
     INPUT_FORMATS,
     OUTPUT_FORMATS,
     RECS_SCHEMA,
+    OfflineRecommender,
     RecommendConfig,
-    Recommender,
     RecommendStats,
     Skipped,
     UserHistory,
@@ -86,7 +86,7 @@ class DecodeActor:
         if not gpu:
             torch.set_num_threads(max(1, int(cpus)))
         cfg = RecommendConfig(**config)
-        self.recommender = Recommender(cfg, resolve_device(cfg.device, gpu_granted=gpu))
+        self.recommender = OfflineRecommender(cfg, resolve_device(cfg.device, gpu_granted=gpu))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

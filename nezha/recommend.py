@@ -11,8 +11,8 @@ of a prepared dataset's valid/test split. Output rows are `{"user_id": ..., "ite
     {"reason": "unknown_items", "line": 3, "user_id": "u3", "skipped_items": [...]}     user recommended
                                                                                   from the items known
 Both files are written to a temporary name and renamed when complete, so a crash never leaves a file
-that looks finished. `Recommender` (one checkpoint in memory, users in, rows out) is shared with the Ray
-Data path (`batch/run.py`), which runs one per actor.
+that looks finished. `OfflineRecommender` (one checkpoint in memory, users in, rows out) is shared with the
+Ray Data path (`batch/run.py`), which runs one per actor.
 """
 
 from __future__ import annotations
@@ -39,15 +39,12 @@ from nezha.decoding import DECODERS, decode
 from nezha.device import resolve_device
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of, read_meta
 from nezha.model.model import ModelConfig
+from nezha.ranking import DEFAULT_MAX_HISTORY, max_history_of, search_width, top_k
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 SPLITS = ("valid", "test")
-DEFAULT_MAX_HISTORY = 20  # the prepare default, for checkpoints whose prepared dataset is gone
 SKIPPED_SUFFIX = ".skipped.jsonl"
-# With --exclude-history each user's beam is widened by the items to drop, rounded up to this step: a
-# user's list never depends on who shares the batch, and a batch needs only a few decode calls.
-WIDTH_STEP = 8
 
 ITEM_TYPE = pa.struct([("item_id", pa.string()), ("score", pa.float64()), ("title", pa.string())])
 RECS_SCHEMA = pa.schema([("user_id", pa.string()), ("items", pa.list_(ITEM_TYPE))])
@@ -186,15 +183,6 @@ def read_parquet(path: Path) -> Iterator[UserHistory | Skipped]:
             yield parse_row(row, number)
 
 
-def prepared_max_history(checkpoint: str | Path) -> int | None:
-    """max_history of the prepared dataset the checkpoint was trained on, when that dataset is still there."""
-    prepared = prepared_dir_of(checkpoint)
-    summary = prepared / "prepare.json" if prepared else None
-    if summary is None or not summary.is_file():
-        return None
-    return json.loads(summary.read_text()).get("config", {}).get("max_history")
-
-
 def split_histories(checkpoint: str | Path, split_name: str) -> list[UserHistory]:
     """The users of the prepared dataset's valid or test split, each with everything before its target."""
     from nezha.data.split import load_sequences
@@ -245,7 +233,7 @@ def check_checkpoint(cfg: RecommendConfig) -> None:
                          f"it serves {', '.join(serves)}")
 
 
-class Recommender:
+class OfflineRecommender:
     """One checkpoint in memory (model, catalog, verifier): user histories in, ranked rows out.
 
     Built once per process (single-process run) or per Ray Data actor.
@@ -258,14 +246,13 @@ class Recommender:
         self.model = load_checkpoint(cfg.checkpoint, self.device)
         self.catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
         self.verifier = self.catalog.verifier(self.device)
-        self.max_history = cfg.max_history or prepared_max_history(cfg.checkpoint) or DEFAULT_MAX_HISTORY
+        self.max_history = max_history_of(cfg.checkpoint, cfg.max_history)
 
     def width(self, excluded: int) -> int:
-        """Beam width for a user with `excluded` distinct known history items to drop."""
-        if not self.cfg.exclude_history:
-            return self.cfg.beam
-        needed = max(self.cfg.beam, self.cfg.k + excluded)
-        return min(self.catalog.num_items, -(-needed // WIDTH_STEP) * WIDTH_STEP)
+        """Beam width for a user with `excluded` distinct known history items to drop: the service's rule
+        (nezha.ranking.search_width), per user, so a user's list never depends on who shares the batch."""
+        return search_width(self.cfg.beam, self.cfg.k, excluded if self.cfg.exclude_history else 0,
+                            self.catalog.num_items)
 
     def recommend(self, users: list[UserHistory]) -> tuple[list[dict[str, Any]], list[Skipped]]:
         """(a row per user with a known history item, in order; what was skipped)."""
@@ -301,15 +288,9 @@ class Recommender:
 
     def _ranked(self, user: UserHistory, ids: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
         exclude = set(user.history) if self.cfg.exclude_history else set()
-        ranked: list[dict[str, Any]] = []
-        for item, score in zip(self.catalog.item_of_packed(ids), scores.tolist(), strict=True):
-            if item is None or item in exclude:  # None: padding where fewer than `width` IDs survived
-                continue
-            title = self.catalog.titles[self.catalog.index_of(item)] or None
-            ranked.append({"item_id": item, "score": score, "title": title})
-            if len(ranked) == self.cfg.k:
-                break
-        return ranked
+        kept = top_k(self.catalog.item_of_packed(ids), scores.tolist(), exclude, self.cfg.k)
+        return [{"item_id": item, "score": score, "title": self.catalog.titles[self.catalog.index_of(item)] or None}
+                for item, score in kept]
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -415,7 +396,7 @@ def recommend_all(cfg: RecommendConfig) -> RecommendStats:
     start = time.perf_counter()
     check_checkpoint(cfg)
     rows, total = open_input(cfg)  # before the model loads: a missing input fails at once
-    recommender = Recommender(cfg)
+    recommender = OfflineRecommender(cfg)
     stats = RecommendStats(load_seconds=time.perf_counter() - start)
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -16,7 +16,7 @@ from nezha.cli import main
 from nezha.config import ConfigError
 from nezha.model.checkpoint import prepared_dir_of
 from nezha.prepared import load_prepared
-from nezha.recommend import RecommendConfig, Recommender, UserHistory, parse_line, recommend_all
+from nezha.recommend import OfflineRecommender, RecommendConfig, UserHistory, parse_line, recommend_all
 
 GOOD = [
     {"user_id": "u1", "history": ["I001", "I002", "I003"]},
@@ -148,7 +148,7 @@ def test_a_crash_leaves_the_previous_output_and_no_partial_file(tiny_checkpoint,
     recommend_all(cfg)
     before = out.read_bytes()
     calls = 0
-    original = Recommender.recommend
+    original = OfflineRecommender.recommend
 
     def crash_on_third_batch(self, users):
         nonlocal calls
@@ -157,7 +157,7 @@ def test_a_crash_leaves_the_previous_output_and_no_partial_file(tiny_checkpoint,
             raise RuntimeError("killed")
         return original(self, users)
 
-    monkeypatch.setattr(Recommender, "recommend", crash_on_third_batch)
+    monkeypatch.setattr(OfflineRecommender, "recommend", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="killed"):
         recommend_all(cfg)
     assert out.read_bytes() == before
@@ -166,7 +166,7 @@ def test_a_crash_leaves_the_previous_output_and_no_partial_file(tiny_checkpoint,
 
 def test_the_model_reads_only_the_last_max_history_items(tiny_checkpoint, tmp_path):
     cfg = RecommendConfig(checkpoint=str(tiny_checkpoint), from_split="test", out=str(tmp_path / "r.jsonl"))
-    recommender = Recommender(cfg)
+    recommender = OfflineRecommender(cfg)
     assert recommender.max_history == 20  # the tiny prepared dataset's (prepare's default)
     tail = [f"I{i:03d}" for i in range(20, 40)]
     long = UserHistory("long", [f"I{i:03d}" for i in range(10)] + tail)
