@@ -1,91 +1,19 @@
-"""Decoders by name, all over the same batched history input and returning a DecodeResult.
-
-`DECODERS` is the one list of decoders: name -> the head (training objective) it needs, its prompt rule and
-its decode function. Everything that names decoders (evaluation, serving, training's model selection)
-reads it from here.
-"""
-
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
-import numpy as np
-import torch
+"""Decoders: the registry by name (`registry.py`), the shared beam step (`search.py`), NEZHA and MTP
+(`draft.py`), KV-cache and Hugging Face beam search (`beam.py`), CUDA-graph replay (`graphs.py`)."""
 
 from nezha.decoding.beam import beam_decode, hf_beam_decode
 from nezha.decoding.draft import mtp_decode, nezha_decode
-from nezha.decoding.graphs import DraftGraphs
+from nezha.decoding.registry import (
+    DECODERS,
+    SELECTION_ORDER,
+    Decoder,
+    available_decoders,
+    decode,
+    decoder_available,
+    prompt_for,
+)
 from nezha.decoding.result import VERIFY_MODES, DecodeResult
 from nezha.decoding.search import beam_step, draft_beam_search
-from nezha.model.model import NezhaModel
-from nezha.model.tokens import build_prompts
-from nezha.verify.verifier import PrefixVerifier
-
-# (model, input_ids, attention_mask, verifier, beam, topk, verify, graphs) -> DecodeResult
-DecodeFn = Callable[[NezhaModel, torch.Tensor, torch.Tensor, PrefixVerifier, int, "int | None", str,
-                     "DraftGraphs | None"], DecodeResult]
-
-
-@dataclass(frozen=True)
-class Decoder:
-    name: str
-    needs: str  # the training objective whose head it reads: nezha, lm or mtp
-    placeholders: bool  # whether its prompt ends with <SP_1>..<SP_L> (history alone otherwise)
-    run: DecodeFn
-    about: str
-
-
-DECODERS: dict[str, Decoder] = {d.name: d for d in (
-    Decoder("nezha", "nezha", True, lambda m, i, a, v, b, k, vm, g: nezha_decode(m, i, a, v, b, k, vm, g),
-            "one prefill of history + placeholders, beam search over the draft head (the product)"),
-    Decoder("mtp", "mtp", False, lambda m, i, a, v, b, k, vm, g: mtp_decode(m, i, a, v, b, k, vm),
-            "one prefill of the history, beam search over independent heads (baseline)"),
-    Decoder("beam", "lm", False, lambda m, i, a, v, b, k, vm, g: beam_decode(m, i, a, v, b, k, vm),
-            "KV-cache beam search over the LM head, constrained by the verifier (baseline)"),
-    Decoder("hf-beam", "lm", False, lambda m, i, a, v, b, k, vm, g: hf_beam_decode(m, i, a, v, b, k),
-            "Hugging Face generate(num_beams), unconstrained, as users know it"),
-    Decoder("hf-beam-constrained", "lm", False,
-            lambda m, i, a, v, b, k, vm, g: hf_beam_decode(m, i, a, v, b, k, constrained=True),
-            "Hugging Face generate(num_beams) with prefix_allowed_tokens_fn"),
-)}
-# Which decoder scores a model's checkpoints when nobody says: the product first, then the baselines.
-SELECTION_ORDER = ("nezha", "mtp", "beam")
-
-
-def available_decoders(model: NezhaModel) -> tuple[str, ...]:
-    """The decoders this model has the heads for, in registry order."""
-    return tuple(name for name, d in DECODERS.items() if d.needs in model.config.objectives)
-
-
-def decoder_available(model: NezhaModel, decoder: str) -> bool:
-    return decoder in DECODERS and DECODERS[decoder].needs in model.config.objectives
-
-
-def prompt_for(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray],
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every decoder sees the same history tokens; NEZHA's prompt adds its placeholders (not in the
-    no-placeholder ablation)."""
-    placeholders = DECODERS[decoder].placeholders and model.prompt_has_placeholders
-    return build_prompts(model.layout, histories, with_placeholders=placeholders, device=device)
-
-
-def decode(model: NezhaModel, decoder: str, histories: Sequence[np.ndarray], verifier: PrefixVerifier,
-           beam: int, topk: int | None = None, verify: str = "prefix",
-           graphs: DraftGraphs | None = None) -> DecodeResult:
-    """Decode a batch of histories ([n_i, L] code arrays, oldest first) with the named decoder.
-
-    `graphs` (nezha on a GPU): replay the draft head's search from CUDA graphs (`nezha.decoding.graphs`).
-    """
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}; choose one of {tuple(DECODERS)}")
-    if not decoder_available(model, decoder):
-        raise ValueError(f"decoder {decoder!r} needs a head this checkpoint was not trained with "
-                         f"(it serves {', '.join(available_decoders(model))})")
-    device = next(model.parameters()).device
-    input_ids, attention_mask = prompt_for(model, decoder, histories, device)
-    return DECODERS[decoder].run(model, input_ids, attention_mask, verifier, beam, topk, verify, graphs)
-
 
 __all__ = ["DECODERS", "SELECTION_ORDER", "VERIFY_MODES", "DecodeResult", "Decoder", "available_decoders",
            "beam_decode", "beam_step", "decode", "decoder_available", "draft_beam_search", "hf_beam_decode",
