@@ -5,10 +5,10 @@ import logging
 import numpy as np
 import pytest
 
+from nezha.data.amazon import load_amazon_raw
 from nezha.data.datasets import (
     DataError,
     default_data_dir,
-    load_amazon_raw,
     load_dataset,
     resolve_data_dir,
     resolve_dataset_dir,

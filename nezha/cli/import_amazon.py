@@ -8,6 +8,8 @@ from typing import Any
 
 from nezha.cli._common import add_command
 from nezha.config import ConfigError, config_from_args
+from nezha.data.amazon import load_amazon_raw
+from nezha.data.datasets import write_dataset
 
 
 @dataclass
@@ -28,8 +30,6 @@ class ImportAmazonConfig:
 
 
 def run(args: argparse.Namespace) -> None:
-    from nezha.data.datasets import load_amazon_raw, write_dataset
-
     cfg = config_from_args(ImportAmazonConfig, args)
     ds = load_amazon_raw(cfg.reviews, cfg.meta, k_core=cfg.k_core)
     out = write_dataset(ds, cfg.out)

@@ -1,13 +1,7 @@
 """Datasets (loading, k-core, writing) and the leave-one-out split."""
 
-from nezha.data.datasets import (
-    DataError,
-    Dataset,
-    load_amazon_raw,
-    load_dataset,
-    resolve_data_dir,
-    write_dataset,
-)
+from nezha.data.amazon import load_amazon_raw
+from nezha.data.datasets import DataError, Dataset, load_dataset, resolve_data_dir, write_dataset
 from nezha.data.split import Examples, Split, leave_one_out
 
 __all__ = [

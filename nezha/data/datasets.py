@@ -1,13 +1,11 @@
 """Loading interaction datasets into one in-memory form: an item table plus per-user item sequences.
 
-Two input formats:
-
-* the Beauty-like directory format (`load_dataset`): `items.jsonl` (one JSON object a line with
-  `item_id`, `title`, `brand`, `categories`) and the interactions, either `interactions.csv`
-  (`user_id,item_id,position`, position = 0-based chronological order within the user) or
-  `interactions.json` (`{"user": ["item", ...], ...}`, each list oldest first), never both;
-* the original Amazon Review files (`load_amazon_raw`): reviews and metadata as JSON lines (optionally
-  gzipped), k-core filtered here. `write_dataset` stores the result in the directory format.
+The input format is the Beauty-like directory (`load_dataset`): `items.jsonl` (one JSON object a line
+with `item_id`, `title`, `brand`, `categories`) and the interactions, either `interactions.csv`
+(`user_id,item_id,position`, position = 0-based chronological order within the user) or
+`interactions.json` (`{"user": ["item", ...], ...}`, each list oldest first), never both.
+`write_dataset` writes a Dataset in that format, e.g. one made from the original Amazon Review files
+(nezha/data/amazon.py).
 
 Item text for the embedding model (`item_text`) is
 
@@ -20,12 +18,10 @@ it still has a (distinct) embedding. Such items are kept and counted in `Dataset
 
 from __future__ import annotations
 
-import ast
-import gzip
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +112,7 @@ def _clean(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-def _categories(value: Any) -> list[str]:
+def category_list(value: Any) -> list[str]:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
     if isinstance(value, str):
@@ -143,14 +139,14 @@ def _check_unique_ids(ids: list[str], source: str) -> None:
         raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
 
 
-def _items_frame(records: list[dict[str, Any]], source: str) -> tuple[pd.DataFrame, dict[str, int]]:
+def items_frame(records: list[dict[str, Any]], source: str) -> tuple[pd.DataFrame, dict[str, int]]:
     """Normalise item records into the item table; errors on an empty catalog or duplicate ids."""
     if not records:
         raise DataError(f"{source}: no items (empty catalog)")
     ids = [str(r["item_id"]) for r in records]
     titles = [_clean(r.get("title")) for r in records]
     brands = [_clean(r.get("brand")) for r in records]
-    cats = [_categories(r.get("categories")) for r in records]
+    cats = [category_list(r.get("categories")) for r in records]
     _check_unique_ids(ids, source)
     items = pd.DataFrame({"item_id": ids, "title": titles, "brand": brands, "categories": cats})
     items["text"] = [item_text(*row) for row in zip(ids, titles, brands, cats, strict=True)]
@@ -286,7 +282,7 @@ def _read_interactions_json(path: Path) -> pd.DataFrame:
     return pd.DataFrame({"user_id": users, "item_id": items, "position": positions})
 
 
-def _sequences_from_frame(
+def sequences_from_frame(
     frame: pd.DataFrame, item_index: pd.Index, order_column: str
 ) -> tuple[list[np.ndarray], list[str]]:
     """Per-user index sequences ordered by `order_column` (stable: ties keep file order).
@@ -301,7 +297,7 @@ def _sequences_from_frame(
     return sequences, [str(u) for u in user_ids]
 
 
-def _finish_stats(items: pd.DataFrame, sequences: list[np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
+def finish_stats(items: pd.DataFrame, sequences: list[np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     used = np.zeros(len(items), dtype=bool)
     if len(sequences):
@@ -332,13 +328,13 @@ def load_dataset(path: str | Path, item_ids: Sequence[str] | None = None) -> Dat
     records = _read_items_jsonl(items_path) if items_path else []
     if item_ids is None:
         catalog_source = ITEMS_FILE
-        items, stats = _items_frame(records, str(items_path))
+        items, stats = items_frame(records, str(items_path))
     else:
         catalog_source = "the semantic-ID file"
         records, unlisted = _select_items(records, item_ids, str(items_path))
         if unlisted:
             log.warning("%s: leaving out %d item(s) that have no semantic ID in the ID file", items_path, unlisted)
-        items, stats = _items_frame(records, catalog_source)
+        items, stats = items_frame(records, catalog_source)
         stats["items_without_semantic_id"] = unlisted
 
     frame = _read_interactions_json(inter_path) if inter_path.suffix == ".json" else _read_interactions_csv(inter_path)
@@ -353,9 +349,9 @@ def load_dataset(path: str | Path, item_ids: Sequence[str] | None = None) -> Dat
         frame = frame[known]
     if frame.empty:
         raise DataError(f"{inter_path}: no interactions with known items (items in {catalog_source})")
-    sequences, user_ids = _sequences_from_frame(frame, item_index, "position")
+    sequences, user_ids = sequences_from_frame(frame, item_index, "position")
     stats["unknown_item_interactions"] = unknown
-    ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=_finish_stats(items, sequences, stats))
+    ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=finish_stats(items, sequences, stats))
     log.info(
         "loaded %s: %d items, %d users, %d interactions",
         path, ds.num_items, ds.num_users, ds.stats["num_interactions"],
@@ -382,99 +378,3 @@ def write_dataset(ds: Dataset, out_dir: str | Path) -> Path:
     )
     frame.to_csv(out / INTERACTIONS_FILE, index=False)
     return out
-
-
-# ---- original Amazon Review files -------------------------------------------------------------------
-
-
-def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of a JSON-lines file, gzipped or not.
-
-    The 2014 Amazon metadata files hold Python dict literals rather than JSON; those are parsed with
-    `ast.literal_eval` (literals only, no code is run).
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                try:
-                    record = ast.literal_eval(line)
-                except (ValueError, SyntaxError):
-                    raise DataError(f"{path}:{lineno}: malformed line (neither JSON nor a Python literal)") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected an object, got {type(record).__name__}")
-            yield lineno, record
-
-
-def _meta_categories(record: dict[str, Any]) -> list[str]:
-    """2014 metadata: `categories` is a list of category paths (lists) -> the first path; 2018: `category`."""
-    value = record.get("categories", record.get("category"))
-    if isinstance(value, list) and value and isinstance(value[0], list):
-        return _categories(value[0])
-    return _categories(value)
-
-
-def k_core_filter(frame: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iteratively keep interactions whose user and item both have >= k interactions, until stable."""
-    while True:
-        user_deg = frame.groupby("user_id")["item_id"].transform("size")
-        item_deg = frame.groupby("item_id")["user_id"].transform("size")
-        keep = (user_deg >= k) & (item_deg >= k)
-        if keep.all():
-            return frame
-        frame = frame[keep]
-
-
-def load_amazon_raw(reviews_path: str | Path, meta_path: str | Path, k_core: int = 5) -> Dataset:
-    """Build a Dataset from original Amazon Review files (reviews + metadata, JSON lines, gzip or plain).
-
-    Reviews need `reviewerID`, `asin`, `unixReviewTime`; reviews of items absent from the metadata are
-    dropped (logged with their count) before iterative `k_core`-core filtering of users and items.
-    Sequences are ordered by `unixReviewTime` (ties keep file order); items keep metadata-file order
-    and users order of first review.
-    """
-    reviews_path, meta_path = Path(reviews_path), Path(meta_path)
-    rows = []
-    for lineno, r in _json_lines(reviews_path):
-        try:
-            rows.append((str(r["reviewerID"]), str(r["asin"]), int(r["unixReviewTime"])))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{reviews_path}:{lineno}: needs reviewerID, asin and an integer unixReviewTime") from None
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "time"])
-    raw_interactions = len(frame)
-
-    records = []
-    for lineno, m in _json_lines(meta_path):
-        if m.get("asin") in (None, ""):
-            raise DataError(f"{meta_path}:{lineno}: missing 'asin'")
-        records.append(
-            {"item_id": str(m["asin"]), "title": m.get("title"), "brand": m.get("brand"), "categories": _meta_categories(m)}
-        )
-    meta = pd.DataFrame(records, columns=["item_id", "title", "brand", "categories"]).drop_duplicates("item_id")
-
-    known = frame["item_id"].isin(meta["item_id"])
-    unknown = int((~known).sum())
-    if unknown:
-        log.warning("%s: dropping %d review(s) of items missing from %s", reviews_path, unknown, meta_path)
-    frame = k_core_filter(frame[known], k_core)
-    if frame.empty:
-        raise DataError(f"{reviews_path}: nothing left after {k_core}-core filtering")
-
-    meta = meta[meta["item_id"].isin(frame["item_id"])]
-    items, stats = _items_frame(meta.to_dict("records"), str(meta_path))
-    sequences, user_ids = _sequences_from_frame(frame, pd.Index(items["item_id"]), "time")
-    stats.update(raw_interactions=raw_interactions, unknown_item_interactions=unknown, k_core=k_core)
-    ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=_finish_stats(items, sequences, stats))
-    log.info(
-        "%s: %d-core gives %d items, %d users, %d interactions (of %d reviews)",
-        reviews_path, k_core, ds.num_items, ds.num_users, ds.stats["num_interactions"], raw_interactions,
-    )
-    return ds
