@@ -1,11 +1,10 @@
-"""Latency summaries and device-synchronised timing (nezha/timing.py) and device choice (nezha/device.py)."""
+"""Latency summaries and device-synchronised timing (nezha/timing.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nezha.device import cpu_model, device_name, resolve_device
 from nezha.timing import latency_stats, timed_ms
 
 
@@ -22,12 +21,3 @@ def test_timed_ms_returns_the_value_and_a_positive_time():
     value, ms = timed_ms(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
     assert value == 3.0 and ms > 0
 
-
-def test_device_choice_and_names():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto", gpu_granted=False).type == "cpu"  # a scheduler gave no GPU: never take one
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            resolve_device("cuda")
-    assert cpu_model() and device_name(torch.device("cpu")).startswith("cpu (")
