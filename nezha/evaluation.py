@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from nezha.data.split import Examples, Split, load_sequences
 from nezha.decoding import DECODERS, available_decoders, decode, decoder_available
 from nezha.decoding.result import check_verify_mode
 from nezha.device import device_name, resolve_device
-from nezha.metrics import hit_ndcg, popularity_ranking
+from nezha.metrics import DEFAULT_KS, hit_ndcg, popularity_ranking
 from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
 from nezha.model.model import NezhaModel
+from nezha.prepared import load_prepared
 from nezha.timing import latency_stats, timed_ms
 from nezha.verify.verifier import PrefixVerifier
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # The registry's decoders plus the most-popular floor, which needs no model.
 EVAL_DECODERS = (*DECODERS, "popular")
+LATENCY_ROUNDS = 5  # rounds of a latency sweep (see latency_rounds)
 
 
 def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
@@ -64,6 +67,35 @@ def measure_latency(model: NezhaModel, decoder: str, catalog: Catalog, verifier:
     stats = latency_stats(times)
     return {"batch": batch_size, "p50": stats["p50"], "p99": stats["p99"], "mean": stats["mean"],
             "per_request_mean": stats["mean"] / batch_size}
+
+
+def sweep_widths(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
+                 widths: Sequence[int], topk: int | None = None,
+                 ks: Sequence[int] = DEFAULT_KS) -> list[dict[str, float]]:
+    """Quality of one model at every beam width: {"width", hit@k, ndcg@k} per width (a width below a k
+    returns fewer than k items unless `topk` says otherwise)."""
+    targets = catalog.packed[examples.targets]
+    rows = []
+    for width in widths:
+        with torch.inference_mode():
+            ranked, _invalid = rank_examples(model, decoder, catalog, verifier, examples, width, topk)
+        rows.append({"width": width, **hit_ndcg(ranked, targets, ks)})
+    return rows
+
+
+def latency_rounds(settings: Sequence[tuple[NezhaModel, str, int]], catalog: Catalog, verifier: PrefixVerifier,
+                   examples: Examples, batch_size: int, repeats: int,
+                   rounds: int = LATENCY_ROUNDS) -> list[dict[str, float]]:
+    """p50/p99 ms per call of every (model, decoder, width) setting, timed in `rounds` rounds over all of them
+    (`repeats` calls each), so a burst of outside load spreads over the settings instead of landing on one:
+    the median of the round p50s and the max of the round p99s."""
+    timed: list[list[dict[str, float]]] = [[] for _ in settings]
+    for r in range(rounds):
+        for times, (model, decoder, width) in zip(timed, settings, strict=True):
+            times.append(measure_latency(model, decoder, catalog, verifier, examples, width, batch_size, repeats,
+                                         warmup=3 if r == 0 else 1))
+    return [{"p50": float(np.median([t["p50"] for t in times])), "p99": max(t["p99"] for t in times)}
+            for times in timed]
 
 
 @dataclass
@@ -98,8 +130,6 @@ class EvalConfig:
 
 
 def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[np.ndarray], torch.device]:
-    from nezha.prepared import load_prepared  # local: prepare pulls in the embedding stack
-
     device = resolve_device(cfg.device)
     prepared = cfg.prepared or prepared_dir_of(cfg.checkpoint)
     if not prepared:

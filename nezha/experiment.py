@@ -29,9 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from nezha.config import ConfigError, from_dict
-from nezha.metrics import metrics_from_ranks, paired_difference
+from nezha.evaluation import LATENCY_ROUNDS, latency_rounds, rank_examples, sweep_widths
+from nezha.metrics import metrics_from_ranks, paired_difference, target_ranks
+from nezha.model.checkpoint import load_checkpoint
+from nezha.prepare import PrepareConfig, prepare
+from nezha.prepared import load_prepared
+from nezha.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +137,6 @@ def prepared_dir(cfg: ExperimentConfig, dataset: str) -> Path:
 
 
 def prepare_datasets(cfg: ExperimentConfig) -> None:
-    from nezha.prepare import PrepareConfig, prepare  # local: pulls in the embedding stack
-
     for name, spec in cfg.datasets.items():
         values = {"data_dir": cfg.data_dir, **spec, "out": str(prepared_dir(cfg, name))}
         prepare(from_dict(PrepareConfig, values, source=f"datasets.{name}"))
@@ -140,15 +144,6 @@ def prepare_datasets(cfg: ExperimentConfig) -> None:
 
 def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     """Train one run and score its evaluation rows on the test split; writes result.json last."""
-    import torch
-
-    from nezha.catalog import Catalog  # noqa: F401  (keeps the import cost in the worker)
-    from nezha.evaluation import rank_examples
-    from nezha.metrics import target_ranks
-    from nezha.model.checkpoint import load_checkpoint
-    from nezha.prepared import load_prepared
-    from nezha.training import TrainConfig, train
-
     run_dir = Path(cfg.out) / "runs" / run.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run (no result.json): start it again from scratch
@@ -237,7 +232,6 @@ def _report(result: dict[str, Any], done: int, total: int, start: float) -> None
 
 
 SWEEP_FILE = "width_sweep.json"
-LATENCY_ROUNDS = 5
 
 
 def sweep_spec(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -257,13 +251,6 @@ def run_width_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     (width, method) pair, so load from outside hits them alike (median of round p50s, max of p99s), all in
     this one process after every training has finished (a quiet pass). Finished sweeps are not repeated.
     """
-    import torch
-
-    from nezha.evaluation import measure_latency, rank_examples
-    from nezha.metrics import target_ranks
-    from nezha.model.checkpoint import load_checkpoint
-    from nezha.prepared import load_prepared
-
     path = Path(cfg.out) / SWEEP_FILE
     if path.is_file():
         return json.loads(path.read_text())
@@ -275,31 +262,23 @@ def run_width_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     for dataset in cfg.datasets:
         catalog, split, _ = load_prepared(prepared_dir(cfg, dataset))
         examples = split.test.subset(cfg.eval_users)
-        targets = catalog.packed[examples.targets]
         verifier = catalog.verifier()
         models = {run.method: load_checkpoint(Path(cfg.out) / "runs" / run.name / "train" / "best")
                   for run in sweep_runs(cfg) if run.dataset == dataset}
         rows: dict[str, dict[str, Any]] = {}
         for method, model in models.items():
             decoder = method_decoder(cfg.methods[method])
-            for width in spec["widths"]:
-                with torch.inference_mode():
-                    ranked, _ = rank_examples(model, decoder, catalog, verifier, examples, width, cfg.topk)
-                rows[f"{method}@{width}"] = {"method": method, "decoder": decoder, "width": width,
-                                             **metrics_from_ranks(target_ranks(ranked, targets)), "latency_ms": {}}
-                log.info("width sweep %s %s width %d: N@10 %.4f", dataset, method, width,
-                         rows[f"{method}@{width}"]["ndcg@10"])
+            for quality in sweep_widths(model, decoder, catalog, verifier, examples, spec["widths"], cfg.topk):
+                key = f"{method}@{quality['width']}"
+                rows[key] = {"method": method, "decoder": decoder, **quality, "latency_ms": {}}
+                log.info("width sweep %s %s width %d: N@10 %.4f", dataset, method, quality["width"],
+                         quality["ndcg@10"])
+        settings = [(models[row["method"]], row["decoder"], row["width"]) for row in rows.values()]
         for batch in spec["batches"]:
             repeats = max(1, spec["latency_requests"] // (LATENCY_ROUNDS * (1 if batch == 1 else 5)))
-            rounds: dict[str, list[dict[str, float]]] = {key: [] for key in rows}
-            for r in range(LATENCY_ROUNDS):
-                for key, row in rows.items():
-                    rounds[key].append(measure_latency(models[row["method"]], row["decoder"], catalog, verifier,
-                                                       examples, row["width"], batch, repeats,
-                                                       warmup=3 if r == 0 else 1))
-            for key, row in rows.items():
-                row["latency_ms"][str(batch)] = {"p50": float(np.median([x["p50"] for x in rounds[key]])),
-                                                 "p99": max(x["p99"] for x in rounds[key])}
+            timed = latency_rounds(settings, catalog, verifier, examples, batch, repeats)
+            for row, latency in zip(rows.values(), timed, strict=True):
+                row["latency_ms"][str(batch)] = latency
         sweep["datasets"][dataset] = rows
     sweep["load_average_1m"]["end"] = os.getloadavg()[0]
     path.write_text(json.dumps(sweep, indent=2))
@@ -422,6 +401,7 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
     """Validation NDCG@10 against epoch, one panel per dataset, one colour per method."""
     if not results:
         return
+    # Local: only the summary plots need matplotlib, and its backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

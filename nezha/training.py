@@ -1,7 +1,9 @@
-"""Single-process training (the Ray trainer reuses these pieces: it only swaps the optimiser stepper and shards).
+"""The training loop: single-process here, and every worker's loop under Ray Train (train/ passes its own
+optimiser stepper, full-state checkpoint hooks and sharded validation).
 
 AdamW with separate learning rates for the backbone, the token embeddings and the heads, warm-up + cosine
-schedule, gradient clipping, validation every N steps with the best checkpoint kept, a progress bar.
+schedule, gradient clipping, validation every N steps with the best checkpoint kept, a progress bar. The
+step budget and the validation steps come from one `Plan`, which train/ and tune/ use as well.
 """
 
 from __future__ import annotations
@@ -94,6 +96,32 @@ class TrainConfig:
         return ModelConfig(backbone=self.backbone, codebook_sizes=list(codebook_sizes), transition=self.transition,
                            objectives=list(self.objectives), dtype=self.dtype, placeholders=self.placeholders)
 
+    def plan(self, num_examples: int, world_size: int = 1) -> Plan:
+        """This config's step budget and validation steps on `num_examples` training examples."""
+        return plan(num_examples, batch_size=self.batch_size, epochs=self.epochs, max_steps=self.max_steps,
+                    eval_every=self.eval_every, world_size=world_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many steps a run takes and which of them validate, as every rank counts them."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+    def is_validation_step(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+
+def plan(num_examples: int, *, batch_size: int, epochs: float, max_steps: int = 0, eval_every: int = 0,
+         world_size: int = 1) -> Plan:
+    """The step budget (`max_steps`, else `epochs` of whole batches per rank) and the validation interval
+    (`eval_every`, else once per epoch) of a run on `num_examples` training examples."""
+    epoch_steps = steps_per_epoch(num_examples, world_size, batch_size)
+    total_steps = max_steps or max(1, math.ceil(epochs * epoch_steps))
+    return Plan(epoch_steps, total_steps, eval_every or epoch_steps)
+
 
 @dataclass
 class TrainResult:
@@ -150,8 +178,13 @@ def param_groups(model: NezhaModel, lr: float, embedding_lr_mult: float, head_lr
             for k, ps in groups.items() if ps]
 
 
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Warm-up length of an LR schedule over `total_steps` optimiser steps."""
+    return max(1, int(total_steps * warmup_ratio))
+
+
 def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    warmup = max(1, int(total_steps * warmup_ratio))
+    warmup = warmup_steps(total_steps, warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -262,22 +295,23 @@ def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, exam
     return metrics_from_ranks(ranks, ks=(1, 5, 10))
 
 
-def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Stepper] | None = None,
+def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Stepper] | None = None,
           rank: int = 0, world_size: int = 1,
           on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None,
           resume: Callable[[], LoopState | None] | None = None,
           on_step: Callable[[LoopState], None] | None = None,
           shard_validation: bool = False) -> TrainResult:
-    """Train on `cfg.prepared`; rank 0 validates and writes `out/best` (by validation NDCG@10) and `out/last`.
+    """Train on `cfg.prepared`; rank 0 keeps the validation history and writes `out/best` (by validation
+    NDCG@10) and `out/last`.
 
-    `stepper_factory(model, total_steps)` replaces plain AdamW (train/ passes a DeepSpeed engine);
+    `stepper_factory(model, plan)` replaces plain AdamW (train/ passes a DeepSpeed engine);
     `on_evaluation(metrics, best_checkpoint_or_None)` is called on rank 0 after each validation.
     The distributed trainer also passes `resume()` (called once the stepper exists: the state of a loaded
     full-state checkpoint, or None), `on_step(state)` (every rank, after each step and its validation) and
     `shard_validation` (every rank scores a slice of the validation users instead of rank 0 all of them).
     """
     if cfg.patience and world_size > 1:
-        # Only rank 0 validates; an early stop there would leave the other ranks waiting in a collective.
+        # Rank 0 alone decides an early stop; the other ranks would be left waiting in a collective.
         raise ConfigError("patience (early stopping) needs a single worker; the distributed trainer runs its budget")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -292,10 +326,9 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
 
     train_examples = split.train
     per_rank = len(train_examples) // world_size
-    epoch_steps = steps_per_epoch(len(train_examples), world_size, cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch_steps))
-    eval_every = cfg.eval_every or epoch_steps
-    stepper = stepper_factory(model, total_steps) if stepper_factory else TorchStepper(model, cfg, total_steps)
+    run_plan = cfg.plan(len(train_examples), world_size)
+    epoch_steps, total_steps = run_plan.steps_per_epoch, run_plan.total_steps
+    stepper = stepper_factory(model, run_plan) if stepper_factory else TorchStepper(model, cfg, total_steps)
     out = Path(cfg.out)
     best_dir, last_dir = out / "best", out / "last"
     log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s, "
@@ -345,7 +378,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, int], Step
                 log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f examples/s", step, total_steps, running,
                          " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items() if k != "loss"),
                          stepper.current_lr(), rate)
-            validating = step % eval_every == 0 or step == total_steps
+            validating = run_plan.is_validation_step(step)
             if validating and (rank == 0 or shard_validation):
                 shards = world_size if shard_validation else 1
                 metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users,

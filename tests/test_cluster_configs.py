@@ -13,7 +13,7 @@ import yaml
 
 from nezha.config import from_dict, load_yaml
 from nezha.model.backbones import PRESETS
-from train.run import STRATEGIES, RayTrainConfig
+from train.config import STRATEGIES, RayTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""train/run.py: the DeepSpeed config (generated or the user's JSON), the resolved run config, and 2-worker
+"""train/ (run.py and its modules): the DeepSpeed config (generated or the user's JSON), the resolved run config, and 2-worker
 Ray Train jobs on the CPU.
 
 The jobs run DeepSpeed ZeRO-2 over gloo in two Ray workers on the tiny dataset: one end to end (full-state
@@ -24,18 +24,13 @@ from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint
 from nezha.prepared import load_prepared
-from nezha.training import LoopState, make_batch, steps_per_epoch, train
+from nezha.training import LoopState, Plan, make_batch, steps_per_epoch, train
+from train.config import RayTrainConfig, build_deepspeed_config, resolve_config
 from train.deepspeed_config import deepspeed_config, get_path, leaf_paths
-from train.run import (
-    RayTrainConfig,
-    TorchStateStepper,
-    build_deepspeed_config,
-    load_full_state,
-    resolve_config,
-    run,
-    save_full_state,
-    summary_line,
-)
+from train.run import run, summary_line
+from train.state import load_full_state, save_full_state
+from train.steppers import TorchStateStepper
+from train.zero_probe import main as zero_probe_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,8 +179,8 @@ def test_full_state_resume_mid_epoch_gives_the_uninterrupted_run(tiny_prepared, 
     lrs: dict[str, list[float]] = {"full": [], "resumed": []}
 
     def factory(run: str):
-        def make(model, total_steps: int) -> TorchStateStepper:
-            steppers.append(TorchStateStepper(model, cfg, total_steps, rank=0))
+        def make(model, plan: Plan) -> TorchStateStepper:
+            steppers.append(TorchStateStepper(model, cfg, plan.total_steps, rank=0))
             return steppers[-1]
         return make
 
@@ -289,8 +284,6 @@ def test_injected_failure_resumes_at_the_saved_step_and_matches_the_uninterrupte
 
 @pytest.mark.slow
 def test_zero_probe_reports_throughput_of_deepspeed_steps(tmp_path, monkeypatch):
-    from train.zero_probe import main
-
     # A world of one in this process; monkeypatch removes the variables again afterwards.
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(free_port())}.items():
@@ -298,7 +291,7 @@ def test_zero_probe_reports_throughput_of_deepspeed_steps(tmp_path, monkeypatch)
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored afterwards: the probe puts the venv's bin/ first
 
     out = tmp_path / "probe.json"
-    assert main(["--backbone", "tiny", "--dtype", "float32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+    assert zero_probe_main(["--backbone", "tiny", "--dtype", "float32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["parameters"] > 0 and report["config"]["zero_stage"] == 2

@@ -10,7 +10,7 @@ from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint, read_meta
 from nezha.model.model import ModelConfig
 from nezha.prepared import load_prepared
-from nezha.training import TrainConfig, make_batch, param_groups, train, warmup_cosine
+from nezha.training import TrainConfig, make_batch, param_groups, plan, train, warmup_cosine
 
 
 def test_training_lowers_the_loss_and_beats_chance(tiny_prepared, tmp_path):
@@ -53,6 +53,15 @@ def test_warmup_cosine_schedule():
     factor = warmup_cosine(100, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0)
+
+
+def test_plan_counts_whole_batches_per_rank_and_validates_each_epoch_and_at_the_end():
+    run = plan(1000, batch_size=32, epochs=2.5, world_size=2)  # 500 examples per rank: 15 batches
+    assert (run.steps_per_epoch, run.total_steps, run.eval_every) == (15, 38, 15)
+    assert [s for s in range(1, 39) if run.is_validation_step(s)] == [15, 30, 38]
+    fixed = TrainConfig(max_steps=7, eval_every=3, batch_size=32).plan(1000)
+    assert (fixed.total_steps, fixed.eval_every) == (7, 3)
+    assert [s for s in range(1, 8) if fixed.is_validation_step(s)] == [3, 6, 7]
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 Sizes a GPU before a cluster run: a random-init backbone preset (weights do not change speed or memory)
 with every head, Beauty-shaped synthetic batches (histories of 20 items from 12,035 unique 3x256 IDs),
-and the same `DeepSpeedStepper` and DeepSpeed config as `train/run.py`. It prints one JSON line
-(tokens/s, examples/s, step time, peak memory) and writes it with --json.
+and the same `DeepSpeedStepper` (train/steppers.py) and DeepSpeed config as `train/run.py`. It prints one
+JSON line (tokens/s, examples/s, step time, peak memory) and writes it with --json.
 
     python train/zero_probe.py --backbone 1b --batch-size 32 --zero-stage 2 --steps 20 --json OUT.json
 """
@@ -30,7 +30,8 @@ from nezha.config import parse_config  # noqa: E402
 from nezha.model.checkpoint import create_model  # noqa: E402
 from nezha.training import make_batch  # noqa: E402
 from nezha.verify import random_packed_ids, unpack  # noqa: E402
-from train.run import DeepSpeedStepper, RayTrainConfig, use_interpreter_tools  # noqa: E402
+from train.config import RayTrainConfig  # noqa: E402
+from train.steppers import DeepSpeedStepper, use_interpreter_tools  # noqa: E402
 
 
 @dataclass
