@@ -12,15 +12,9 @@ if str(REPO) not in sys.path:  # `tune/` is a top-level folder of the repo, not 
 
 from nezha.config import ConfigError, parse_config  # noqa: E402
 from nezha.model.checkpoint import load_checkpoint  # noqa: E402
-from tune.run import (  # noqa: E402
-    SCORE,
-    SearchConfig,
-    choose,
-    make_scheduler,
-    mark_frontier,
-    plan_steps,
-    run_search,
-)
+from tune.report import choose, mark_frontier  # noqa: E402
+from tune.run import run_search  # noqa: E402
+from tune.search import SCORE, SearchConfig, make_scheduler, plan_steps  # noqa: E402
 
 QUICK = REPO / "tune" / "configs" / "quick.yaml"
 
