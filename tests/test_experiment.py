@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tiny_dataset
 
 from nezha.config import ConfigError
 from nezha.experiment import ExperimentConfig, grid, method_decoder, per_user, run_experiment
@@ -29,8 +30,6 @@ def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> ExperimentConfig:
 
 @pytest.fixture(scope="module")
 def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import write_tiny_dataset
-
     root = tmp_path_factory.mktemp("data")
     write_tiny_dataset(root / "tiny")
     return root

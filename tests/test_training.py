@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from nezha.catalog import Catalog
+from nezha.cli import main as cli_main
 from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
 from nezha.model.checkpoint import create_model, load_checkpoint, read_meta
 from nezha.model.model import ModelConfig
 from nezha.prepared import load_prepared
-from nezha.training import TrainConfig, make_batch, param_groups, plan, train, warmup_cosine
+from nezha.training import TrainConfig, epoch_batches, make_batch, param_groups, plan, train, warmup_cosine
 
 
 def test_training_lowers_the_loss_and_beats_chance(tiny_prepared, tmp_path):
@@ -65,20 +66,16 @@ def test_plan_counts_whole_batches_per_rank_and_validates_each_epoch_and_at_the_
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
-    from nezha.cli import main
-
-    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a nezha checkpoint" in err and "Traceback" not in err
-    assert main(["train", "--prepared", str(tmp_path / "nothing"), "--progress", "false"]) == 2
+    assert cli_main(["train", "--prepared", str(tmp_path / "nothing"), "--progress", "false"]) == 2
     assert "not a prepared directory" in capsys.readouterr().err
-    assert main(["train", "--batch-size", "many"]) == 2
+    assert cli_main(["train", "--batch-size", "many"]) == 2
     assert "batch_size: expected int" in capsys.readouterr().err
 
 
 def test_epoch_batches_bucket_by_length_and_cover_each_rank_once():
-    from nezha.training import epoch_batches
-
     lengths = np.random.default_rng(0).integers(1, 21, 1000)
     per_rank = [epoch_batches(lengths, 32, seed=3, rank=r, world_size=2, bucket_batches=4) for r in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) == 500 // 32
