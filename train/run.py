@@ -37,7 +37,7 @@ from nezha.config import ConfigError, parse_config  # noqa: E402
 from nezha.model.checkpoint import read_meta  # noqa: E402
 from nezha.model.model import NezhaModel  # noqa: E402
 from nezha.training import LoopState, Plan, Stepper, train  # noqa: E402
-from train.config import RayTrainConfig, is_uri, read_user_deepspeed_config, resolve_config  # noqa: E402
+from train.config import RayTrainConfig, read_user_deepspeed_config, resolve_config  # noqa: E402
 from train.state import load_full_state, save_full_state  # noqa: E402
 from train.steppers import (  # noqa: E402
     DDPStepper,
@@ -46,7 +46,7 @@ from train.steppers import (  # noqa: E402
     ValidationSync,
     use_interpreter_tools,
 )
-from train.storage import download_folder, upload_folder  # noqa: E402
+from train.storage import download_folder, is_uri, upload_folder  # noqa: E402
 
 log = logging.getLogger("nezha.train.ray")
 
