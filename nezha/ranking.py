@@ -2,16 +2,16 @@
 (nezha/recommend.py): how much history the model reads, how wide the search goes when items are excluded,
 and the top k that is left.
 
-Light on purpose (json and the checkpoint metadata only): a serving replica imports it.
+Light on purpose (checkpoint and prepared-dataset metadata only): a serving replica imports it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Container, Iterable
 from pathlib import Path
 
 from nezha.model.checkpoint import prepared_dir_of
+from nezha.prepared import read_summary
 
 DEFAULT_MAX_HISTORY = 20  # the prepare default, for checkpoints whose prepared dataset is gone
 
@@ -19,10 +19,7 @@ DEFAULT_MAX_HISTORY = 20  # the prepare default, for checkpoints whose prepared 
 def prepared_max_history(checkpoint: str | Path) -> int | None:
     """max_history of the prepared dataset the checkpoint was trained on, when that dataset is still there."""
     prepared = prepared_dir_of(checkpoint)
-    summary = prepared / "prepare.json" if prepared else None
-    if summary is None or not summary.is_file():
-        return None
-    return json.loads(summary.read_text()).get("config", {}).get("max_history")
+    return read_summary(prepared).get("config", {}).get("max_history") if prepared else None
 
 
 def max_history_of(checkpoint: str | Path, configured: int | None = None) -> int:

@@ -2,7 +2,8 @@
 
 A write goes to the shared store (Redis, or without Redis the replica's in-process catalog); its answer
 waits (bounded) until this replica's own copy has the change, so the writer reads its own write here at
-once. Items added by text get codes from the quantizer of the checkpoint's prepared dataset.
+once. Items added by text get codes from the quantizer of the checkpoint's prepared dataset. A refused
+change raises its ServiceError (serve/errors.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from nezha.live_catalog import (
     codes_of,
     load_quantizer_for,
 )
+from nezha.semantic_ids.embed import EmbeddingModelError, embed_texts
 from serve.config import ServeConfig
-from serve.errors import admin_errors, reply, store_error_reply
+from serve.errors import STORE_ERROR_TYPES, EmbeddingUnavailable, from_store_error
+from serve.schemas import NewItemModel
 
 
 class CatalogAdmin:
-    """Adds and removes items through `store`; answers are HTTP replies (`serve.errors.reply`)."""
+    """Adds and removes items through `store`; answers are the change's JSON bodies."""
 
     def __init__(self, store: CatalogStore, local: LocalCatalog, cfg: ServeConfig, mode: str, replica: str,
                  on_change: Callable[[], None]) -> None:
@@ -38,7 +41,7 @@ class CatalogAdmin:
         self._quantizer_loader = load_quantizer_for(cfg.checkpoint, cfg.quantizer)
         self._quantizer: Any = None
 
-    def add(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def add(self, items: list[NewItemModel]) -> dict[str, Any]:
         return self._write(self._add, items)
 
     def remove(self, item_ids: list[str]) -> dict[str, Any]:
@@ -47,15 +50,15 @@ class CatalogAdmin:
     def _write(self, action: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:
         try:
             body = action(arg)
-        except admin_errors() as exc:  # serve/errors.py maps each to its HTTP status and error code
-            return store_error_reply(exc)
+        except STORE_ERROR_TYPES as exc:
+            raise from_store_error(exc) from exc
         applied = self.local.wait_for(body["version"], timeout=1.0)
         self._on_change()
-        return reply(200, {**body, "mode": self.mode, "applied_on_replica": applied, "replica": self.replica})
+        return {**body, "mode": self.mode, "applied_on_replica": applied, "replica": self.replica}
 
-    def _add(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        new = [NewItem(i["item_id"], i.get("codes"), i.get("text"), {k: i[k] for k in META_FIELDS if k in i})
-               for i in items]
+    def _add(self, items: list[NewItemModel]) -> dict[str, Any]:
+        new = [NewItem(i.item_id, i.codes, i.text,
+                       {k: getattr(i, k) for k in META_FIELDS if getattr(i, k) is not None}) for i in items]
         version, pairs = add_new_items(self.store, new, self.local.sizes, self._load_quantizer_once, self._embed)
         meta = {n.item_id: clean_meta(n.meta) for n in new}
         return {"version": version, "added": [{"item_id": item, "semantic_id": packed,
@@ -74,6 +77,7 @@ class CatalogAdmin:
         return self._quantizer
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        from nezha.semantic_ids.embed import embed_texts
-
-        return embed_texts(texts, self._embedding_model, show_progress=False)
+        try:
+            return embed_texts(texts, self._embedding_model, show_progress=False)
+        except EmbeddingModelError as exc:
+            raise EmbeddingUnavailable(str(exc)) from exc

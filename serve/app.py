@@ -2,12 +2,16 @@
 
     client -> Serve proxy -> Recommender replica (FastAPI: validation, auth, metrics; model + local catalog copy)
 
-    serve/config.py   ServeConfig (the application `args`), BatchConfig (the Recommender's `user_config`)
-    serve/http.py     the HTTP API (create_api), its error envelope, the store-error -> HTTP table
-    serve/schemas.py  request and response models
-    serve/replica.py  Recommender: one replica (HTTP API, model, catalog copy, batched decoding, admin writes)
-    serve/metrics.py  metrics through ray.serve.metrics
     serve/app.py      the application builder (this file)
+    serve/config.py   ServeConfig (the application `args`), BatchConfig (the Recommender's `user_config`)
+    serve/replica.py  Recommender: one replica (request checks, model, catalog copy, batched decoding)
+    serve/batcher.py  DecodeBatcher: the next batch forms when the decoder is free
+    serve/admin.py    CatalogAdmin: the replica's catalog writes
+    serve/http.py     the HTTP API (create_api) over a replica: routes, typed error -> HTTP status, body limit
+    serve/errors.py   the error envelope and the typed errors a replica raises
+    serve/schemas.py  request and response models
+    serve/metrics.py  metrics through ray.serve.metrics
+    serve/loadtest.py load test of a running (or started here) service over loopback HTTP
     serve/__main__.py `python -m serve run serve.config.yaml`: `serve run` with start-up limits for busy machines
 
 `serve run serve.config.yaml` builds the app with `app_builder(args)` and applies the config's `deployments:`

@@ -1,16 +1,14 @@
-"""The service's error envelope and the catalog-store-error -> HTTP table.
+"""The service's typed errors and their envelope.
 
-Every non-200 answer is `{"error": code, "detail": text, ...}` built by `error_body`. A replica method
-answers the HTTP layer with `reply(status, body)`; the exceptions below are what the HTTP layer turns into
-503 `unavailable` (retryable, `Retry-After`) and 504 `timeout`.
+Every non-200 answer is `{"error": code, "detail": text, ...}` built by `error_body`. The replica refuses a
+call by raising one of the `ServiceError` classes below, each with its stable `code` and its extra fields;
+serve/http.py gives each class its HTTP status, in one table. A failed catalog change (a store error of
+nezha.live_catalog) becomes its ServiceError in `from_store_error`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
-from fastapi.responses import JSONResponse
+from typing import Any, ClassVar
 
 from nezha.live_catalog import (
     CatalogConflictError,
@@ -26,51 +24,103 @@ def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
     return {"error": code, "detail": detail, **extra}
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
-    return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
+class ServiceError(Exception):
+    """A call the replica refuses: `code` and `detail` of the envelope, and its `extra` fields."""
+
+    code: ClassVar[str]
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail, self.extra = detail, extra
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.detail, **self.extra)
 
 
-def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
-    """A replica method's answer to the HTTP layer: HTTP status and body."""
-    return {"status": status, "body": body}
+class InvalidRequest(ServiceError):
+    """A request outside the service's limits (history length or duplicates, k, excludes, users per batch)."""
+
+    code = "invalid_request"
 
 
-def error_reply(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return reply(status, error_body(code, detail, **extra))
+class UnknownDecoder(ServiceError):
+    """The decoder asked for is not served here (extra: `available`)."""
+
+    code = "unknown_decoder"
 
 
-@functools.cache
-def store_errors() -> tuple[tuple[type[Exception], int, str], ...]:
-    """Catalog admin failures -> (HTTP status, error code), most specific first; errors about one item add its id.
+class UnknownItems(ServiceError):
+    """History items that are not in the catalog (extra: `item_ids`)."""
 
-    Built on first use: the embedding module's package pulls in scikit-learn, which recommendations never need.
-    """
-    from nezha.semantic_ids.embed import EmbeddingModelError
-
-    return ((InvalidItemError, 422, "invalid_item"),
-            (CatalogConflictError, 409, "conflict"),
-            (ItemNotFoundError, 404, "not_found"),
-            (NoCatalogError, 503, "no_catalog"),
-            (StoreUnavailableError, 503, "store_unavailable"),
-            (EmbeddingModelError, 503, "embedding_unavailable"))
+    code = "unknown_items"
 
 
-def admin_errors() -> tuple[type[Exception], ...]:
-    """The exceptions a catalog change answers with an error reply (anything else is a bug: 500)."""
-    return tuple(cls for cls, _, _ in store_errors())
+class NotFound(ServiceError):
+    """The item looked up or removed is not in the catalog (extra: `item_id`)."""
+
+    code = "not_found"
 
 
-def store_error_reply(exc: Exception) -> dict[str, Any]:
-    """The reply for a failed catalog change (`exc` is one of admin_errors())."""
-    status, code = next((s, c) for cls, s, c in store_errors() if isinstance(exc, cls))
+class InvalidItem(ServiceError):
+    """A new item that cannot be added as given."""
+
+    code = "invalid_item"
+
+
+class Conflict(ServiceError):
+    """The item already exists, or its semantic ID belongs to another item (extra: `item_id`)."""
+
+    code = "conflict"
+
+
+class NoCatalog(ServiceError):
+    """Redis holds no catalog under the prefix."""
+
+    code = "no_catalog"
+
+
+class StoreUnavailable(ServiceError):
+    """Redis cannot be reached: the change was refused."""
+
+    code = "store_unavailable"
+
+
+class EmbeddingUnavailable(ServiceError):
+    """The embedding model for items added by text cannot be loaded."""
+
+    code = "embedding_unavailable"
+
+
+class Unavailable(ServiceError):
+    """The replica cannot take the call now (past its pending-request bound): safe to retry after `retry_after_s`."""
+
+    code = "unavailable"
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail, retryable=True)
+        self.retry_after_s = retry_after_s
+
+
+class TimedOut(ServiceError):
+    """The call did not finish within request_timeout_s."""
+
+    code = "timeout"
+
+
+# The store errors a catalog change answers with an error (anything else is a bug: 500), most specific first.
+STORE_ERRORS: tuple[tuple[type[Exception], type[ServiceError]], ...] = (
+    (InvalidItemError, InvalidItem),
+    (CatalogConflictError, Conflict),
+    (ItemNotFoundError, NotFound),
+    (NoCatalogError, NoCatalog),
+    (StoreUnavailableError, StoreUnavailable),
+)
+STORE_ERROR_TYPES = tuple(store for store, _ in STORE_ERRORS)
+
+
+def from_store_error(exc: Exception) -> ServiceError:
+    """The ServiceError of a failed catalog change (`exc` is one of STORE_ERROR_TYPES); errors about one item
+    name it."""
+    error = next(service for store, service in STORE_ERRORS if isinstance(exc, store))
     extra = {"item_id": exc.item_id} if isinstance(exc, CatalogConflictError | ItemNotFoundError) else {}
-    return error_reply(status, code, str(exc), **extra)
-
-
-class Unavailable(Exception):
-    """The replica cannot take the call now (past its pending-request bound): safe to retry."""
-
-
-class TimedOut(Exception):
-    """The replica's decode did not finish within request_timeout_s."""
+    return error(str(exc), **extra)

@@ -1,17 +1,19 @@
 """The HTTP layer: the FastAPI app (`create_api`) over a replica's methods, and its body-size limit.
 
-Every non-200 answer is the envelope of serve/errors.py; no answer ever carries a traceback. The replica's
-methods answer with `reply(status, body)` dicts, which `create_api` turns into responses. A 503
+The routes call the replica directly and return its results as the declared response models, which FastAPI
+enforces. The replica refuses a call by raising a typed error (serve/errors.py); `ERROR_STATUS` gives each
+its HTTP status, and every non-200 answer is the envelope of serve/errors.py, never a traceback. A 503
 `unavailable` (the replica is past its pending-request bound) is retryable and carries `Retry-After`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,22 +21,61 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nezha.live_catalog import (
-    MAX_ITEM_ID_CHARS,
-)
+from nezha.live_catalog import MAX_ITEM_ID_CHARS
 from serve.config import ADMIN_TOKEN_ENV, ServeConfig
-from serve.errors import TimedOut, Unavailable, error_body, error_reply, error_response, reply
+from serve.errors import (
+    Conflict,
+    EmbeddingUnavailable,
+    InvalidItem,
+    InvalidRequest,
+    NoCatalog,
+    NotFound,
+    ServiceError,
+    StoreUnavailable,
+    TimedOut,
+    Unavailable,
+    UnknownDecoder,
+    UnknownItems,
+    error_body,
+)
 from serve.metrics import HttpMetrics
 from serve.schemas import (
     AddItemsRequest,
     BatchRecommendRequest,
     BatchRecommendResponse,
     ItemResponse,
+    NewItemModel,
+    Recommendation,
     RecommendRequest,
     RecommendResponse,
+    UserResult,
 )
 
 log = logging.getLogger("ray.serve.nezha")
+
+T = TypeVar("T")
+
+# The HTTP status of each typed error; the body is the error's envelope (ServiceError.body).
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    InvalidRequest: 422,
+    UnknownDecoder: 422,
+    UnknownItems: 422,
+    InvalidItem: 422,
+    NotFound: 404,
+    Conflict: 409,
+    NoCatalog: 503,
+    StoreUnavailable: 503,
+    EmbeddingUnavailable: 503,
+    Unavailable: 503,
+    TimedOut: 504,
+}
+# Refusals for load or time are counted, not timed: the latency histogram is of the calls the replica answered.
+UNTIMED = (Unavailable, TimedOut)
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
 
 
 class BodySizeLimit:
@@ -84,11 +125,27 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
-Forward = Callable[..., Awaitable[dict[str, Any]]]
+class Replica(Protocol):
+    """What the API calls on a replica (serve/replica.py): validated requests in, results out, or a
+    ServiceError."""
+
+    async def recommend(self, request: RecommendRequest) -> Recommendation: ...
+
+    async def recommend_many(self, requests: list[RecommendRequest]) -> list[Recommendation | ServiceError]: ...
+
+    def item(self, item_id: str) -> ItemResponse: ...
+
+    def ready(self) -> dict[str, Any]: ...
+
+    async def catalog_status(self) -> dict[str, Any]: ...
+
+    async def add_items(self, items: list[NewItemModel]) -> dict[str, Any]: ...
+
+    async def remove_items(self, item_ids: list[str]) -> dict[str, Any]: ...
 
 
-def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> FastAPI:
-    """The HTTP API; `forward(method, *args, timeout=seconds)` calls a replica method and returns its reply."""
+def create_api(cfg: ServeConfig, replica: Replica, metrics: HttpMetrics) -> FastAPI:
+    """The HTTP API over `replica`; every call but the local reads is bounded by cfg.request_timeout_s."""
     api = FastAPI(title="NEZHA recommendations", version="1",
                   description="Generative recommendation with the NEZHA decoder over a live item catalog.")
     api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes, on_reject=lambda: metrics.count("*", 413))
@@ -96,6 +153,17 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> Fast
     def count(request: Request, status: int) -> None:
         # The route template, not the path: paths carry item ids and would explode the label set.
         metrics.count(getattr(request.scope.get("route"), "path", "unmatched"), status)
+
+    def start_clock(request: Request, route: str) -> None:
+        """The call reaches the replica: its answer, an error too, is timed under `route`."""
+        request.state.clock = (route, time.perf_counter())
+
+    def observe(request: Request, status: int) -> float:
+        """Record the answer of a timed call in the metrics; its server-side seconds."""
+        route, start = request.state.clock
+        elapsed = time.perf_counter() - start
+        metrics.observe(route, status, elapsed)
+        return elapsed
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -112,16 +180,17 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> Fast
         count(request, exc.status_code)
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    @api.exception_handler(Unavailable)
-    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
-        count(request, 503)
-        return error_response(503, "unavailable", str(exc), headers={"Retry-After": str(cfg.retry_after_s)},
-                              retryable=True)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        status = ERROR_STATUS[type(exc)]
+        if isinstance(exc, UNTIMED) or not hasattr(request.state, "clock"):
+            count(request, status)
+        else:
+            observe(request, status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+        return JSONResponse(exc.body(), status_code=status, headers=headers)
 
-    @api.exception_handler(TimedOut)
-    async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
-        count(request, 504)
-        return error_response(504, "timeout", str(exc))
+    for error in ERROR_STATUS:
+        api.add_exception_handler(error, service_error)
 
     @api.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -129,8 +198,15 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> Fast
         count(request, 500)
         return error_response(500, "internal_error", "internal error; the server log has the details")
 
-    async def call(method: str, *args: Any) -> dict[str, Any]:
-        return await forward(method, *args, timeout=cfg.request_timeout_s)
+    async def bounded(call: Awaitable[T]) -> T:
+        """The replica's answer to a call, or TimedOut after request_timeout_s."""
+        try:
+            return await asyncio.wait_for(call, cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"the decode did not finish within {cfg.request_timeout_s} s") from None
+
+    def latency_ms(seconds: float) -> float:
+        return round(seconds * 1000, 3)
 
     async def require_admin(request: Request) -> None:
         """Bearer-token check (constant-time) for the catalog admin routes."""
@@ -144,82 +220,59 @@ def create_api(cfg: ServeConfig, forward: Forward, metrics: HttpMetrics) -> Fast
         if not hmac.compare_digest(given.strip().encode(), cfg.admin_token.encode()):
             raise StarletteHTTPException(403, "invalid admin token")
 
-    def respond(route: str, start: float, answer: dict[str, Any]) -> JSONResponse:
-        """The HTTP response for a replica method's `reply(...)`, recorded in the metrics."""
-        body, status = answer["body"], answer["status"]
-        elapsed = time.perf_counter() - start
-        if status == 200 and route.startswith("/v1/recommend"):
-            body["latency_ms"] = round(elapsed * 1000, 3)
-        metrics.observe(route, status, elapsed)
-        return JSONResponse(body, status_code=status)
-
-    def check_limits(req: RecommendRequest) -> str | None:
-        """Limits that depend on the config (pydantic already checked the types)."""
-        if len(req.history) > cfg.max_history_items:
-            return f"history: {len(req.history)} items; at most {cfg.max_history_items} (the model reads the last ones)"
-        seen: set[str] = set()
-        dups = sorted({i for i in req.history if i in seen or seen.add(i)})
-        if dups:
-            return f"history: duplicate item ids {dups[:20]}"
-        if not 1 <= req.k <= cfg.max_k:
-            return f"k: {req.k} is out of range 1..{cfg.max_k}"
-        if len(req.exclude) > cfg.max_exclude:
-            return f"exclude: {len(req.exclude)} items; at most {cfg.max_exclude}"
-        return None
-
-    @api.post("/v1/recommend", response_model=RecommendResponse,
+    @api.post("/v1/recommend",
               responses={422: {"description": "invalid request; `detail` names the field and the reason"}})
-    async def recommend(req: RecommendRequest) -> JSONResponse:
-        start = time.perf_counter()
-        problem = check_limits(req)
-        if problem is not None:
-            return respond("/v1/recommend", start, error_reply(422, "invalid_request", problem))
-        return respond("/v1/recommend", start, await call("recommend", req.model_dump()))
+    async def recommend(req: RecommendRequest, request: Request) -> RecommendResponse:
+        start_clock(request, "/v1/recommend")
+        recommendation = await bounded(replica.recommend(req))
+        return RecommendResponse(**dict(recommendation), latency_ms=latency_ms(observe(request, 200)))
 
-    @api.post("/v1/recommend/batch", response_model=BatchRecommendResponse,
+    @api.post("/v1/recommend/batch", response_model_exclude_unset=True,
               responses={422: {"description": "too many users; one user's bad request is reported in its result"}})
-    async def recommend_batch(req: BatchRecommendRequest) -> JSONResponse:
-        start = time.perf_counter()
-        if len(req.requests) > cfg.max_batch_users:
-            return respond("/v1/recommend/batch", start, error_reply(
-                422, "invalid_request", f"requests: {len(req.requests)} users; at most {cfg.max_batch_users}"))
-        problems = [check_limits(r) for r in req.requests]
-        valid = [r.model_dump() for r, problem in zip(req.requests, problems, strict=True) if problem is None]
-        decoded = iter((await call("recommend_many", valid))["body"]["results"] if valid else [])
-        results = []
-        for problem in problems:
-            if problem is None:
-                answer = next(decoded)
-                results.append({"status": answer["status"], **answer["body"]})
-            else:
-                results.append({"status": 422, **error_body("invalid_request", problem)})
-        return respond("/v1/recommend/batch", start, reply(200, {"results": results}))
+    async def recommend_batch(req: BatchRecommendRequest, request: Request) -> BatchRecommendResponse:
+        start_clock(request, "/v1/recommend/batch")
+        answers = await bounded(replica.recommend_many(req.requests))
+        results = [UserResult(status=200, **dict(answer)) if isinstance(answer, Recommendation)
+                   else UserResult(status=ERROR_STATUS[type(answer)], **answer.body()) for answer in answers]
+        return BatchRecommendResponse(results=results, latency_ms=latency_ms(observe(request, 200)))
 
-    @api.get("/v1/items/{item_id}", response_model=ItemResponse,
-             responses={404: {"description": "no such item in the catalog"}})
-    async def item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)]) -> JSONResponse:
-        return respond("/v1/items/{item_id}", time.perf_counter(), await call("item", item_id))
+    @api.get("/v1/items/{item_id}", responses={404: {"description": "no such item in the catalog"}})
+    async def item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)], request: Request) -> ItemResponse:
+        start_clock(request, "/v1/items/{item_id}")
+        answer = replica.item(item_id)
+        observe(request, 200)
+        return answer
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz")
-    async def readyz() -> JSONResponse:
+    # Status and catalog-change answers are free-form JSON: no response model.
+    @api.get("/readyz", response_model=None)
+    async def readyz() -> dict[str, Any]:
         # The replica answering is the one that is ready: a local status read, nothing to wait for.
-        return JSONResponse(await forward("ready", timeout=cfg.request_timeout_s))
+        return replica.ready()
 
-    @api.get("/v1/catalog", dependencies=[Depends(require_admin)])
-    async def catalog_status() -> JSONResponse:
-        return respond("/v1/catalog", time.perf_counter(), await call("catalog_status"))
+    @api.get("/v1/catalog", dependencies=[Depends(require_admin)], response_model=None)
+    async def catalog_status(request: Request) -> dict[str, Any]:
+        start_clock(request, "/v1/catalog")
+        status = await bounded(replica.catalog_status())
+        observe(request, 200)
+        return status
 
-    @api.post("/v1/catalog/items", dependencies=[Depends(require_admin)])
-    async def add_items(req: AddItemsRequest) -> JSONResponse:
-        items = [i.model_dump(exclude_none=True) for i in req.items]
-        return respond("/v1/catalog/items", time.perf_counter(), await call("add_items", items))
+    @api.post("/v1/catalog/items", dependencies=[Depends(require_admin)], response_model=None)
+    async def add_items(req: AddItemsRequest, request: Request) -> dict[str, Any]:
+        start_clock(request, "/v1/catalog/items")
+        body = await bounded(replica.add_items(req.items))
+        observe(request, 200)
+        return body
 
-    @api.delete("/v1/catalog/items/{item_id}", dependencies=[Depends(require_admin)])
-    async def remove_item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)]) -> JSONResponse:
-        return respond("/v1/catalog/items", time.perf_counter(), await call("remove_items", [item_id]))
+    @api.delete("/v1/catalog/items/{item_id}", dependencies=[Depends(require_admin)], response_model=None)
+    async def remove_item(item_id: Annotated[str, Path(max_length=MAX_ITEM_ID_CHARS)],
+                          request: Request) -> dict[str, Any]:
+        start_clock(request, "/v1/catalog/items")  # the metrics' label of both catalog writes
+        body = await bounded(replica.remove_items([item_id]))
+        observe(request, 200)
+        return body
 
     return api

@@ -10,15 +10,16 @@ one draft-head beam search for NEZHA). Its catalog copy is followed from Redis b
 
 Batch size, batch wait and the pending-request bound are its `user_config` (`BatchConfig`), applied by
 `reconfigure` on running replicas. Past the bound a request gets a fast 503 `unavailable` from the replica.
+
+Its methods take validated requests (serve/schemas.py) and return results, or raise the typed errors of
+serve/errors.py; `_query` is the one place a user's request is checked against the service's limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
-import json
 import logging
 import os
 import time
@@ -53,24 +54,25 @@ from nezha.live_catalog import (
     load_item_metadata,
     redact_url,
 )
-from nezha.model.checkpoint import load_checkpoint, prepared_dir_of
+from nezha.model.checkpoint import load_checkpoint
+from nezha.ranking import max_history_of, search_width, top_k
 from serve.admin import CatalogAdmin
 from serve.batcher import DecodeBatcher
 from serve.config import BatchConfig, ServeConfig
-from serve.errors import TimedOut, Unavailable, error_reply, reply
+from serve.errors import InvalidRequest, NotFound, ServiceError, Unavailable, UnknownDecoder, UnknownItems
 from serve.http import create_api
 from serve.metrics import DecoderMetrics, HttpMetrics
+from serve.schemas import (
+    BatchInfo,
+    ItemResponse,
+    NewItemModel,
+    Recommendation,
+    RecommendedItem,
+    RecommendRequest,
+)
 
 # Under "ray.serve" so Serve writes these lines to each replica's log file.
 log = logging.getLogger("ray.serve.nezha")
-
-
-def _prepared_max_history(checkpoint: str) -> int | None:
-    prepared = prepared_dir_of(checkpoint)
-    summary = prepared / "prepare.json" if prepared else None
-    if summary is None or not summary.is_file():
-        return None
-    return json.loads(summary.read_text()).get("config", {}).get("max_history")
 
 
 def max_replicas_of(deployment_config: Any) -> int:
@@ -120,7 +122,7 @@ class Recommender:
         if tuple(self.model.layout.sizes) != catalog.codebook_sizes:
             raise ValueError(f"checkpoint model codebooks {self.model.layout.sizes} differ from its catalog's "
                              f"{catalog.codebook_sizes}")
-        self.max_history = cfg.max_history or _prepared_max_history(cfg.checkpoint) or 20
+        self.max_history = max_history_of(cfg.checkpoint, cfg.max_history)
         self.decoders = [d for d in cfg.decoders if decoder_available(self.model, d)]
         if not self.decoders:
             raise ValueError(f"the checkpoint serves none of the configured decoders {cfg.decoders} "
@@ -160,17 +162,7 @@ class Recommender:
                  self.device, self.decoders, self.max_history)
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # called by Serve once per replica, after __init__
-        return create_api(self.cfg, self._call, self.http_metrics)
-
-    async def _call(self, method: str, *args: Any, timeout: float) -> dict[str, Any]:
-        """The HTTP API's way to this replica's methods, each answer bounded by `timeout` seconds."""
-        answer = getattr(self, method)(*args)
-        if not inspect.isawaitable(answer):
-            return answer
-        try:
-            return await asyncio.wait_for(answer, timeout)
-        except asyncio.TimeoutError:
-            raise TimedOut(f"the decode did not finish within {timeout} s") from None
+        return create_api(self.cfg, self, self.http_metrics)
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve calls this with the deployment's `user_config` at start and whenever it changes."""
@@ -181,6 +173,8 @@ class Recommender:
     def __del__(self) -> None:
         if getattr(self, "follower", None) is not None:
             self.follower.stop()
+        if getattr(self, "batcher", None) is not None:
+            self.batcher.stop()
 
     def check_health(self) -> None:
         """Serve's health check: the follower thread must be alive (a Redis outage is not unhealthy)."""
@@ -189,36 +183,54 @@ class Recommender:
         self._observe_catalog()
 
     # ---- recommendations ---------------------------------------------------------------------------
-    def _query(self, request: dict[str, Any]) -> _Query | dict[str, Any]:
-        """The decode query of one request, or the error reply that refuses it."""
-        decoder = request.get("decoder") or self.cfg.default_decoder
+    def _query(self, request: RecommendRequest) -> _Query:
+        """The decode query of one user's request; raises the ServiceError that refuses it. Pydantic checked
+        the types; this checks the limits of the config, the decoder and the items."""
+        cfg = self.cfg
+        if len(request.history) > cfg.max_history_items:
+            raise InvalidRequest(f"history: {len(request.history)} items; at most {cfg.max_history_items} "
+                                 "(the model reads the last ones)")
+        seen: set[str] = set()
+        dups = sorted({i for i in request.history if i in seen or seen.add(i)})
+        if dups:
+            raise InvalidRequest(f"history: duplicate item ids {dups[:20]}")
+        if not 1 <= request.k <= cfg.max_k:
+            raise InvalidRequest(f"k: {request.k} is out of range 1..{cfg.max_k}")
+        if len(request.exclude) > cfg.max_exclude:
+            raise InvalidRequest(f"exclude: {len(request.exclude)} items; at most {cfg.max_exclude}")
+        decoder = request.decoder or cfg.default_decoder
         if decoder not in self.decoders:
-            return error_reply(422, "unknown_decoder", f"decoder {decoder!r} is not available; this service offers "
-                               f"{', '.join(self.decoders)}", available=self.decoders)
-        packed, missing = self.local.lookup(request["history"])
+            raise UnknownDecoder(f"decoder {decoder!r} is not available; this service offers "
+                                 f"{', '.join(self.decoders)}", available=self.decoders)
+        packed, missing = self.local.lookup(request.history)
         if missing:
-            return error_reply(422, "unknown_items", f"{len(missing)} history item(s) are not in the catalog "
-                               f"(unknown or removed): {', '.join(missing[:20])}", item_ids=missing)
-        exclude = set(request.get("exclude") or ())
-        if request.get("exclude_history"):
-            exclude.update(request["history"])
-        return _Query(decoder, request["k"], packed[-self.max_history:], frozenset(exclude))
+            raise UnknownItems(f"{len(missing)} history item(s) are not in the catalog (unknown or removed): "
+                               f"{', '.join(missing[:20])}", item_ids=missing)
+        exclude = set(request.exclude)
+        if request.exclude_history:
+            exclude.update(request.history)
+        return _Query(decoder, request.k, packed[-self.max_history:], frozenset(exclude))
 
-    async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def recommend(self, request: RecommendRequest) -> Recommendation:
         query = self._query(request)
-        if isinstance(query, dict):
-            return query
         with self._admitted(1):
             return await self.batcher.submit(query)
 
-    async def recommend_many(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
-        """Many users at once: their queries enter the batcher together, so they decode in one call where
-        max_batch_size allows; a user's refusal is that user's reply."""
-        queries = [self._query(r) for r in requests]
+    async def recommend_many(self, requests: list[RecommendRequest]) -> list[Recommendation | ServiceError]:
+        """Many users at once, in order: their queries enter the batcher together, so they decode in one call
+        where max_batch_size allows; a user's refusal is that user's result."""
+        if len(requests) > self.cfg.max_batch_users:
+            raise InvalidRequest(f"requests: {len(requests)} users; at most {self.cfg.max_batch_users}")
+        queries: list[_Query | ServiceError] = []
+        for request in requests:
+            try:
+                queries.append(self._query(request))
+            except ServiceError as refusal:
+                queries.append(refusal)
         valid = [q for q in queries if isinstance(q, _Query)]
         with self._admitted(len(valid)):
             decoded = iter(await asyncio.gather(*(self.batcher.submit(q) for q in valid)))
-        return reply(200, {"results": [q if isinstance(q, dict) else next(decoded) for q in queries]})
+        return [next(decoded) if isinstance(q, _Query) else q for q in queries]
 
     @contextlib.contextmanager
     def _admitted(self, count: int) -> Iterator[None]:
@@ -227,22 +239,22 @@ class Recommender:
         limit = self.batching.max_pending_requests
         if self._pending + count > limit:
             raise Unavailable(f"replica {self.replica} has {self._pending} requests pending (max_pending_requests "
-                              f"{limit}); retry")
+                              f"{limit}); retry", retry_after_s=self.cfg.retry_after_s)
         self._pending += count
         try:
             yield
         finally:
             self._pending -= count
 
-    async def _decode_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+    async def _decode_batch(self, queries: list[_Query]) -> list[Recommendation]:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
             groups[q.decoder].append(i)
-        replies: list[dict[str, Any]] = [{} for _ in queries]
+        answers: dict[int, Recommendation] = {}
         for decoder, rows in groups.items():
             batch = [queries[i] for i in rows]
-            # Decode past k so excluded items can be dropped; one width for the whole group.
-            beam = min(self.cfg.max_beam, max(self.cfg.beam, *(q.k + len(q.exclude) for q in batch)))
+            # Decode past k so excluded items can be dropped; one width for the whole group: the widest need.
+            beam = max(search_width(self.cfg.beam, q.k, len(q.exclude), self.cfg.max_beam) for q in batch)
             # One catalog version for the whole call: the search and the id mapping read the same view.
             view = self.local.view()
             start = time.perf_counter()
@@ -252,18 +264,15 @@ class Recommender:
             items = view.items_of(ids.reshape(-1))
             batch_id = next(self._batch_ids)
             self.metrics.observe_batch(decoder, len(batch), decode_s, int(invalid.sum()))
+            info = BatchInfo(id=batch_id, size=len(batch))
+            width = ids.shape[1]
             for pos, (row, q) in enumerate(zip(rows, batch, strict=True)):
-                ranked = []
-                for j, score in enumerate(scores[pos]):
-                    item = items[pos * ids.shape[1] + j]
-                    if item is not None and item not in q.exclude:  # None: not an item (padding)
-                        ranked.append({"item_id": item, "score": round(float(score), 6), **view.meta_of(item)})
-                        if len(ranked) == q.k:
-                            break
-                replies[row] = reply(200, {"items": ranked, "decoder": decoder, "k": q.k,
-                                           "catalog_version": view.version, "replica": self.replica,
-                                           "batch": {"id": batch_id, "size": len(batch)}})
-        return replies
+                kept = top_k(items[pos * width:(pos + 1) * width], scores[pos].tolist(), q.exclude, q.k)
+                ranked = [RecommendedItem(item_id=item, score=round(score, 6), **view.meta_of(item))
+                          for item, score in kept]
+                answers[row] = Recommendation(items=ranked, decoder=decoder, k=q.k, catalog_version=view.version,
+                                              replica=self.replica, batch=info)
+        return [answers[row] for row in range(len(queries))]
 
     def _decode(self, decoder: str, batch: list[_Query], beam: int,
                 view: CatalogView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -272,14 +281,14 @@ class Recommender:
             out = decode(self.model, decoder, histories, view.verifier, beam=beam, topk=beam, graphs=self.graphs)
         return out.ids.cpu().numpy(), out.scores.float().cpu().numpy(), out.invalid.cpu().numpy()
 
-    def item(self, item_id: str) -> dict[str, Any]:
+    def item(self, item_id: str) -> ItemResponse:
         """One item as this replica's catalog copy has it: semantic ID, codes, metadata."""
         view = self.local.view()
         packed = view.item_to_id.get(item_id)
         if packed is None:
-            return error_reply(404, "not_found", f"item {item_id!r} is not in the catalog", item_id=item_id)
-        return reply(200, {"item_id": item_id, "semantic_id": packed, "codes": codes_of(packed, self.local.sizes),
-                           **view.meta_of(item_id), "catalog_version": view.version, "replica": self.replica})
+            raise NotFound(f"item {item_id!r} is not in the catalog", item_id=item_id)
+        return ItemResponse(item_id=item_id, semantic_id=packed, codes=codes_of(packed, self.local.sizes),
+                            **view.meta_of(item_id), catalog_version=view.version, replica=self.replica)
 
     # ---- status --------------------------------------------------------------------------------------
     def _observe_catalog(self) -> None:
@@ -306,10 +315,10 @@ class Recommender:
             status["store"] = await asyncio.to_thread(self.store.status)
         except StoreUnavailableError as exc:
             status["store"] = {"mode": "redis", "available": False, "error": str(exc)}
-        return reply(200, status)
+        return status
 
     # ---- catalog admin (serve/admin.py) -------------------------------------------------------------
-    async def add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    async def add_items(self, items: list[NewItemModel]) -> dict[str, Any]:
         return await asyncio.to_thread(self.admin.add, items)
 
     async def remove_items(self, item_ids: list[str]) -> dict[str, Any]:

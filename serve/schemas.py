@@ -55,18 +55,24 @@ class BatchInfo(BaseModel):
     size: int = Field(description="requests decoded together in it")
 
 
-class RecommendResponse(BaseModel):
+class Recommendation(BaseModel):
+    """One user's recommendation as the replica decoded it."""
+
     items: list[RecommendedItem]
     decoder: str
     k: int
     catalog_version: int
-    latency_ms: float = Field(description="server-side time from receiving the request to answering it")
     replica: str
     batch: BatchInfo
 
 
+class RecommendResponse(Recommendation):
+    latency_ms: float = Field(description="server-side time from receiving the request to answering it")
+
+
 class UserResult(BaseModel):
-    """One user's answer in a batch: `status` 200 with the fields of a recommendation, or an error."""
+    """One user's answer in a batch: `status` 200 with the fields of a recommendation, or an error (fields
+    that do not apply are absent, not null)."""
 
     model_config = ConfigDict(extra="allow")
 

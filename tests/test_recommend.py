@@ -1,15 +1,12 @@
-"""`nezha recommend` and its Ray Data twin (batch/run.py) on the tiny fixtures: formats, --exclude-history,
---from-split, the bad-input report, atomic output, the history window, and Ray == single process."""
+"""`nezha recommend` on the tiny fixtures: formats, --exclude-history, --from-split, the bad-input report,
+atomic output, the history window (its Ray Data twin: tests/test_batch.py)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from recommend_fixtures import BAD_LINES, GOOD, read_recs, read_report, write_jsonl
 
 from nezha.catalog import Catalog
 from nezha.cli import main
@@ -17,47 +14,6 @@ from nezha.config import ConfigError
 from nezha.model.checkpoint import prepared_dir_of
 from nezha.prepared import load_prepared
 from nezha.recommend import OfflineRecommender, RecommendConfig, UserHistory, parse_line, recommend_all
-
-GOOD = [
-    {"user_id": "u1", "history": ["I001", "I002", "I003"]},
-    {"user_id": "u2", "history": ["I010", "I011"]},
-    {"user_id": "u3", "history": ["I040", "I041", "I042", "I043", "I044"]},
-    {"user_id": "u4", "history": ["I020"]},
-]
-# Line numbers (1-based) are part of what the report must say.
-BAD_LINES = [
-    json.dumps({"user_id": "ok1", "history": ["I005", "I006"]}),  # 1
-    json.dumps({"user_id": "partly", "history": ["I007", "GONE-1", "I008"]}),  # 2: one unknown item
-    json.dumps({"user_id": "nobody", "history": ["GONE-2", "GONE-3"]}),  # 3: no known item
-    json.dumps({"user_id": "empty", "history": []}),  # 4
-    "{this is not json",  # 5
-    json.dumps({"history": ["I001"]}),  # 6: no user_id
-    json.dumps({"user_id": "flat", "history": "I001"}),  # 7: not a list
-    "",  # 8: blank, ignored
-    json.dumps({"user_id": "ok2", "history": ["I030"]}),  # 9
-]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_recs(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    return pq.read_table(path).to_pylist()  # a file, or Ray's folder of part files
-
-
-def read_report(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
 
 
 def recommend(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -210,51 +166,3 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "r.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "is not a nezha checkpoint" in err and "Traceback" not in err
-
-
-@pytest.mark.slow
-def test_ray_data_gives_the_single_process_output(ray_session, tiny_checkpoint, tmp_path):
-    from batch.run import RayRecommendConfig
-    from batch.run import main as batch_main
-
-    # Valid users (more than one batch), bad lines and unknown items, with --exclude-history: the widest case.
-    lines = [json.dumps({"user_id": f"w{i}", "history": [f"I{(i + j) % 48:03d}" for j in range(1 + i % 25)]})
-             for i in range(60)] + BAD_LINES
-    histories = tmp_path / "h.jsonl"
-    histories.write_text("\n".join(lines) + "\n")
-    args = ["--checkpoint", str(tiny_checkpoint), "--in", str(histories), "--k", "4", "--exclude-history",
-            "--batch-size", "16", "--progress", "false"]
-    main(["recommend", *args, "--out", str(tmp_path / "single.parquet")])
-    stats = batch_main([*args, "--out", str(tmp_path / "ray.parquet"), "--actors", "2"])
-    assert (tmp_path / "ray.parquet").is_dir()  # Ray writes a folder of part files
-    assert (stats.users, stats.recommended, stats.skipped_users, stats.skipped_items, stats.malformed_lines) == \
-        (64, 63, 1, 3, 4)
-
-    single = {r["user_id"]: r["items"] for r in read_recs(tmp_path / "single.parquet")}
-    ray_rows = {r["user_id"]: r["items"] for r in read_recs(tmp_path / "ray.parquet")}
-    assert ray_rows.keys() == single.keys() and len(single) == 63
-    for user, items in single.items():
-        assert [i["item_id"] for i in ray_rows[user]] == [i["item_id"] for i in items], user
-        assert [i["title"] for i in ray_rows[user]] == [i["title"] for i in items]
-        assert ray_rows[user]
-        assert all(abs(a["score"] - b["score"]) <= 1e-5 for a, b in zip(ray_rows[user], items, strict=True))
-
-    # The same report, except that Ray Data does not number lines (it quotes the bad ones instead).
-    def reasons(path: Path) -> list[tuple[str, str | None]]:
-        return sorted((r["reason"], r.get("user_id", "")) for r in read_report(path))
-
-    assert reasons(tmp_path / "ray.parquet.skipped.jsonl") == reasons(tmp_path / "single.parquet.skipped.jsonl")
-
-    # Parquet in (the rows that Parquet can hold: lists of ids, an empty one, a null user id): the same lists.
-    rows = [r for r in map(json_or_none, lines) if r is not None and isinstance(r.get("history"), list)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "h.parquet")
-    parquet_args = [a if a != str(histories) else str(tmp_path / "h.parquet") for a in args]
-    batch_main([*parquet_args, "--out", str(tmp_path / "ray-from-parquet.parquet"), "--actors", "1"])
-    from_parquet = {r["user_id"]: r["items"] for r in read_recs(tmp_path / "ray-from-parquet.parquet")}
-    assert from_parquet.keys() == single.keys()
-    assert all([i["item_id"] for i in from_parquet[u]] == [i["item_id"] for i in single[u]] for u in single)
-    assert reasons(tmp_path / "ray-from-parquet.parquet.skipped.jsonl") == [
-        ("malformed", ""), ("malformed", "empty"), ("no_known_items", "nobody"), ("unknown_items", "partly")]
-
-    with pytest.raises(ConfigError, match="^out: Ray Data writes a folder of Parquet"):
-        RayRecommendConfig(checkpoint="c", input="h.jsonl", out="r.jsonl")

@@ -205,11 +205,12 @@ def _openapi_schema() -> Any:
     from serve.http import create_api
     from serve.metrics import HttpMetrics
 
-    async def no_forward(*_: Any, **__: Any) -> dict[str, Any]:
-        raise AssertionError("the schema is read, never called")
+    class NoReplica:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError("the schema is read, never called")
 
     # The same app Serve runs (same routes, models and limits); only its schema is used here.
-    return schemathesis.openapi.from_dict(create_api(ServeConfig(), no_forward, HttpMetrics()).openapi())
+    return schemathesis.openapi.from_dict(create_api(ServeConfig(), NoReplica(), HttpMetrics()).openapi())
 
 
 SCHEMA = _openapi_schema()
