@@ -84,9 +84,9 @@ def test_empty_catalog(tmp_path):
 
 
 def test_missing_columns_and_files(tmp_path):
-    with pytest.raises(DataError, match=r"missing column\(s\) \['position'\]"):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['position or timestamp'\]"):
         load_dataset(write_dir(tmp_path / "toy", interactions="user_id,item_id\nu1,a\n"))
-    with pytest.raises(DataError, match=r"interactions\.csv:3: empty user_id/item_id or non-numeric position"):
+    with pytest.raises(DataError, match=r"interactions\.csv:3: position 'x' is not an integer"):
         load_dataset(write_dir(tmp_path / "toy2", interactions="user_id,item_id,position\nu1,a,0\nu1,b,x\n"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"missing items\.jsonl, interactions\.csv \(or interactions\.json\); "

@@ -14,16 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from nezha.data.datasets import (
-    DataError,
-    Dataset,
-    category_list,
-    finish_stats,
-    items_frame,
-    sequences_from_frame,
-)
+from nezha.data.columnar import Interactions, group_by_user, k_core_filter
+from nezha.data.datasets import DataError, Dataset, category_list, finish_stats, items_frame
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +59,6 @@ def _meta_categories(record: dict[str, Any]) -> list[str]:
     return category_list(value)
 
 
-def k_core_filter(frame: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iteratively keep interactions whose user and item both have >= k interactions, until stable."""
-    while True:
-        user_deg = frame.groupby("user_id")["item_id"].transform("size")
-        item_deg = frame.groupby("item_id")["user_id"].transform("size")
-        keep = (user_deg >= k) & (item_deg >= k)
-        if keep.all():
-            return frame
-        frame = frame[keep]
-
-
 def load_amazon_raw(reviews_path: str | Path, meta_path: str | Path, k_core: int = 5) -> Dataset:
     """Build a Dataset from original Amazon Review files (reviews + metadata, JSON lines, gzip or plain).
 
@@ -105,13 +90,20 @@ def load_amazon_raw(reviews_path: str | Path, meta_path: str | Path, k_core: int
     unknown = int((~known).sum())
     if unknown:
         log.warning("%s: dropping %d review(s) of items missing from %s", reviews_path, unknown, meta_path)
-    frame = k_core_filter(frame[known], k_core)
-    if frame.empty:
+    frame = frame[known]
+    user_codes, user_ids = pd.factorize(frame["user_id"], sort=False)
+    item_index = pd.Index(meta["item_id"]).get_indexer(frame["item_id"]).astype(np.int32)
+    inter = Interactions(user_codes.astype(np.int32), item_index, frame["time"].to_numpy(np.int64),
+                         pa.array(user_ids.astype(str), pa.string()))
+    del frame
+    inter = k_core_filter(inter, k_core, len(meta))
+    if not len(inter):
         raise DataError(f"{reviews_path}: nothing left after {k_core}-core filtering")
 
-    meta = meta[meta["item_id"].isin(frame["item_id"])]
-    items, stats = items_frame(meta.to_dict("records"), str(meta_path))
-    sequences, user_ids = sequences_from_frame(frame, pd.Index(items["item_id"]), "time")
+    used = np.bincount(inter.item, minlength=len(meta)) > 0  # the catalog: items with reviews left
+    inter.item = (np.cumsum(used) - 1)[inter.item].astype(np.int32)
+    items, stats = items_frame(meta[used].reset_index(drop=True), str(meta_path))
+    sequences, user_ids = group_by_user(inter)
     stats.update(raw_interactions=raw_interactions, unknown_item_interactions=unknown, k_core=k_core)
     ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=finish_stats(items, sequences, stats))
     log.info(

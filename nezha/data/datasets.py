@@ -1,11 +1,18 @@
 """Loading interaction datasets into one in-memory form: an item table plus per-user item sequences.
 
-The input format is the Beauty-like directory (`load_dataset`): `items.jsonl` (one JSON object a line
-with `item_id`, `title`, `brand`, `categories`) and the interactions, either `interactions.csv`
-(`user_id,item_id,position`, position = 0-based chronological order within the user) or
-`interactions.json` (`{"user": ["item", ...], ...}`, each list oldest first), never both.
-`write_dataset` writes a Dataset in that format, e.g. one made from the original Amazon Review files
-(nezha/data/amazon.py).
+A dataset is a directory (`load_dataset`) holding
+
+- the items: `items.jsonl` (one JSON object a line), `items.parquet` or `items.csv`, with `item_id`,
+  `title`, `brand`, `categories` (a list; in CSV one string, levels separated by " > ");
+- the interactions: `interactions.csv`, `interactions.jsonl`, `interactions.parquet`, or a directory
+  `interactions/` of parts in one of those formats, with `user_id`, `item_id` and `position` (0-based
+  order within the user) or `timestamp`; or `interactions.json` (`{"user": ["item", ...], ...}`, each
+  list oldest first). Exactly one of them: two would leave it to us which one you meant.
+
+Interactions are read in blocks (nezha/data/readers.py) and kept as integer columns
+(nezha/data/columnar.py), so memory grows by ~16-32 bytes per interaction, not by a Python object per
+row. `write_dataset` writes a Dataset as `items.jsonl` + `interactions.csv`, e.g. one made from the
+original Amazon Review files (nezha/data/amazon.py).
 
 Item text for the embedding model (`item_text`) is
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +36,32 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from nezha.data.columnar import Collector, Interactions, group_by_user, k_core_filter
+from nezha.data.errors import DataError
+from nezha.data.readers import Block, InputStats, part_files, read_blocks
+from nezha.data.split import Ragged
 
 log = logging.getLogger(__name__)
 
 ITEMS_FILE = "items.jsonl"
+ITEMS_FILES = (ITEMS_FILE, "items.parquet", "items.csv")
 INTERACTIONS_FILE = "interactions.csv"
 INTERACTIONS_JSON_FILE = "interactions.json"
-INTERACTION_COLUMNS = ("user_id", "item_id", "position")
+INTERACTIONS_FILES = (INTERACTIONS_FILE, "interactions.jsonl", "interactions.parquet", INTERACTIONS_JSON_FILE,
+                      "interactions")  # the last: a directory of parts
+ITEM_COLUMNS = ("item_id", "title", "brand", "categories")
 
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file (and line) and what is wrong."""
+__all__ = ["DataError", "Dataset", "load_dataset", "write_dataset"]
 
 
 @dataclass
 class Dataset:
     items: pd.DataFrame  # columns: item_id, title, brand, categories (list[str]), text
-    sequences: list[np.ndarray]  # per user: chronological int64 indices into `items`
+    sequences: Ragged  # per user: chronological int64 indices into `items`
     user_ids: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -86,8 +103,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 
 
 def _is_dataset_dir(path: Path) -> bool:
-    # items.jsonl may be absent when the semantic IDs come from a file, so an interactions file suffices
-    return path.is_dir() and any((path / f).is_file() for f in (ITEMS_FILE, INTERACTIONS_FILE, INTERACTIONS_JSON_FILE))
+    # the items may be absent when the semantic IDs come from a file, so interactions suffice
+    return path.is_dir() and any((path / f).exists() for f in (*ITEMS_FILES, *INTERACTIONS_FILES))
 
 
 def resolve_dataset_dir(dataset: str, data_dir: str | Path | None) -> Path:
@@ -139,14 +156,16 @@ def _check_unique_ids(ids: list[str], source: str) -> None:
         raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
 
 
-def items_frame(records: list[dict[str, Any]], source: str) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Normalise item records into the item table; errors on an empty catalog or duplicate ids."""
-    if not records:
+def items_frame(raw: pd.DataFrame, source: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise raw item rows (columns of ITEM_COLUMNS, any may be missing but item_id) into the item
+    table; errors on an empty catalog or duplicate ids."""
+    if raw.empty:
         raise DataError(f"{source}: no items (empty catalog)")
-    ids = [str(r["item_id"]) for r in records]
-    titles = [_clean(r.get("title")) for r in records]
-    brands = [_clean(r.get("brand")) for r in records]
-    cats = [category_list(r.get("categories")) for r in records]
+    ids = [str(i) for i in raw["item_id"]]
+    n = len(ids)
+    titles = [_clean(v) for v in raw["title"]] if "title" in raw else [""] * n
+    brands = [_clean(v) for v in raw["brand"]] if "brand" in raw else [""] * n
+    cats = [category_list(v) for v in raw["categories"]] if "categories" in raw else [[] for _ in range(n)]
     _check_unique_ids(ids, source)
     items = pd.DataFrame({"item_id": ids, "title": titles, "brand": brands, "categories": cats})
     items["text"] = [item_text(*row) for row in zip(ids, titles, brands, cats, strict=True)]
@@ -157,7 +176,7 @@ def items_frame(records: list[dict[str, Any]], source: str) -> tuple[pd.DataFram
     return items, stats
 
 
-# ---- directory format -------------------------------------------------------------------------------
+# ---- reading ------------------------------------------------------------------------------------------
 
 
 def _read_items_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -178,15 +197,39 @@ def _read_items_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _select_items(
-    records: list[dict[str, Any]], item_ids: Sequence[str], source: str
-) -> tuple[list[dict[str, Any]], int]:
-    """The records of `item_ids` in that order (an id without a record gets one without text), and the
-    number of records whose id is not among `item_ids`."""
-    _check_unique_ids([str(r["item_id"]) for r in records], source)
-    by_id = {str(r["item_id"]): r for r in records}
-    unlisted = len(by_id.keys() - set(item_ids))
-    return [by_id.get(i, {"item_id": i}) for i in item_ids], unlisted
+def _read_items(path: Path) -> pd.DataFrame:
+    """Raw item rows of items.jsonl / .parquet / .csv; a row without an item_id is an error naming it."""
+    if path.suffix == ".jsonl":
+        return pd.DataFrame.from_records(_read_items_jsonl(path), columns=list(ITEM_COLUMNS))
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in ITEM_COLUMNS}, strings_can_be_null=True))
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if "item_id" not in table.column_names:
+        raise DataError(f"{path}: missing column 'item_id'; has {table.column_names}")
+    frame = table.select([c for c in ITEM_COLUMNS if c in table.column_names]).to_pandas()
+    if path.suffix == ".csv" and "categories" in frame:
+        frame["categories"] = [v.split(" > ") if isinstance(v, str) and v else [] for v in frame["categories"]]
+    missing = frame["item_id"].isna() | (frame["item_id"].astype(str) == "")
+    if missing.any():
+        row = int(np.flatnonzero(missing.to_numpy())[0]) + 1
+        raise DataError(f"{path}, row {row}: missing 'item_id' ({int(missing.sum())} such row(s))")
+    return frame
+
+
+def _select_items(raw: pd.DataFrame, item_ids: Sequence[str], source: str) -> tuple[pd.DataFrame, int]:
+    """The rows of `item_ids` in that order (an id without a row gets one without text), and the number of
+    rows whose id is not among `item_ids`."""
+    ids = [str(i) for i in raw["item_id"]]
+    _check_unique_ids(ids, source)
+    indexed = raw.assign(item_id=ids).set_index("item_id")
+    unlisted = len(set(ids) - set(item_ids))
+    selected = indexed.reindex(list(item_ids)).reset_index()
+    return selected, unlisted
 
 
 def read_json_object(path: Path, key_name: str) -> dict[str, Any]:
@@ -218,52 +261,42 @@ def read_json_object(path: Path, key_name: str) -> dict[str, Any]:
     return data
 
 
-def dataset_files(path: Path, items_required: bool = True) -> tuple[Path | None, Path]:
-    """(items.jsonl, or None when it is absent and not required; the interactions file).
+def _single(path: Path, names: Sequence[str], what: str) -> Path | None:
+    present = [path / n for n in names if (path / n).exists()]
+    if len(present) > 1:
+        raise DataError(f"{path}: both {' and '.join(p.name for p in present)} exist; remove the one that should "
+                        f"not be used (one {what} source)")
+    return present[0] if present else None
 
-    The interactions are `interactions.csv` or `interactions.json`; both at once is an error, since
-    silently preferring one would train on data the user may have meant to replace.
-    """
-    items_path = path / ITEMS_FILE
-    csv_path, json_path = path / INTERACTIONS_FILE, path / INTERACTIONS_JSON_FILE
-    if csv_path.is_file() and json_path.is_file():
-        raise DataError(
-            f"{path}: both {INTERACTIONS_FILE} and {INTERACTIONS_JSON_FILE} exist; "
-            "remove the one that should not be used"
-        )
+
+def dataset_files(path: Path, items_required: bool = True) -> tuple[Path | None, Path]:
+    """(the items file, or None when it is absent and not required; the interactions file or directory)."""
+    items_path = _single(path, ITEMS_FILES, "item")
+    inter_path = _single(path, INTERACTIONS_FILES, "interaction")
     missing = []
-    if items_required and not items_path.is_file():
+    if items_required and items_path is None:
         missing.append(ITEMS_FILE)
-    if not csv_path.is_file() and not json_path.is_file():
+    if inter_path is None:
         missing.append(f"{INTERACTIONS_FILE} (or {INTERACTIONS_JSON_FILE})")
     if missing:
         raise DataError(
             f"{path}: missing {', '.join(missing)}; {ITEMS_FILE} may be left out only when the semantic IDs "
-            "come from a file (nezha prepare --semantic-ids)"
+            "come from a file (nezha prepare --semantic-ids). Other forms: items.parquet/.csv; "
+            "interactions.jsonl/.parquet or a directory interactions/ of parts"
         )
-    return (items_path if items_path.is_file() else None), (json_path if json_path.is_file() else csv_path)
+    assert inter_path is not None
+    return items_path, inter_path
 
 
-def _read_interactions_csv(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype={"user_id": str, "item_id": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot parse CSV ({exc})") from None
-    absent = [c for c in INTERACTION_COLUMNS if c not in frame.columns]
-    if absent:
-        raise DataError(f"{path}: missing column(s) {absent}; expected {list(INTERACTION_COLUMNS)}")
-    blank = (frame["user_id"] == "") | (frame["item_id"] == "")
-    position = pd.to_numeric(frame["position"], errors="coerce")
-    bad = blank | position.isna()
-    if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # +1 header, +1 one-based
-        raise DataError(f"{path}:{first}: empty user_id/item_id or non-numeric position ({int(bad.sum())} such rows)")
-    return frame.assign(position=position)
+def input_files(path: Path, items_required: bool = True) -> list[Path]:
+    """Every input file of a dataset directory: the items file (if any), then each interaction part."""
+    items_path, inter_path = dataset_files(path, items_required)
+    return ([items_path] if items_path else []) + part_files(inter_path)
 
 
-def _read_interactions_json(path: Path) -> pd.DataFrame:
-    """`{"user": ["item", ...], ...}`, oldest first. Item ids may be strings or integers (the LC-Rec /
-    LETTER `.inter.json` files number their items); both become strings."""
+def _json_block(path: Path) -> Block:
+    """`{"user": ["item", ...], ...}`, oldest first, as one block. Item ids may be strings or integers (the
+    LC-Rec / LETTER `.inter.json` files number their items); both become strings."""
     users, items, positions = [], [], []
     for user, sequence in read_json_object(path, "user").items():
         if not user:
@@ -279,101 +312,115 @@ def _read_interactions_json(path: Path) -> pd.DataFrame:
             users.append(user)
             items.append(str(item))
             positions.append(position)
-    return pd.DataFrame({"user_id": users, "item_id": items, "position": positions})
+    return Block(pa.array(users, pa.string()), pa.array(items, pa.string()), np.asarray(positions, np.int64), path)
 
 
-def sequences_from_frame(
-    frame: pd.DataFrame, item_index: pd.Index, order_column: str
-) -> tuple[list[np.ndarray], list[str]]:
-    """Per-user index sequences ordered by `order_column` (stable: ties keep file order).
+def read_interactions(inter_path: Path, catalog_ids: Sequence[str], catalog_source: str) -> Interactions:
+    """The interactions of `inter_path` as integer columns; those naming items outside the catalog are
+    dropped with a warning giving their count."""
+    collector = Collector(pa.array(list(catalog_ids), pa.string()))
+    stats = InputStats()
+    if inter_path.suffix == ".json":
+        collector.add(_json_block(inter_path))
+    else:
+        for block in read_blocks(inter_path, stats):
+            collector.add(block)
+    inter = collector.finish()
+    unknown = inter.stats["unknown_item_interactions"]
+    if unknown:
+        log.warning("%s: dropping %d interaction(s) with %d item id(s) not in %s",
+                    inter_path, unknown, inter.stats["unknown_item_ids"], catalog_source)
+    if stats.empty_parts:
+        log.warning("%s: %d empty part(s) skipped", inter_path, len(stats.empty_parts))
+    inter.stats.update(parts=stats.parts, empty_parts=len(stats.empty_parts), malformed_rows_skipped=stats.malformed_rows,
+                       order_column=stats.order_column or "position", timestamp_unit=stats.timestamp_unit)
+    if not len(inter):
+        raise DataError(f"{inter_path}: no interactions with known items (items in {catalog_source})")
+    return inter
 
-    Users come in order of first appearance; `frame.item_id` must all be in `item_index`.
-    """
-    user_codes, user_ids = pd.factorize(frame["user_id"], sort=False)
-    item_idx = item_index.get_indexer(frame["item_id"]).astype(np.int64)
-    order = np.lexsort((frame[order_column].to_numpy(), user_codes))  # lexsort is stable
-    counts = np.bincount(user_codes, minlength=len(user_ids))
-    sequences = np.split(item_idx[order], np.cumsum(counts)[:-1])
-    return sequences, [str(u) for u in user_ids]
 
-
-def finish_stats(items: pd.DataFrame, sequences: list[np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
-    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    used = np.zeros(len(items), dtype=bool)
-    if len(sequences):
-        used[np.concatenate(sequences)] = True
+def finish_stats(items: pd.DataFrame, sequences: Ragged, stats: dict[str, Any]) -> dict[str, Any]:
+    lengths = sequences.lengths()
     stats.update(
         num_items=len(items),
         num_users=len(sequences),
         num_interactions=int(lengths.sum()),
         mean_sequence_length=float(lengths.mean()) if len(lengths) else 0.0,
-        items_without_interactions=int((~used).sum()),
+        items_without_interactions=int((np.bincount(sequences.values, minlength=len(items)) == 0).sum()),
     )
     return stats
 
 
-def load_dataset(path: str | Path, item_ids: Sequence[str] | None = None) -> Dataset:
-    """Load a Beauty-like directory (`items.jsonl` + `interactions.csv` or `interactions.json`).
+def load_catalog(path: Path, item_ids: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any], str]:
+    """(item table, its stats, what the catalog is called in messages) of a dataset directory; see
+    `load_dataset` for `item_ids`."""
+    items_path, _ = dataset_files(path, items_required=item_ids is None)
+    raw = _read_items(items_path) if items_path else pd.DataFrame(columns=list(ITEM_COLUMNS))
+    if item_ids is None:
+        items, stats = items_frame(raw, str(items_path))
+        return items, stats, str(items_path.name if items_path else ITEMS_FILE)
+    raw, unlisted = _select_items(raw, item_ids, str(items_path))
+    if unlisted:
+        log.warning("%s: leaving out %d item(s) that have no semantic ID in the ID file", items_path, unlisted)
+    items, stats = items_frame(raw, "the semantic-ID file")
+    stats["items_without_semantic_id"] = unlisted
+    return items, stats, "the semantic-ID file"
+
+
+def load_dataset(path: str | Path, item_ids: Sequence[str] | None = None, k_core_min: int = 0) -> Dataset:
+    """Load a dataset directory (formats in the module docstring).
 
     `item_ids` (the keys of a semantic-ID file) fixes the catalog: exactly those items, in that order,
-    with title/brand/categories from `items.jsonl` where it has them; `items.jsonl` may then be absent,
-    and its items not among `item_ids` are left out with a warning and counted (`items_without_semantic_id`).
+    with title/brand/categories from the items file where it has them; the items file may then be
+    absent, and its items not among `item_ids` are left out with a warning and counted
+    (`items_without_semantic_id`).
 
-    Interactions of items outside the catalog are dropped with a warning that gives their count; every
-    other problem (missing file or column, malformed line, duplicate item id, empty catalog, no
-    interaction left) is a DataError.
+    Interactions of items outside the catalog are dropped with a warning that gives their count; with
+    `k_core_min` > 1 users and items with fewer interactions are then removed, repeatedly (items stay in
+    the catalog). Timings of the steps land in `stats["timings"]`.
     """
     path = Path(path)
-    items_path, inter_path = dataset_files(path, items_required=item_ids is None)
-    records = _read_items_jsonl(items_path) if items_path else []
-    if item_ids is None:
-        catalog_source = ITEMS_FILE
-        items, stats = items_frame(records, str(items_path))
-    else:
-        catalog_source = "the semantic-ID file"
-        records, unlisted = _select_items(records, item_ids, str(items_path))
-        if unlisted:
-            log.warning("%s: leaving out %d item(s) that have no semantic ID in the ID file", items_path, unlisted)
-        items, stats = items_frame(records, catalog_source)
-        stats["items_without_semantic_id"] = unlisted
-
-    frame = _read_interactions_json(inter_path) if inter_path.suffix == ".json" else _read_interactions_csv(inter_path)
-    item_index = pd.Index(items["item_id"])
-    known = item_index.get_indexer(frame["item_id"]) >= 0
-    unknown = int((~known).sum())
-    if unknown:
-        log.warning(
-            "%s: dropping %d interaction(s) with %d item id(s) not in %s",
-            inter_path, unknown, frame.loc[~known, "item_id"].nunique(), catalog_source,
-        )
-        frame = frame[known]
-    if frame.empty:
-        raise DataError(f"{inter_path}: no interactions with known items (items in {catalog_source})")
-    sequences, user_ids = sequences_from_frame(frame, item_index, "position")
-    stats["unknown_item_interactions"] = unknown
+    _, inter_path = dataset_files(path, items_required=item_ids is None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    items, stats, catalog_source = load_catalog(path, item_ids)
+    timings["items_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    inter = read_interactions(inter_path, items["item_id"].tolist(), catalog_source)
+    timings["read_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    inter = k_core_filter(inter, k_core_min, len(items))
+    if not len(inter):
+        raise DataError(f"{inter_path}: nothing left after {k_core_min}-core filtering")
+    timings["filter_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sequences, user_ids = group_by_user(inter)
+    timings["group_s"] = time.perf_counter() - t
+    stats.update(inter.stats)
+    del inter
     ds = Dataset(items=items, sequences=sequences, user_ids=user_ids, stats=finish_stats(items, sequences, stats))
-    log.info(
-        "loaded %s: %d items, %d users, %d interactions",
-        path, ds.num_items, ds.num_users, ds.stats["num_interactions"],
-    )
+    ds.stats["timings"] = timings
+    log.info("loaded %s: %d items, %d users, %d interactions",
+             path, ds.num_items, ds.num_users, ds.stats["num_interactions"])
     return ds
 
 
 def write_dataset(ds: Dataset, out_dir: str | Path) -> Path:
-    """Write `ds` in the directory format that `load_dataset` (and `nezha prepare --data-dir`) reads."""
+    """Write `ds` as items.jsonl + interactions.csv, a form `load_dataset` (and `nezha prepare`) reads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / ITEMS_FILE).open("w", encoding="utf-8") as f:
         for row in ds.items[["item_id", "title", "brand", "categories"]].itertuples(index=False):
             record = {"item_id": row.item_id, "title": row.title, "brand": row.brand, "categories": list(row.categories)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    values, offsets = ds.sequences.offsets()
+    lengths = np.diff(offsets)
     item_ids = ds.items["item_id"].to_numpy()
-    lengths = [len(s) for s in ds.sequences]
     frame = pd.DataFrame(
         {
             "user_id": np.repeat(np.asarray(ds.user_ids, dtype=object), lengths),
-            "item_id": item_ids[np.concatenate(ds.sequences)] if ds.sequences else [],
-            "position": np.concatenate([np.arange(n) for n in lengths]) if lengths else [],
+            "item_id": item_ids[values],
+            "position": np.arange(len(values)) - np.repeat(offsets[:-1], lengths),
         }
     )
     frame.to_csv(out / INTERACTIONS_FILE, index=False)

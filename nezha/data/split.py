@@ -1,27 +1,83 @@
-"""Leave-one-out split into (history, target) examples, and pickle-free storage of ragged int arrays.
+"""Leave-one-out split into (history, target) examples, stored as offsets into one item-sequence array.
 
 For a user sequence s of length n >= 3 (H = max_history):
   test:  target s[n-1], history s[:n-1][-H:]
   valid: target s[n-2], history s[:n-2][-H:]
   train: for every i in 1..n-3: target s[i], history s[:i][-H:]
 Users with n < 3 cannot give a test and a validation example and are skipped (counted).
+
+Every history is a slice of the users' concatenated sequences (`Ragged`: one values array plus a start
+and an end per example), so a split costs 24 bytes per example (start, end, target) on top of the
+sequences, whatever `max_history` is; nothing is stored per example as an array of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
 _PARTS = ("train", "valid", "test")
 
 
+class Ragged(Sequence[np.ndarray]):
+    """Rows `values[starts[k]:ends[k]]` of one flat int array. A row is a view; slicing, a step or an
+    index array gives another Ragged over the same values (no copy of the values)."""
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        if len(starts) != len(ends):
+            raise ValueError(f"{len(starts)} starts but {len(ends)} ends")
+        self.values, self.starts, self.ends = values, starts, ends
+
+    @classmethod
+    def from_offsets(cls, values: np.ndarray, offsets: np.ndarray) -> Ragged:
+        return cls(values, offsets[:-1], offsets[1:])
+
+    @classmethod
+    def pack(cls, arrays: Sequence[np.ndarray]) -> Ragged:
+        """A Ragged holding copies of `arrays` (int64), back to back."""
+        if isinstance(arrays, Ragged):
+            return arrays
+        values, offsets = pack_ragged(arrays)
+        return cls.from_offsets(values, offsets)
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, key: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, key: slice | np.ndarray) -> Ragged: ...
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray | Ragged:
+        if isinstance(key, slice | np.ndarray | list):
+            return Ragged(self.values, self.starts[key], self.ends[key])
+        return self.values[self.starts[key] : self.ends[key]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        values = self.values
+        for start, end in zip(self.starts.tolist(), self.ends.tolist(), strict=True):
+            yield values[start:end]
+
+    def offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets) with the rows back to back; no copy when they already are."""
+        if len(self) and self.starts[0] == 0 and np.array_equal(self.starts[1:], self.ends[:-1]):
+            return self.values[: self.ends[-1]], np.concatenate([self.starts[:1], self.ends])
+        return pack_ragged(self)
+
+
 @dataclass
 class Examples:
-    histories: list[np.ndarray]  # int64 item indices, oldest first, at most max_history long
+    histories: Ragged  # int64 item indices, oldest first, at most max_history long (a list is packed)
     targets: np.ndarray  # int64 [num_examples]
+
+    def __post_init__(self) -> None:
+        self.histories = Ragged.pack(self.histories)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -35,7 +91,7 @@ class Examples:
         if not max_users or len(self) <= max_users:
             return self
         keep = np.sort(np.random.default_rng(seed).choice(len(self), max_users, replace=False))
-        return Examples([self.histories[i] for i in keep], self.targets[keep])
+        return Examples(self.histories[keep], self.targets[keep])
 
 
 @dataclass
@@ -49,67 +105,94 @@ class Split:
         return {name: len(getattr(self, name)) for name in _PARTS}
 
     def save(self, path: str | Path) -> None:
+        """One `values` array (the sequences) and per part the examples' starts, ends and targets."""
+        parts: list[Examples] = [getattr(self, name) for name in _PARTS]
+        shared = all(p.histories.values is parts[0].histories.values for p in parts)
+        values = parts[0].histories.values if shared else None
         arrays: dict[str, np.ndarray] = {"skipped_users": np.int64(self.skipped_users)}
-        for name in _PARTS:
-            part: Examples = getattr(self, name)
-            values, offsets = pack_ragged(part.histories)
-            arrays[f"{name}_history_values"] = values
-            arrays[f"{name}_history_offsets"] = offsets
-            arrays[f"{name}_targets"] = part.targets
+        base = 0
+        chunks = []
+        for name, part in zip(_PARTS, parts, strict=True):
+            h = part.histories
+            if values is None:  # parts built separately: put their values back to back
+                own, offsets = h.offsets()
+                chunks.append(own)
+                starts, ends = offsets[:-1] + base, offsets[1:] + base
+                base += len(own)
+            else:
+                starts, ends = h.starts, h.ends
+            arrays[f"{name}_starts"] = np.asarray(starts, dtype=np.int64)
+            arrays[f"{name}_ends"] = np.asarray(ends, dtype=np.int64)
+            arrays[f"{name}_targets"] = np.asarray(part.targets, dtype=np.int64)
+        arrays["values"] = values if values is not None else np.concatenate(chunks)
         np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
         with np.load(path, allow_pickle=False) as data:
-            parts = {
-                name: Examples(
-                    histories=unpack_ragged(data[f"{name}_history_values"], data[f"{name}_history_offsets"]),
-                    targets=data[f"{name}_targets"],
-                )
-                for name in _PARTS
-            }
+            if "values" in data:
+                values = data["values"]
+                histories = {name: Ragged(values, data[f"{name}_starts"], data[f"{name}_ends"]) for name in _PARTS}
+            else:  # nezha-prepared/1: one packed array of histories per part
+                histories = {name: Ragged.from_offsets(data[f"{name}_history_values"], data[f"{name}_history_offsets"])
+                             for name in _PARTS}
+            parts = {name: Examples(histories[name], data[f"{name}_targets"]) for name in _PARTS}
             return cls(**parts, skipped_users=int(data["skipped_users"]))
 
 
 def leave_one_out(sequences: Sequence[np.ndarray], max_history: int = 20) -> Split:
+    """The split of `sequences` (a Ragged, or a list of arrays that is packed first), computed with array
+    operations: every example is a (start, end) into the sequences' values."""
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
-    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {name: ([], []) for name in _PARTS}
-    skipped = 0
-    for seq in sequences:
-        seq = np.asarray(seq, dtype=np.int64)
-        n = len(seq)
-        if n < 3:
-            skipped += 1
-            continue
-        for i in range(1, n - 2):
-            parts["train"][0].append(seq[max(0, i - max_history) : i])
-            parts["train"][1].append(int(seq[i]))
-        for name, i in (("valid", n - 2), ("test", n - 1)):
-            parts[name][0].append(seq[max(0, i - max_history) : i])
-            parts[name][1].append(int(seq[i]))
-    examples = {name: Examples(h, np.asarray(t, dtype=np.int64)) for name, (h, t) in parts.items()}
-    return Split(**examples, skipped_users=skipped)
+    seqs = Ragged.pack(sequences)
+    values = seqs.values if seqs.values.dtype == np.int64 else seqs.values.astype(np.int64)
+    first, end = seqs.starts, seqs.ends
+    n = end - first
+    eligible = n >= 3
+    first, end, n = first[eligible], end[eligible], n[eligible]
+
+    def examples(targets_at: np.ndarray, user_first: np.ndarray) -> Examples:
+        starts = np.maximum(user_first, targets_at - max_history)
+        return Examples(Ragged(values, starts, targets_at), values[targets_at])
+
+    # train targets: positions first+1 .. end-3 of each user, all users' runs back to back
+    runs = n - 3
+    total = int(runs.sum())
+    run_first = np.repeat(first, runs)
+    at = np.arange(total, dtype=np.int64)
+    at -= np.repeat(np.cumsum(runs) - runs, runs)  # position within the user's run
+    at += run_first + 1
+    train = examples(at, run_first)
+    del run_first
+    return Split(train=train, valid=examples(end - 2, first), test=examples(end - 1, first),
+                 skipped_users=int((~eligible).sum()))
 
 
 def pack_ragged(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Ragged int64 arrays -> (flat values, offsets [len+1]); array k is values[offsets[k]:offsets[k+1]]."""
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(a) for a in arrays])
-    values = np.concatenate(arrays).astype(np.int64, copy=False) if len(arrays) else np.zeros(0, np.int64)
+    values = np.concatenate(list(arrays)).astype(np.int64, copy=False) if len(arrays) else np.zeros(0, np.int64)
     return values, offsets
 
 
-def unpack_ragged(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [values[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
-
-
 def save_sequences(path: str | Path, sequences: Sequence[np.ndarray], user_ids: Sequence[str]) -> None:
-    """Per-user item-index sequences with their user ids (a fixed-width unicode array, so no pickle)."""
-    values, offsets = pack_ragged(sequences)
-    np.savez(path, values=values, offsets=offsets, user_ids=np.asarray(list(user_ids), dtype=str))
+    """Per-user item-index sequences with their user ids (UTF-8 bytes and offsets, so no pickle and no
+    fixed-width strings as long as the longest id)."""
+    values, offsets = Ragged.pack(sequences).offsets()
+    encoded = [u.encode() for u in user_ids]
+    id_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    id_offsets[1:] = np.cumsum([len(b) for b in encoded])
+    id_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    np.savez(path, values=values.astype(np.int64, copy=False), offsets=offsets,
+             user_id_bytes=id_bytes, user_id_offsets=id_offsets)
 
 
-def load_sequences(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
+def load_sequences(path: str | Path) -> tuple[Ragged, list[str]]:
     with np.load(path, allow_pickle=False) as data:
-        return unpack_ragged(data["values"], data["offsets"]), [str(u) for u in data["user_ids"]]
+        sequences = Ragged.from_offsets(data["values"], data["offsets"])
+        if "user_ids" in data:  # nezha-prepared/1: a fixed-width unicode array
+            return sequences, [str(u) for u in data["user_ids"]]
+        raw, offsets = data["user_id_bytes"].tobytes(), data["user_id_offsets"].tolist()
+        return sequences, [raw[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
