@@ -9,7 +9,7 @@ Everything lands in `cfg.out`:
     quantizer.safetensors  RQ-KMeans centroids (to give new items IDs without refitting); text path only
     embeddings.npy/.json   item text embeddings, cached by (texts, model); text path only
     sequences.npz          per-user item-index sequences + user ids
-    split.npz              leave-one-out examples
+    split.npz              leave-one-out examples: (start, end, target) each, offsets into one sequence array
     prepare.json           config, input fingerprint, timings and statistics; written last
 
 A run whose fingerprint (sha256 of the input files' bytes, the ID file's included, and of every config
@@ -27,6 +27,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +42,13 @@ from nezha.data.datasets import (
     ITEMS_FILE,
     DataError,
     Dataset,
-    dataset_files,
+    input_files,
     load_dataset,
     resolve_dataset_dir,
 )
 from nezha.data.split import Split, leave_one_out, save_sequences
 from nezha.prepared import (
+    ARTIFACTS,
     CATALOG_DIR,
     EMBEDDINGS_FILE,
     EMBEDDINGS_META_FILE,
@@ -91,6 +94,8 @@ class PrepareConfig:
         default=None, metadata={"help": "local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)"}
     )
     max_history: int = field(default=20, metadata={"help": "items of history per example"})
+    k_core: int = field(default=0, metadata={
+        "help": "drop users and items with fewer interactions, repeatedly (0: keep all; items stay in the catalog)"})
     seed: int = field(default=0, metadata={"help": "k-means seed (text path)"})
     batch_size: int = field(default=256, metadata={"help": "embedding batch size"})
     semantic_ids: str | None = field(default=None, metadata={
@@ -106,6 +111,8 @@ class PrepareConfig:
         for name in ("levels", "codebook_size", "max_history", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.k_core < 0:
+            raise ConfigError(f"k_core: must be >= 0, got {self.k_core}")
         if self.semantic_ids is not None and not self.semantic_ids.strip():
             raise ConfigError("semantic_ids: empty path; leave it unset to build IDs from item text")
         if self.resolve_collisions not in COLLISION_RULES:
@@ -146,8 +153,7 @@ def _fingerprint(cfg: PrepareConfig, dataset_dir: Path) -> str:
     unused = _ID_FILE_ONLY if cfg.semantic_ids is None else _TEXT_ONLY
     relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED | unused}
     relevant["format"] = FORMAT
-    items_path, inter_path = dataset_files(dataset_dir, items_required=cfg.semantic_ids is None)
-    files = [p for p in (items_path, inter_path) if p is not None]
+    files = input_files(dataset_dir, items_required=cfg.semantic_ids is None)
     if cfg.semantic_ids is None:
         relevant["embedding_model"] = model_identity(cfg.embedding_model)
     else:
@@ -158,17 +164,19 @@ def _fingerprint(cfg: PrepareConfig, dataset_dir: Path) -> str:
     return _sha256_files(files, json.dumps(relevant, sort_keys=True))
 
 
-def _embeddings(texts: list[str], cfg: PrepareConfig, out: Path) -> tuple[np.ndarray, bool]:
-    """Embeddings of `texts`, reused from `out` when texts and model are unchanged. Returns (emb, cached)."""
+def _embeddings(texts: list[str], cfg: PrepareConfig, out: Path, cache: Path) -> tuple[np.ndarray, bool]:
+    """Embeddings of `texts`, reused from `cache` (the previous output) when texts and model are unchanged,
+    written to `out`. Returns (emb, cached)."""
     model = model_identity(cfg.embedding_model)
     key = hashlib.sha256("\0".join([model, *texts]).encode()).hexdigest()
-    meta_path, emb_path = out / EMBEDDINGS_META_FILE, out / EMBEDDINGS_FILE
+    meta_path, emb_path = cache / EMBEDDINGS_META_FILE, cache / EMBEDDINGS_FILE
     if meta_path.is_file() and emb_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         emb = np.load(emb_path, allow_pickle=False)
         if emb.shape[0] == len(texts):
             log.info("reusing cached embeddings %s (%d x %d)", emb_path, *emb.shape)
             return emb, True
     emb = embed_texts(texts, cfg.embedding_model, batch_size=cfg.batch_size)
+    meta_path, emb_path = out / EMBEDDINGS_META_FILE, out / EMBEDDINGS_FILE
     np.save(emb_path, emb)
     meta_path.write_text(json.dumps({"key": key, "model": model, "num_texts": len(texts), "dim": int(emb.shape[1])}))
     return emb, False
@@ -208,15 +216,15 @@ class _SemanticIds:
 
 
 def _ids_from_text(
-    cfg: PrepareConfig, dataset_dir: Path, out: Path, timings: dict[str, Any]
+    cfg: PrepareConfig, dataset_dir: Path, out: Path, cache: Path, timings: dict[str, Any]
 ) -> tuple[Dataset, _SemanticIds]:
     t = time.perf_counter()
-    ds = load_dataset(dataset_dir)
+    ds = load_dataset(dataset_dir, k_core_min=cfg.k_core)
     timings["load_s"] = time.perf_counter() - t
     _check_item_text(ds, dataset_dir)
 
     t = time.perf_counter()
-    emb, emb_cached = _embeddings(ds.items["text"].tolist(), cfg, out)
+    emb, emb_cached = _embeddings(ds.items["text"].tolist(), cfg, out, cache)
     timings["embed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -250,7 +258,7 @@ def _ids_from_file(
         )
 
     t = time.perf_counter()
-    ds = load_dataset(dataset_dir, item_ids=item_ids)  # the catalog is the ID file's items, in its order
+    ds = load_dataset(dataset_dir, item_ids=item_ids, k_core_min=cfg.k_core)  # the ID file's items, in its order
     timings["load_s"] = time.perf_counter() - t
     return ds, _SemanticIds(codes, sizes, id_stats)
 
@@ -267,12 +275,24 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             log.info("%s is already prepared with fingerprint %s: reusing it", out, fingerprint[:12])
             catalog, split, quantizer = load_prepared(out)
             return PrepareResult(out, catalog, split, quantizer, summary, cached=True)
-    out.mkdir(parents=True, exist_ok=True)
-    summary_path.unlink(missing_ok=True)  # outputs below no longer match any summary until it is rewritten
+    # Everything is written to a temporary directory beside `out` and moved in when complete, so a failed
+    # run leaves `out` as it was (and no half-written directory).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        result = _prepare_into(cfg, dataset_dir, fingerprint, work, out, start)
+        _publish(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
 
+
+def _prepare_into(
+    cfg: PrepareConfig, dataset_dir: Path, fingerprint: str, work: Path, out: Path, start: float
+) -> PrepareResult:
     timings: dict[str, Any] = {}
     if cfg.semantic_ids is None:
-        ds, ids = _ids_from_text(cfg, dataset_dir, out, timings)
+        ds, ids = _ids_from_text(cfg, dataset_dir, work, out, timings)
     else:
         ds, ids = _ids_from_file(cfg, cfg.semantic_ids, dataset_dir, timings)
 
@@ -280,19 +300,19 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     split = leave_one_out(ds.sequences, max_history=cfg.max_history)
     timings["split_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
     catalog = Catalog(
         item_ids=ds.items["item_id"].tolist(),
         codes=ids.codes,
         codebook_sizes=ids.codebook_sizes,
         titles=ds.items["title"].tolist(),
     )
-    catalog.save(out / CATALOG_DIR)
+    catalog.save(work / CATALOG_DIR)
     if ids.quantizer is not None:
-        ids.quantizer.save(out / QUANTIZER_FILE)
-    else:
-        (out / QUANTIZER_FILE).unlink(missing_ok=True)  # an earlier text run's quantizer does not fit these IDs
-    save_sequences(out / SEQUENCES_FILE, ds.sequences, ds.user_ids)
-    split.save(out / SPLIT_FILE)
+        ids.quantizer.save(work / QUANTIZER_FILE)
+    save_sequences(work / SEQUENCES_FILE, ds.sequences, ds.user_ids)
+    split.save(work / SPLIT_FILE)
+    timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     summary = {
@@ -311,9 +331,37 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         "split_sizes": split.sizes(),
         "timings": timings,
     }
-    _write_json(summary_path, summary)
+    _write_json(work / SUMMARY_FILE, summary)
     log.info(
         "prepared %s in %.1f s: %d items, raw collision rate %.4f, split %s, %d users skipped (< 3 items)",
         out, timings["total_s"], catalog.num_items, ids.stats["raw_collision_rate"], split.sizes(), split.skipped_users,
     )
     return PrepareResult(out, catalog, split, ids.quantizer, summary, cached=False)
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move a complete prepared directory from `work` to `out`. A new `out` is one rename. Into an existing
+    one, prepare.json is removed first and put back last, each artifact replaces its old version, and an
+    artifact this run did not make (the quantizer after a run with an ID file) is removed; other files
+    (the embedding cache of another run, anything of yours) stay."""
+    if not out.exists():
+        work.rename(out)
+        return
+    (out / SUMMARY_FILE).unlink(missing_ok=True)
+    for name in ARTIFACTS:
+        if not (work / name).exists():
+            _remove(out / name)
+    for path in work.iterdir():
+        if path.name != SUMMARY_FILE:
+            if path.is_dir() and (out / path.name).exists():
+                _remove(out / path.name)
+            path.replace(out / path.name)
+    (work / SUMMARY_FILE).replace(out / SUMMARY_FILE)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+

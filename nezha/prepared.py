@@ -7,7 +7,7 @@ can open a prepared directory without the pipeline that made it (nezha/prepare.p
     quantizer.safetensors  RQ-KMeans centroids (to give new items IDs without refitting); text path only
     embeddings.npy/.json   item text embeddings, cached by (texts, model); text path only
     sequences.npz          per-user item-index sequences + user ids
-    split.npz              leave-one-out examples
+    split.npz              leave-one-out examples: (start, end, target) each, offsets into one sequence array
     prepare.json           config, input fingerprint, timings and statistics; written last
 """
 
@@ -23,7 +23,7 @@ from nezha.data.datasets import DataError
 from nezha.data.split import Split
 from nezha.semantic_ids.quantizer import ResidualQuantizer
 
-FORMAT = "nezha-prepared/1"
+FORMAT = "nezha-prepared/2"  # 2: split.npz holds offsets into one sequence array
 SUMMARY_FILE = "prepare.json"
 CATALOG_DIR = "catalog"
 QUANTIZER_FILE = "quantizer.safetensors"
