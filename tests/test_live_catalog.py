@@ -27,6 +27,7 @@ from nezha.live_catalog import (
     NewItem,
     NoCatalogError,
     RedisCatalog,
+    Snapshot,
     StoreUnavailableError,
     add_new_items,
     redact_url,
@@ -77,12 +78,21 @@ def follower(redis_server: RedisServer, store: RedisCatalog, catalog: Catalog) -
     f.join(timeout=5)
 
 
+def items_of(snapshot: Snapshot | None) -> dict[str, int]:
+    assert snapshot is not None
+    return dict(snapshot.table.pairs())
+
+
+def used_ids(store: RedisCatalog) -> set[int]:
+    return set(items_of(store.snapshot()).values())
+
+
 def test_push_is_idempotent_and_bumps_version(store: RedisCatalog, catalog: Catalog) -> None:
     first = store.snapshot()
-    assert first is not None and first.items == dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
+    assert first is not None and items_of(first) == dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
     assert store.push(catalog) == first.version + 1
     second = store.snapshot()
-    assert second.items == first.items and second.epoch != first.epoch
+    assert items_of(second) == items_of(first) and second.epoch != first.epoch
     assert store.push(catalog, if_empty=True) is None  # a catalog is there: left alone
     status = store.status()
     assert status["size"] == catalog.num_items and status["durability"] == "aof-always"
@@ -101,7 +111,7 @@ def test_changes_are_atomic_all_or_nothing(store: RedisCatalog, catalog: Catalog
     with pytest.raises(InvalidItemError, match="duplicate"):
         store.add([("NEW-A", new_ids[0]), ("NEW-A", new_ids[1])])
     after = store.snapshot()
-    assert after.version == version and "NEW-A" not in after.items and catalog.item_ids[0] in after.items
+    assert after.version == version and "NEW-A" not in items_of(after) and catalog.item_ids[0] in items_of(after)
 
     assert store.add([("NEW-A", new_ids[0])]) == version + 1
     assert store.remove(["NEW-A", catalog.item_ids[0]]) == version + 2
@@ -170,7 +180,7 @@ def test_outage_refuses_writes_and_keeps_acknowledged_ones(redis_server: RedisSe
     version = store.add([("ACK-C", c)])
     assert local.wait_for(version, 1.0)
     snapshot = store.snapshot()
-    assert "ACK-A" in snapshot.items and "ACK-C" in snapshot.items and "LOST-B" not in snapshot.items
+    assert "ACK-A" in items_of(snapshot) and "ACK-C" in items_of(snapshot) and "LOST-B" not in items_of(snapshot)
     assert local.lookup(["ACK-A", "ACK-C", "LOST-B"])[1] == ["LOST-B"]
 
 
@@ -207,17 +217,17 @@ def test_text_items_get_nearest_free_ids_and_retry_a_lost_race(store: RedisCatal
     rng = np.random.default_rng(0)
     x = rng.normal(size=quantizer.dim).astype(np.float32)
     x /= np.linalg.norm(x)
-    used = store.used_ids()
+    used = used_ids(store)
     expected_first = int(pack(assign_new_item(x, quantizer, used), sizes))
 
     class Racing:
-        """A store where another writer takes the chosen ID between used_ids() and add()."""
+        """A store where another writer takes the chosen ID between choosing it and add()."""
 
         def __init__(self) -> None:
             self.raced = False
 
-        def used_ids(self) -> set[int]:
-            return store.used_ids()
+        def id_in_use(self, packed: int) -> bool:
+            return store.id_in_use(packed)
 
         def add(self, pairs: list[tuple[str, int]], meta: dict[str, dict] | None = None) -> int:
             if not self.raced:
@@ -230,8 +240,8 @@ def test_text_items_get_nearest_free_ids_and_retry_a_lost_race(store: RedisCatal
     got = dict(pairs)
     assert expected_first not in got.values() and len(set(got.values())) == 2
     snapshot = store.snapshot()
-    assert snapshot.version == version and snapshot.items["TEXT-1"] == got["TEXT-1"]
-    assert snapshot.items["RIVAL"] == expected_first
+    assert snapshot.version == version and items_of(snapshot)["TEXT-1"] == got["TEXT-1"]
+    assert items_of(snapshot)["RIVAL"] == expected_first
     with pytest.raises(InvalidItemError, match="exactly one"):
         add_new_items(store, [NewItem("BOTH", codes=[0, 0, 0], text="x")], sizes, None, lambda t: x)
     with pytest.raises(InvalidItemError, match="do not fit"):
@@ -241,7 +251,7 @@ def test_text_items_get_nearest_free_ids_and_retry_a_lost_race(store: RedisCatal
 
 
 def test_concurrent_writers_never_share_an_id(store: RedisCatalog, catalog: Catalog) -> None:
-    target = free_ids(store.used_ids(), catalog.codebook_sizes, 1)[0]
+    target = free_ids(used_ids(store), catalog.codebook_sizes, 1)[0]
     results: list[str] = []
 
     def writer(name: str) -> None:
@@ -344,18 +354,19 @@ def test_item_metadata_travels_through_push_add_feed_and_remove(store: RedisCata
     meta = {item: {"title": title, "brand": "B-" + item, "categories": ["Beauty"]}
             for item, title in zip(catalog.item_ids, catalog.titles, strict=True)}
     store.push(catalog, item_meta=meta)
-    assert store.snapshot().meta["I003"] == meta["I003"]
+    assert store.item_metas(["I003", "NOPE"]) == [meta["I003"], None]
     assert wait_until(lambda: follower.local.view().meta_of("I003")["brand"] == "B-I003")
-    packed = free_ids(store.used_ids(), catalog.codebook_sizes, 1)[0]
+    packed = free_ids(used_ids(store), catalog.codebook_sizes, 1)[0]
     version = store.add([("META-1", packed)], {"META-1": {"title": " New ", "brand": "", "categories": "Hair"}})
     assert wait_until(lambda: follower.local.version >= version)
     assert follower.local.view().meta_of("META-1") == {"title": "New", "brand": None, "categories": ["Hair"]}
     version = store.remove(["META-1"])
     assert wait_until(lambda: follower.local.version >= version)
-    assert "META-1" not in follower.local.view().meta and "META-1" not in store.snapshot().meta
+    assert follower.local.view().meta_of("META-1") == {"title": None, "brand": None, "categories": []}
+    assert store.item_metas(["META-1"]) == [None]
     # Without a pushed item_meta, push keeps the catalog's titles.
     store.push(catalog)
-    assert store.snapshot().meta["I003"] == {"title": catalog.titles[3], "brand": None, "categories": []}
+    assert store.item_metas(["I003"]) == [{"title": catalog.titles[3], "brand": None, "categories": []}]
 
 
 def test_load_item_metadata_reads_the_source_items_jsonl(tiny_checkpoint: Path) -> None:

@@ -1,7 +1,8 @@
 """The follower: one background thread per replica that keeps its `LocalCatalog` in step with Redis.
 
-It blocks on the Redis change feed (XREAD BLOCK from its version), applies entries as they arrive
-(typically milliseconds after the write), and resyncs from a full snapshot whenever it cannot trust the
+It blocks on the Redis change feed (XREAD BLOCK from its version), applies what each read returns as one
+update (typically milliseconds after the write; when it is behind, reads are larger, so it catches up),
+and resyncs from a full snapshot whenever it cannot trust the
 feed: a gap in versions (feed trimmed past it), a `reset` entry (a push), a lower remote version or a new
 epoch (data lost or replaced), or a Redis restart (new run_id).
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from nezha.live_catalog.errors import NoCatalogError, StoreUnavailableError
 from nezha.live_catalog.local import LocalCatalog
-from nezha.live_catalog.redis_store import RedisCatalog, Snapshot
+from nezha.live_catalog.redis_store import RedisCatalog, RedisItemMeta, Snapshot
 from nezha.live_catalog.store import FeedEntry
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ class CatalogFollower(threading.Thread):
             self._need_resync = True
             return
         self._apply_snapshot(snapshot)
-        self._log.info("catalog resync (%s): version %d, %d items", reason, snapshot.version, len(snapshot.items))
+        self._log.info("catalog resync (%s): version %d, %d items", reason, snapshot.version, len(snapshot.table))
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
-        self.local.replace(snapshot.items, snapshot.version, source="redis", meta=snapshot.meta)
+        # Metadata is read from Redis for the answered items; a fresh cache, since a push may change it.
+        self.local.replace(snapshot.table, snapshot.version, source="redis", meta=RedisItemMeta(self.store))
         self._epoch, self._run_id = snapshot.epoch, snapshot.run_id
         self._need_resync = False
         self.health.resyncs += 1

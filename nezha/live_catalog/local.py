@@ -1,15 +1,19 @@
-"""A replica's copy of the catalog: item id <-> packed ID maps, item metadata and the PrefixVerifier.
+"""A replica's copy of the catalog: compact item id <-> packed ID maps, a metadata source and the PrefixVerifier.
 
-The request path only reads this copy: it never calls Redis, so a Redis outage costs freshness, not
-availability. `CatalogFollower` (follower.py) keeps it in step with Redis; `InProcessStore`
-(memory_store.py) writes it directly when there is no Redis.
+The request path only reads this copy (metadata aside: see MetaSource): it never needs Redis to decode, so a
+Redis outage costs freshness, not availability. `CatalogFollower` (follower.py) keeps it in step with
+Redis; `InProcessStore` (memory_store.py) writes it directly when there is no Redis.
+
+Memory: the maps are numpy arrays (nezha/live_catalog/item_table.py, ~40 bytes an item plus the id's
+text), the verifier's valid-ID set is a sorted int64 array plus prefix tables; there is no Python object
+per item. A change costs O(changes) (plus an O(N) merge of the maps once per MERGE_AT changes).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,38 +21,104 @@ import numpy as np
 import torch
 
 from nezha.catalog import Catalog
-from nezha.live_catalog.metadata import ItemMeta, clean_meta
+from nezha.live_catalog.item_table import ItemMap, ItemTable, StringColumn
+from nezha.live_catalog.metadata import ItemMeta, MemoryMeta, MetaSource, clean_meta
 from nezha.live_catalog.store import FeedEntry
 from nezha.verify.codec import unpack
 from nezha.verify.verifier import PrefixVerifier
 
 
+class ItemToId(Mapping[str, int]):
+    """item id -> packed ID of one view (read-only; iteration walks the whole catalog)."""
+
+    def __init__(self, items: ItemMap) -> None:
+        self._items = items
+
+    def __getitem__(self, item_id: str) -> int:
+        packed = self._items.packed_of(item_id) if isinstance(item_id, str) else None
+        if packed is None:
+            raise KeyError(item_id)
+        return packed
+
+    def __iter__(self) -> Iterator[str]:
+        for packed in self._items.packed_ids().tolist():
+            item = self._items.item_of(packed)
+            if item is not None:
+                yield item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class IdToItem(Mapping[int, str]):
+    """packed ID -> item id of one view (read-only); its keys are the valid IDs."""
+
+    def __init__(self, items: ItemMap) -> None:
+        self._items = items
+
+    def __getitem__(self, packed: int) -> str:
+        item = self._items.item_of(int(packed))
+        if item is None:
+            raise KeyError(packed)
+        return item
+
+    def __contains__(self, packed: object) -> bool:
+        try:
+            return self._items.has_packed(int(packed))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._items.packed_ids().tolist())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass(frozen=True)
 class CatalogView:
-    """The catalog at one version: maps, metadata and a verifier pinned to the same version. Never changes.
+    """The catalog at one version: maps and a verifier pinned to the same version. Never changes.
 
     A decode takes one view and uses it throughout (search and id mapping), so its answer is exactly the
-    catalog of `version`: never a mix of two versions, whatever changes land meanwhile.
+    catalog of `version`: never a mix of two versions, whatever changes land meanwhile. Metadata is read
+    from `meta` (not versioned: an item keeps its metadata until it is removed).
     """
 
     version: int
-    item_to_id: Mapping[str, int]
-    id_to_item: Mapping[int, str]
-    meta: Mapping[str, ItemMeta]
+    items: ItemMap
+    meta: MetaSource
     verifier: PrefixVerifier
     applied_at: float = field(default_factory=time.time)  # when this copy began serving it (epoch seconds)
 
+    @property
+    def item_to_id(self) -> ItemToId:
+        return ItemToId(self.items)
+
+    @property
+    def id_to_item(self) -> IdToItem:
+        return IdToItem(self.items)
+
     def lookup(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """(packed IDs of the known items in order, ids that are not in the catalog)."""
-        found = [self.item_to_id.get(i) for i in item_ids]
+        found = [self.items.packed_of(i) for i in item_ids]
         return [p for p in found if p is not None], [i for i, p in zip(item_ids, found, strict=True) if p is None]
 
     def items_of(self, packed: Iterable[int]) -> list[str | None]:
         """Item id for each packed ID (None: no item holds it)."""
-        return [self.id_to_item.get(int(p)) for p in packed]
+        return [self.items.item_of(int(p)) for p in packed]
 
     def meta_of(self, item_id: str) -> ItemMeta:
-        return self.meta.get(item_id) or clean_meta(None)
+        return self.meta.get_many([item_id])[0]
+
+    def metas_of(self, item_ids: Sequence[str]) -> list[ItemMeta]:
+        """Metadata of several items in one read (one Redis round trip where it comes from Redis)."""
+        return self.meta.get_many(item_ids)
+
+
+def _as_map(items: Mapping[str, int] | ItemTable) -> ItemMap:
+    if isinstance(items, ItemTable):
+        return ItemMap(items)
+    return ItemMap(ItemTable.of((str(i), int(p)) for i, p in items.items()))
 
 
 class LocalCatalog:
@@ -56,27 +126,32 @@ class LocalCatalog:
 
     Readers take `view()` (one attribute read, no lock) and keep it; writers build the next view from the
     current one. An applied removal is in every view taken after `apply` returns.
+    `items`: a mapping item id -> packed ID, or an ItemTable (what a Redis snapshot reads, without Python
+    objects per item). `meta`: metadata by item id, or a MetaSource (default: no metadata).
     """
 
-    def __init__(self, items: Mapping[str, int], sizes: Sequence[int], device: torch.device | str = "cpu",
-                 version: int = 0, source: str = "checkpoint", meta: Mapping[str, ItemMeta] | None = None) -> None:
+    def __init__(self, items: Mapping[str, int] | ItemTable, sizes: Sequence[int],
+                 device: torch.device | str = "cpu", version: int = 0, source: str = "checkpoint",
+                 meta: Mapping[str, ItemMeta] | MetaSource | None = None) -> None:
         self.sizes = tuple(int(s) for s in sizes)
         self._lock = threading.Condition()
-        item_to_id = {str(i): int(p) for i, p in items.items()}
-        id_to_item = {p: i for i, p in item_to_id.items()}
-        self.verifier = PrefixVerifier(np.fromiter(id_to_item, dtype=np.int64, count=len(id_to_item)),
-                                       self.sizes, device=device)
-        self._view = CatalogView(version, item_to_id, id_to_item, dict(meta or {}), self.verifier.snapshot())
+        item_map = _as_map(items)
+        self.verifier = PrefixVerifier(item_map.packed_ids(), self.sizes, device=device)
+        self._view = CatalogView(version, item_map, self._meta_source(meta), self.verifier.snapshot())
         self.source = source  # checkpoint | redis | embedded
+
+    @staticmethod
+    def _meta_source(meta: Mapping[str, ItemMeta] | MetaSource | None) -> MetaSource:
+        if meta is None or isinstance(meta, Mapping):
+            return MemoryMeta.of(meta or {})
+        return meta
 
     @classmethod
     def from_catalog(cls, catalog: Catalog, device: torch.device | str = "cpu",
-                     meta: Mapping[str, ItemMeta] | None = None) -> LocalCatalog:
-        items = dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
-        if meta is None:
-            meta = {item: clean_meta({"title": title}) for item, title in zip(catalog.item_ids, catalog.titles,
-                                                                               strict=True)}
-        return cls(items, catalog.codebook_sizes, device, meta=meta)
+                     meta: Mapping[str, ItemMeta] | MetaSource | None = None) -> LocalCatalog:
+        """The copy of a checkpoint's catalog; metadata default: its titles."""
+        table = ItemTable.build(StringColumn.of(catalog.item_ids), catalog.packed)
+        return cls(table, catalog.codebook_sizes, device, meta=MemoryMeta.titles(catalog) if meta is None else meta)
 
     def view(self) -> CatalogView:
         return self._view
@@ -86,11 +161,11 @@ class LocalCatalog:
         return self._view.version
 
     def __len__(self) -> int:
-        return len(self._view.item_to_id)
+        return len(self._view.items)
 
     def state(self) -> dict[str, Any]:
         view = self._view
-        return {"version": view.version, "size": len(view.item_to_id), "source": self.source,
+        return {"version": view.version, "size": len(view.items), "source": self.source,
                 "applied_at": view.applied_at}
 
     def lookup(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -104,46 +179,42 @@ class LocalCatalog:
     def codes(self, packed: Sequence[int]) -> np.ndarray:
         return unpack(np.asarray(packed, dtype=np.int64), self.sizes)
 
-    def used_ids(self) -> set[int]:
-        return set(self._view.id_to_item)
+    def used_ids(self) -> IdToItem:
+        """The packed IDs items hold now (a read-only mapping to their items: `packed in used_ids()`)."""
+        return self._view.id_to_item
+
+    def id_in_use(self, packed: int) -> bool:
+        return self._view.items.has_packed(int(packed))
+
+    def nbytes(self) -> dict[str, int]:
+        """Host bytes of the maps (the verifier reports its own)."""
+        return {"item_maps": self._view.items.table.nbytes}
 
     def apply(self, entries: Sequence[FeedEntry]) -> None:
-        """Apply consecutive add/remove entries in order (one verifier rebuild for all of them)."""
+        """Apply consecutive add/remove entries in order, as one verifier update for all of them."""
         if not entries:
             return
+        changes = [(e.op, item_id, int(packed)) for e in entries for item_id, packed in e.items]
+        added = {item_id: clean_meta(e.meta.get(item_id)) for e in entries if e.op == "add"
+                 for item_id, _ in e.items}
+        removed = [item_id for e in entries if e.op != "add" for item_id, _ in e.items]
         with self._lock:
             old = self._view
-            item_to_id, id_to_item, meta = dict(old.item_to_id), dict(old.id_to_item), dict(old.meta)
-            touched = {p for e in entries for _, p in e.items}
-            before = {p for p in touched if p in id_to_item}
-            for entry in entries:
-                for item_id, packed in entry.items:
-                    if entry.op == "add":
-                        item_to_id[item_id] = packed
-                        id_to_item[packed] = item_id
-                        meta[item_id] = clean_meta(entry.meta.get(item_id))
-                    else:
-                        if item_to_id.get(item_id) == packed:
-                            del item_to_id[item_id]
-                            meta.pop(item_id, None)
-                        if id_to_item.get(packed) == item_id:
-                            del id_to_item[packed]
-            after = {p for p in touched if p in id_to_item}
-            self.verifier.update(add=list(after - before), remove=list(before - after))
-            self._view = CatalogView(entries[-1].version, item_to_id, id_to_item, meta, self.verifier.snapshot())
+            items, born, died = old.items.changed(changes)
+            self.verifier.update(add=born, remove=died)
+            old.meta.changed({i: m for i, m in added.items() if items.packed_of(i) is not None},
+                             [i for i in removed if items.packed_of(i) is None])
+            self._view = CatalogView(entries[-1].version, items, old.meta, self.verifier.snapshot())
             self._lock.notify_all()
 
-    def replace(self, items: Mapping[str, int], version: int, source: str,
-                meta: Mapping[str, ItemMeta] | None = None) -> None:
-        """Swap in a whole catalog (a resync); items without metadata keep what this copy had for them."""
-        item_to_id = {str(i): int(p) for i, p in items.items()}
-        id_to_item = {p: i for i, p in item_to_id.items()}
+    def replace(self, items: Mapping[str, int] | ItemTable, version: int, source: str,
+                meta: Mapping[str, ItemMeta] | MetaSource | None = None) -> None:
+        """Swap in a whole catalog (a resync); without `meta` the metadata source stays as it was."""
+        item_map = _as_map(items)
         with self._lock:
-            known = self._view.meta
-            merged = {i: clean_meta(meta[i]) if meta and i in meta else known.get(i) or clean_meta(None)
-                      for i in item_to_id}
-            self.verifier.replace(list(id_to_item))
-            self._view = CatalogView(version, item_to_id, id_to_item, merged, self.verifier.snapshot())
+            meta_source = self._view.meta if meta is None else self._meta_source(meta)
+            self.verifier.replace(item_map.packed_ids())
+            self._view = CatalogView(version, item_map, meta_source, self.verifier.snapshot())
             self.source = source
             self._lock.notify_all()
 

@@ -20,8 +20,8 @@ class InProcessStore:
         self.local = local
         self._write_lock = threading.Lock()  # checks + apply are one step
 
-    def used_ids(self) -> set[int]:
-        return self.local.used_ids()
+    def id_in_use(self, packed: int) -> bool:
+        return self.local.id_in_use(packed)
 
     def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, dict[str, Any]] | None = None) -> int:
         with self._write_lock:

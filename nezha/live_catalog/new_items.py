@@ -4,7 +4,7 @@ given the nearest semantic ID no other item holds."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
                   attempts: int = 3) -> tuple[int, list[tuple[str, int]]]:
     """Add items with explicit codes or with text (embedded, then given the nearest free ID).
 
-    `store` is a CatalogStore (only its add(pairs, meta) -> version and used_ids() are used).
+    `store` is a CatalogStore (only its add(pairs, meta) -> version and id_in_use(packed) are used: one
+    check per candidate ID the search visits, never the whole set of IDs).
     The store checks ID uniqueness atomically; when a concurrent writer took an ID chosen for a text item,
     that ID is excluded and the assignment retried. Returns (version, [(item id, packed ID)]).
     """
@@ -69,14 +70,12 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
     text_ids = {i.item_id for i in textual}
     excluded: set[int] = set()
     for attempt in range(attempts):
-        used: set[int] = set()
-        if textual:
-            used = set(store.used_ids()) | excluded | set(explicit.values())
+        used = _UsedIds(store, excluded | set(explicit.values()))
         assigned = dict(explicit)
         for row, item in enumerate(textual):
             packed = int(pack(assign_new_item(embeddings[row], quantizer, used), sizes))
             assigned[item.item_id] = packed
-            used.add(packed)  # two new items in one request never share an ID
+            used.taken.add(packed)  # two new items in one request never share an ID
         pairs = [(i.item_id, assigned[i.item_id]) for i in items]
         try:
             return store.add(pairs, {i.item_id: i.meta for i in items}), pairs
@@ -86,6 +85,16 @@ def add_new_items(store: CatalogStore, items: Sequence[NewItem], sizes: Sequence
             log.info("semantic ID %d was taken concurrently; reassigning (attempt %d)", exc.packed, attempt + 2)
             excluded.add(exc.packed)
     raise AssertionError("unreachable")
+
+
+class _UsedIds(Container[int]):
+    """The IDs a new item may not take: `taken` here, or held in the store (asked per ID)."""
+
+    def __init__(self, store: CatalogStore, taken: set[int]) -> None:
+        self.store, self.taken = store, taken
+
+    def __contains__(self, packed: object) -> bool:
+        return packed in self.taken or self.store.id_in_use(int(packed))  # type: ignore[call-overload]
 
 
 def load_quantizer_for(checkpoint: str | Path | None,

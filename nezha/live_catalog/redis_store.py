@@ -11,22 +11,34 @@ Keys under one prefix P (default `nezha:catalog`):
                 and items (JSON [[item_id, packed, meta JSON], ...]; removals [[item_id, packed], ...]);
                 capped with MAXLEN ~ feed_maxlen
 
-Every change updates the maps, the version and the feed in one atomic step (a Lua script for add/remove,
-WATCH + MULTI/EXEC for a full push), so a reader never sees a version whose feed entry or maps are
-missing. Stream IDs equal versions, so a follower that knows version v reads from `v-0` and sees a gap
-(trimmed feed, lost data) as a first entry other than v+1 (nezha/live_catalog/follower.py).
+Every change updates the maps, the version and the feed in one atomic step (a Lua script for add/remove),
+so a reader never sees a version whose feed entry or maps are missing. Stream IDs equal versions, so a
+follower that knows version v reads from `v-0` and sees a gap (trimmed feed, lost data) as a first entry
+other than v+1 (nezha/live_catalog/follower.py).
+
+No command blocks Redis for long at millions of items:
+  - `push` writes the new maps into staging keys (P:staging:<epoch>:*, expiring if the push dies) in
+    pipelined chunks of PUSH_CHUNK fields, then one Lua script UNLINKs the live keys (freed in the
+    background), RENAMEs the staged ones into place, bumps the version and adds the `reset` entry;
+  - `snapshot` reads id2item in HSCAN chunks (a Lua script returns each chunk as three strings), then
+    replays the feed entries written while it read: the chunks hold every pair that did not change, the
+    feed what did, so the result is exactly the catalog at the last chunk's version;
+  - existence checks are HEXISTS (`id_in_use`) or inside the scripts, never HKEYS.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -40,8 +52,14 @@ from nezha.live_catalog.errors import (
     NoCatalogError,
     StoreUnavailableError,
 )
+from nezha.live_catalog.item_table import ItemTable, StringColumn
 from nezha.live_catalog.metadata import ItemMeta, clean_meta
 from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEntry, check_unique
+
+# Fields per HSET of a push, and per HSCAN step of a snapshot: each command stays in the milliseconds.
+PUSH_CHUNK = 10_000
+SCAN_COUNT = 10_000
+STAGING_TTL_S = 3600  # staging keys of a push that died expire after this
 
 # ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
 # write, so a rejected batch changes nothing; Redis runs the script atomically.
@@ -89,16 +107,54 @@ return {'ok', tostring(version)}
 """
 
 
+# KEYS: live item2id, id2item, itemmeta, meta, version, feed, then the staged item2id, id2item, itemmeta.
+# ARGV: if_empty (0|1), feed maxlen, epoch, then meta field/value pairs. The live keys are UNLINKed first,
+# so each RENAME finds no destination to free (O(1)); UNLINK frees the old hashes in a background thread.
+_SWAP_LUA = """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('UNLINK', KEYS[7], KEYS[8], KEYS[9])
+  return {'exists'}
+end
+for i = 7, 9 do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {'nostage', KEYS[i]} end
+end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+for i = 1, 3 do
+  redis.call('RENAME', KEYS[i + 6], KEYS[i])
+  redis.call('PERSIST', KEYS[i])
+end
+redis.call('HSET', KEYS[4], unpack(ARGV, 4))
+local version = redis.call('INCR', KEYS[5])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], version .. '-0', 'op', 'reset', 'items', '[]',
+           'epoch', ARGV[3])
+return {'ok', tostring(version)}
+"""
+
+# One HSCAN step of id2item: {next cursor, packed IDs (comma-separated), item id byte lengths (comma-
+# separated), the item ids concatenated, version, epoch}, the version and epoch read atomically with it.
+_SCAN_LUA = """
+local step = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local flat = step[2]
+local ids, lengths, items = {}, {}, {}
+for i = 1, #flat, 2 do
+  ids[#ids + 1] = flat[i]
+  lengths[#lengths + 1] = #flat[i + 1]
+  items[#items + 1] = flat[i + 1]
+end
+return {step[1], table.concat(ids, ','), table.concat(lengths, ','), table.concat(items),
+        redis.call('GET', KEYS[2]) or '', redis.call('HGET', KEYS[3], 'epoch') or ''}
+"""
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """The whole catalog at one version, as Redis held it."""
+    """The whole catalog at one version, as Redis held it (the maps as compact arrays)."""
 
     version: int
     codebook_sizes: tuple[int, ...]
-    items: dict[str, int]  # item id -> packed ID
+    table: ItemTable  # (item id, packed ID) pairs
     epoch: str
     run_id: str
-    meta: dict[str, ItemMeta] = field(default_factory=dict)  # item id -> title/brand/categories
 
 
 @dataclass(frozen=True)
@@ -141,58 +197,64 @@ class RedisCatalog:
         self.item2id, self.id2item = f"{prefix}:item2id", f"{prefix}:id2item"
         self.version_key, self.meta, self.feed = f"{prefix}:version", f"{prefix}:meta", f"{prefix}:feed"
         self.item_meta = f"{prefix}:itemmeta"  # item id -> JSON title/brand/categories
+        # Snapshot chunks are read as bytes (item ids stay UTF-8, parsed by numpy, never one str per item).
+        self._raw = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0,
+                                         socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
         self._add = self.client.register_script(_ADD_LUA)
         self._remove = self.client.register_script(_REMOVE_LUA)
+        self._swap = self.client.register_script(_SWAP_LUA)
+        self._scan = self._raw.register_script(_SCAN_LUA)
 
     def close(self) -> None:
         self.client.close()
+        self._raw.close()
 
     def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
         return StoreUnavailableError(self.display_url, f"{type(exc).__name__}: {exc}", what)
 
     # ---- writes ----------------------------------------------------------------------------------------
     def push(self, catalog: Catalog, source: str = "", if_empty: bool = False,
-             item_meta: Mapping[str, ItemMeta] | None = None) -> int | None:
+             item_meta: Mapping[str, ItemMeta] | None = None, chunk: int = PUSH_CHUNK) -> int | None:
         """Replace the catalog with `catalog` (maps, item metadata, meta, version+1, a `reset` feed entry)
         atomically. `item_meta`: title/brand/categories by item id (default: the catalog's titles).
 
-        Idempotent in content; every push bumps the version so followers resync. With `if_empty`, only
-        seeds a prefix that holds no catalog yet and returns None otherwise.
+        The maps are written `chunk` fields per HSET into staging keys, then swapped in by one script, so
+        readers see the old catalog or the new one, and no command blocks Redis for long. A concurrent
+        add/remove lands in the old catalog and is replaced, as with any push. Idempotent in content; every
+        push bumps the version so followers resync. With `if_empty`, only seeds a prefix that holds no
+        catalog yet and returns None otherwise.
         """
-        item2id = {item: str(int(p)) for item, p in zip(catalog.item_ids, catalog.packed.tolist(), strict=True)}
-        id2item = {p: item for item, p in item2id.items()}
-        titles = dict(zip(catalog.item_ids, catalog.titles, strict=True))
         item_meta = item_meta or {}
-        meta_json = {item: json.dumps(clean_meta(item_meta.get(item) or {"title": titles[item]}))
-                     for item in catalog.item_ids}
         epoch = uuid.uuid4().hex
+        staged = [f"{self.prefix}:staging:{epoch}:{name}" for name in ("item2id", "id2item", "itemmeta")]
         meta = {"codebook_sizes": json.dumps(list(catalog.codebook_sizes)), "epoch": epoch, "source": source,
                 "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items)}
+        packed = [str(p) for p in catalog.packed.tolist()]
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        pipe.watch(self.version_key)  # a concurrent add/remove/push makes EXEC fail: retry
-                        current = pipe.get(self.version_key)
-                        if if_empty and current is not None:
-                            pipe.unwatch()
-                            return None
-                        version = int(current or 0) + 1
-                        pipe.multi()
-                        pipe.delete(self.item2id, self.id2item, self.meta, self.item_meta)
-                        pipe.hset(self.item2id, mapping=item2id)
-                        pipe.hset(self.id2item, mapping=id2item)
-                        pipe.hset(self.item_meta, mapping=meta_json)
-                        pipe.hset(self.meta, mapping=meta)
-                        pipe.set(self.version_key, version)
-                        pipe.xadd(self.feed, {"op": "reset", "items": "[]", "epoch": epoch}, id=f"{version}-0",
-                                  maxlen=self.feed_maxlen, approximate=True)
-                        pipe.execute()
-                        return version
-                    except redis.WatchError:
-                        continue
+            if if_empty and self.client.exists(self.version_key):
+                return None
+            with self.client.pipeline(transaction=False) as pipe:
+                for start in range(0, catalog.num_items, chunk):
+                    items = catalog.item_ids[start:start + chunk]
+                    ids = packed[start:start + chunk]
+                    metas = [json.dumps(clean_meta(item_meta.get(item) or {"title": title}))
+                             for item, title in zip(items, catalog.titles[start:start + chunk], strict=True)]
+                    pipe.hset(staged[0], mapping=dict(zip(items, ids, strict=True)))
+                    pipe.hset(staged[1], mapping=dict(zip(ids, items, strict=True)))
+                    pipe.hset(staged[2], mapping=dict(zip(items, metas, strict=True)))
+                    for key in staged:
+                        pipe.expire(key, STAGING_TTL_S)
+                    pipe.execute()
+            keys = [self.item2id, self.id2item, self.item_meta, self.meta, self.version_key, self.feed, *staged]
+            reply = self._swap(keys=keys, args=[int(if_empty), self.feed_maxlen, epoch,
+                                                *(x for pair in meta.items() for x in pair)])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "the push was not applied") from None
+        if reply[0] == "exists":
+            return None
+        if reply[0] != "ok":
+            raise CatalogStoreError(f"the push's staged keys vanished before the swap ({reply[1]}): retry it")
+        return int(reply[1])
 
     def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, ItemMeta] | None = None) -> int:
         """Add (item id, packed ID) pairs with their metadata, all or none; returns the new version."""
@@ -229,20 +291,70 @@ class RedisCatalog:
         raise CatalogStoreError(f"unexpected reply from the {what} script: {reply!r}")
 
     # ---- reads -----------------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot | None:
-        """The whole catalog at one version (read in one MULTI/EXEC), or None when there is none."""
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key).hgetall(self.id2item).hgetall(self.meta).hgetall(self.item_meta)
-                version, id2item, meta, item_meta, info = pipe.info("server").execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise self._unavailable(exc, "cannot read the catalog") from None
-        if version is None:
+    def snapshot(self, count: int = SCAN_COUNT, attempts: int = 5) -> Snapshot | None:
+        """The whole catalog at one version, read in HSCAN chunks of `count`, or None when there is none.
+
+        Changes made while it reads are replayed from the feed; a push meanwhile, or a feed trimmed past the
+        read's start, starts it again (up to `attempts` times).
+        """
+        for _ in range(attempts):
+            try:
+                snapshot = self._read_snapshot(count)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise self._unavailable(exc, "cannot read the catalog") from None
+            if snapshot is not None or self.remote_state().version is None:
+                return snapshot
+        raise CatalogStoreError(f"the catalog at {self.display_url} changed under {attempts} snapshot reads in "
+                                "a row (pushes, or a feed trimmed faster than a read): raise feed_maxlen")
+
+    def _read_snapshot(self, count: int) -> Snapshot | None:
+        """The snapshot, or None when there is no catalog or it must be read again."""
+        state = self.remote_state()
+        sizes = self.codebook_sizes()
+        if state.version is None or sizes is None:
             return None
-        return Snapshot(version=int(version), codebook_sizes=tuple(json.loads(meta.get("codebook_sizes", "[]"))),
-                        items={item: int(p) for p, item in id2item.items()}, epoch=meta.get("epoch", ""),
-                        run_id=str(info.get("run_id", "")),
-                        meta={item: json.loads(value) for item, value in item_meta.items()})
+        keys = [self.id2item, self.version_key, self.meta]
+        cursor: bytes = b"0"
+        ids, lengths, texts = [], [], []
+        first: int | None = None
+        while True:
+            cursor, chunk_ids, chunk_lengths, chunk_texts, version, epoch = self._scan(keys=keys, args=[cursor, count])
+            if epoch.decode() != state.epoch or not version:
+                return None  # pushed (or lost) while reading
+            first = int(version) if first is None else first
+            ids.append(np.fromstring(chunk_ids, dtype=np.int64, sep=","))
+            lengths.append(np.fromstring(chunk_lengths, dtype=np.int64, sep=","))
+            texts.append(chunk_texts)
+            if cursor == b"0":
+                break
+        last = int(version)
+        table = ItemTable.build(StringColumn.from_encoded(b"".join(texts), np.concatenate(lengths)),
+                                np.concatenate(ids))
+        if last > first:
+            replayed = self._replay(table, first, last, state.epoch or "")
+            if replayed is None:
+                return None
+            table = replayed
+        return Snapshot(version=last, codebook_sizes=sizes, table=table, epoch=state.epoch or "",
+                        run_id=state.run_id)
+
+    def _replay(self, table: ItemTable, first: int, last: int, epoch: str) -> ItemTable | None:
+        """The table read between versions `first` and `last` with the feed's changes (first, last] applied;
+        None when the feed no longer holds them all."""
+        final: dict[int, tuple[str, str]] = {}  # packed ID -> its last change (op, item id)
+        after = first
+        while after < last:
+            entries = [e for e in self.read_feed(after, None, count=1000) if e.version <= last]
+            if not entries:
+                return None
+            for entry in entries:
+                if entry.version != after + 1 or entry.op == "reset" or entry.epoch != epoch:
+                    return None
+                for item_id, packed in entry.items:
+                    final[packed] = (entry.op, item_id)
+                after = entry.version
+        touched = np.fromiter(final, dtype=np.int64, count=len(final))
+        return table.merged(touched, [(item_id, p) for p, (op, item_id) in final.items() if op == "add"])
 
     def remote_state(self) -> RemoteState:
         try:
@@ -270,11 +382,22 @@ class RedisCatalog:
                                          fields.get("epoch", ""), meta))
         return entries
 
-    def used_ids(self) -> set[int]:
+    def id_in_use(self, packed: int) -> bool:
+        """Whether an item holds the packed ID now (one HEXISTS)."""
         try:
-            return {int(p) for p in self.client.hkeys(self.id2item)}
+            return bool(self.client.hexists(self.id2item, str(int(packed))))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "cannot read the IDs in use") from None
+
+    def item_metas(self, item_ids: Sequence[str]) -> list[ItemMeta | None]:
+        """Metadata of each item (None: not in the catalog), in one HMGET."""
+        if not item_ids:
+            return []
+        try:
+            values = self.client.hmget(self.item_meta, list(item_ids))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable(exc, "cannot read item metadata") from None
+        return [None if v is None else clean_meta(json.loads(v)) for v in values]
 
     def codebook_sizes(self) -> tuple[int, ...] | None:
         try:
@@ -306,3 +429,49 @@ class RedisCatalog:
         if config.get("appendonly") == "yes":
             return f"aof-{config.get('appendfsync', 'everysec')}"
         return "rdb-only" if config.get("save") else "none"
+
+
+class RedisItemMeta:
+    """Item metadata read from Redis for the items a replica answers (one HMGET per call), with a bounded
+    cache that the applied changes keep true. A Redis outage gives the empty metadata, never an error:
+    titles decorate an answer, they do not make it.
+    """
+
+    def __init__(self, store: RedisCatalog, cache_items: int = 100_000, pause_after_error_s: float = 1.0) -> None:
+        self.store = store
+        self.cache_items = cache_items
+        self.pause_after_error_s = pause_after_error_s
+        self._cache: OrderedDict[str, ItemMeta] = OrderedDict()
+        self._lock = threading.Lock()
+        self._skip_until = 0.0  # after an error, answer without Redis for a moment instead of waiting on it
+
+    def get_many(self, item_ids: Sequence[str]) -> list[ItemMeta]:
+        with self._lock:
+            found = {i: self._cache[i] for i in item_ids if i in self._cache}
+            for item in found:
+                self._cache.move_to_end(item)
+        missing = [i for i in dict.fromkeys(item_ids) if i not in found]
+        if missing and time.monotonic() >= self._skip_until:
+            try:
+                fetched = self.store.item_metas(missing)
+            except StoreUnavailableError:
+                self._skip_until = time.monotonic() + self.pause_after_error_s
+            else:
+                got = {i: m for i, m in zip(missing, fetched, strict=True) if m is not None}
+                self._remember(got)
+                found.update(got)
+        return [found.get(i) or clean_meta(None) for i in item_ids]
+
+    def changed(self, added: Mapping[str, ItemMeta], removed: Iterable[str]) -> None:
+        with self._lock:
+            for item in removed:
+                self._cache.pop(item, None)
+        self._remember(added)
+
+    def _remember(self, metas: Mapping[str, ItemMeta]) -> None:
+        with self._lock:
+            self._cache.update(metas)
+            for item in metas:
+                self._cache.move_to_end(item)
+            while len(self._cache) > self.cache_items:
+                self._cache.popitem(last=False)

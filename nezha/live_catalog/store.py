@@ -30,8 +30,8 @@ class CatalogStore(Protocol):
         """Remove items by id; returns the new version."""
         ...
 
-    def used_ids(self) -> set[int]:
-        """The packed semantic IDs items hold now."""
+    def id_in_use(self, packed: int) -> bool:
+        """Whether an item holds the packed semantic ID now."""
         ...
 
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,327 @@
+"""Compact item id <-> packed ID maps for catalogs of millions: numpy arrays, no Python object per item.
+
+    StringColumn  strings as one UTF-8 buffer + int64 offsets (8 bytes an item plus the text)
+    ItemTable     a catalog's (item id, packed ID) pairs: rows in a StringColumn, a sorted packed-ID index
+                  and a sorted hash index of the item ids (about 40 bytes an item plus the id's text)
+    ItemMap       an ItemTable plus the changes applied since it was built (a small overlay): what one catalog
+                  version is; a change makes a new ItemMap and leaves the old one as it was
+
+Lookups are binary searches (item id -> hash -> candidate rows whose text is compared). Changes go to the
+overlay; when it grows past `MERGE_AT` entries it is merged into a new table in O(N) numpy passes (no sort
+of the catalog), so a change costs O(overlay) and the catalog O(N) only once per `MERGE_AT` changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Overlay entries (adds + removes) that trigger a merge into a new table.
+MERGE_AT = 8192
+# Rows gathered per step when compacting (bounds the temporary index arrays).
+_GATHER_BYTES = 1 << 24
+_HASH_P = 0x100000001B3  # FNV prime: odd, so the polynomial hash is a bijection per length
+_MIX_1, _MIX_2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_POWERS = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> np.ndarray:
+    """_HASH_P ** k mod 2**64 for k < n (grown on demand, kept for the next call)."""
+    global _POWERS
+    if _POWERS.size < n:
+        values = [1]
+        for _ in range(max(n, 2 * _POWERS.size) - 1):
+            values.append(values[-1] * _HASH_P % (1 << 64))
+        _POWERS = np.array(values, dtype=np.uint64)
+    return _POWERS[:n]
+
+
+def _segment_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source byte index, position inside its string) for every byte of the strings at starts/lengths."""
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths
+    inside = np.arange(total, dtype=np.int64) - np.repeat(first, lengths)
+    return np.repeat(starts, lengths) + inside, inside
+
+
+def hash_strings(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """uint64 hash of each string buffer[starts[i]:starts[i]+lengths[i]] (a polynomial hash, then mixed)."""
+    out = np.zeros(starts.size, dtype=np.uint64)
+    if starts.size == 0:
+        return out
+    powers = _powers(int(lengths.max()) if lengths.size else 1)
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(_GATHER_BYTES, int(lengths.sum()), _GATHER_BYTES))
+    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), starts.size], strict=True):
+        if hi <= lo:
+            continue
+        src, inside = _segment_positions(starts[lo:hi], lengths[lo:hi])
+        weighted = (buffer[src].astype(np.uint64) + np.uint64(1)) * powers[inside]
+        nonempty = lengths[lo:hi] > 0
+        firsts = (np.cumsum(lengths[lo:hi]) - lengths[lo:hi])[nonempty]
+        if firsts.size:
+            out[lo:hi][nonempty] = np.add.reduceat(weighted, firsts)
+    out ^= lengths.astype(np.uint64) * _MIX_2
+    out ^= out >> np.uint64(33)
+    out *= _MIX_1
+    out ^= out >> np.uint64(29)
+    return out
+
+
+def _hash_one(text: bytes) -> int:
+    """hash_strings of one string, in plain Python ints (a lookup's hash; numpy's per-call cost is higher)."""
+    mask = (1 << 64) - 1
+    h, power = 0, 1
+    for byte in text:
+        h = (h + (byte + 1) * power) & mask
+        power = power * _HASH_P & mask
+    h ^= len(text) * int(_MIX_2) & mask
+    h ^= h >> 33
+    h = h * int(_MIX_1) & mask
+    return h ^ h >> 29
+
+
+@dataclass(frozen=True)
+class StringColumn:
+    """Strings as one UTF-8 buffer: string r is buffer[offsets[r]:offsets[r + 1]]."""
+
+    buffer: np.ndarray  # uint8
+    offsets: np.ndarray  # int64 [rows + 1]
+
+    @classmethod
+    def of(cls, texts: Iterable[str]) -> StringColumn:
+        encoded = [t.encode() for t in texts]
+        return cls.from_encoded(b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64,
+                                                                count=len(encoded)))
+
+    @classmethod
+    def from_encoded(cls, joined: bytes, lengths: np.ndarray) -> StringColumn:
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.frombuffer(joined, dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    def text(self, row: int) -> str:
+        return self.raw(row).decode()
+
+    def raw(self, row: int) -> bytes:
+        return self.buffer[self.offsets[row]:self.offsets[row + 1]].tobytes()
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def hashes(self, rows: np.ndarray | None = None) -> np.ndarray:
+        rows = np.arange(len(self), dtype=np.int64) if rows is None else rows
+        return hash_strings(self.buffer, self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows])
+
+    def appended(self, texts: Sequence[str]) -> StringColumn:
+        tail = StringColumn.of(texts)
+        return StringColumn(np.concatenate([self.buffer, tail.buffer]),
+                            np.concatenate([self.offsets, tail.offsets[1:] + self.offsets[-1]]))
+
+    def gathered(self, rows: np.ndarray) -> StringColumn:
+        """A new column of the strings at `rows`, in that order (a step at a time: bounded temporaries)."""
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        offsets = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        buffer = np.empty(int(offsets[-1]), dtype=np.uint8)
+        bounds = np.searchsorted(offsets[1:], np.arange(_GATHER_BYTES, int(offsets[-1]), _GATHER_BYTES))
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), rows.size], strict=True):
+            if hi > lo:
+                src, _ = _segment_positions(self.offsets[rows[lo:hi]], lengths[lo:hi])
+                buffer[offsets[lo]:offsets[hi]] = self.buffer[src]
+        return StringColumn(buffer, offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes + self.offsets.nbytes)
+
+
+def _row_dtype(rows: int) -> type:
+    return np.int32 if rows < 2**31 else np.int64
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """(item id, packed ID) pairs in compact arrays. Immutable: `merged` makes the next table.
+
+    Rows are append-only (a removed row stays in `ids` until `compacted`); the two indexes hold live rows only.
+    """
+
+    ids: StringColumn  # item id of each row
+    row_packed: np.ndarray  # int64 [rows]
+    by_packed: np.ndarray  # int64 [N] sorted packed IDs of the live rows
+    by_packed_row: np.ndarray  # [N] their rows
+    by_hash: np.ndarray  # uint64 [N] sorted hashes of the live rows' item ids
+    by_hash_row: np.ndarray  # [N] their rows
+
+    @classmethod
+    def build(cls, ids: StringColumn, packed: np.ndarray) -> ItemTable:
+        """The table of rows (ids[r], packed[r]); of rows sharing a packed ID only the first is live."""
+        packed = np.asarray(packed, dtype=np.int64)
+        dtype = _row_dtype(packed.size)
+        unique, first = np.unique(packed, return_index=True)
+        hashes = ids.hashes(first.astype(np.int64))
+        order = np.argsort(hashes, kind="stable")
+        return cls(ids, packed, unique, first.astype(dtype), hashes[order], first[order].astype(dtype))
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, int]]) -> ItemTable:
+        pairs = list(pairs)
+        return cls.build(StringColumn.of(item for item, _ in pairs),
+                         np.fromiter((p for _, p in pairs), dtype=np.int64, count=len(pairs)))
+
+    @classmethod
+    def empty(cls) -> ItemTable:
+        return cls.of([])
+
+    def __len__(self) -> int:
+        return int(self.by_packed.size)
+
+    def row_of_packed(self, packed: int) -> int:
+        """The live row holding `packed`, or -1."""
+        at = int(np.searchsorted(self.by_packed, packed))
+        return int(self.by_packed_row[at]) if at < self.by_packed.size and self.by_packed[at] == packed else -1
+
+    def item_of(self, packed: int) -> str | None:
+        row = self.row_of_packed(packed)
+        return None if row < 0 else self.ids.text(row)
+
+    def packed_of(self, item_id: str) -> int | None:
+        raw = item_id.encode()
+        h = np.uint64(_hash_one(raw))
+        lo, hi = np.searchsorted(self.by_hash, h, "left"), np.searchsorted(self.by_hash, h, "right")
+        for row in self.by_hash_row[lo:hi].tolist():
+            if self.ids.raw(row) == raw:
+                return int(self.row_packed[row])
+        return None
+
+    def packed_ids(self) -> np.ndarray:
+        """The sorted packed IDs of all items (read-only; no copy)."""
+        view = self.by_packed.view()
+        view.flags.writeable = False
+        return view
+
+    def pairs(self) -> Iterator[tuple[str, int]]:
+        for row, packed in zip(self.by_packed_row.tolist(), self.by_packed.tolist(), strict=True):
+            yield self.ids.text(row), packed
+
+    def merged(self, removed: np.ndarray, added: Sequence[tuple[str, int]]) -> ItemTable:
+        """The table without the items holding packed IDs `removed` and with `added` (disjoint from what stays).
+
+        O(N) array passes; the strings are only appended (compacted when dead rows outnumber live ones).
+        """
+        removed = np.unique(np.asarray(removed, dtype=np.int64))
+        at = np.searchsorted(self.by_packed, removed)
+        at = at[(at < self.by_packed.size) & (self.by_packed[np.minimum(at, max(self.by_packed.size - 1, 0))]
+                                              == removed)] if self.by_packed.size else at[:0]
+        gone_rows = self.by_packed_row[at].astype(np.int64)
+        by_packed, by_packed_row = np.delete(self.by_packed, at), np.delete(self.by_packed_row, at)
+        by_hash, by_hash_row = self.by_hash, self.by_hash_row
+        if gone_rows.size:
+            gone_hashes = self.ids.hashes(gone_rows)
+            lo = np.searchsorted(by_hash, gone_hashes, "left")
+            hi = np.searchsorted(by_hash, gone_hashes, "right")
+            drop = [int(lo[i]) + int(np.flatnonzero(by_hash_row[lo[i]:hi[i]] == gone_rows[i])[0])
+                    for i in range(gone_rows.size)]
+            by_hash, by_hash_row = np.delete(by_hash, drop), np.delete(by_hash_row, drop)
+        ids, row_packed = self.ids, self.row_packed
+        if added:
+            first_row = len(ids)
+            ids = ids.appended([item for item, _ in added])
+            new_packed = np.fromiter((p for _, p in added), dtype=np.int64, count=len(added))
+            row_packed = np.concatenate([row_packed, new_packed])
+            dtype = _row_dtype(row_packed.size)
+            new_rows = np.arange(first_row, first_row + len(added), dtype=np.int64)
+            order = np.argsort(new_packed, kind="stable")
+            positions = np.searchsorted(by_packed, new_packed[order])
+            by_packed = np.insert(by_packed, positions, new_packed[order])
+            by_packed_row = np.insert(by_packed_row.astype(dtype), positions, new_rows[order].astype(dtype))
+            new_hashes = ids.hashes(new_rows)
+            order = np.argsort(new_hashes, kind="stable")
+            positions = np.searchsorted(by_hash, new_hashes[order])
+            by_hash = np.insert(by_hash, positions, new_hashes[order])
+            by_hash_row = np.insert(by_hash_row.astype(dtype), positions, new_rows[order].astype(dtype))
+        table = ItemTable(ids, row_packed, by_packed, by_packed_row, by_hash, by_hash_row)
+        return table.compacted() if len(ids) > 2 * max(len(table), 1024) else table
+
+    def compacted(self) -> ItemTable:
+        """The same items with the removed rows' strings dropped (rows renumbered in packed-ID order)."""
+        return ItemTable.build(self.ids.gathered(self.by_packed_row.astype(np.int64)), self.by_packed)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.row_packed.nbytes + self.by_packed.nbytes + self.by_packed_row.nbytes
+                   + self.by_hash.nbytes + self.by_hash_row.nbytes)
+
+
+@dataclass(frozen=True)
+class ItemMap:
+    """One catalog version's item id <-> packed ID maps: a table plus the changes made since it was built."""
+
+    table: ItemTable
+    added_items: dict[str, int] = field(default_factory=dict)  # item id -> packed, added since the table
+    added_ids: dict[int, str] = field(default_factory=dict)  # packed -> item id, added since the table
+    removed: frozenset[int] = frozenset()  # the table's packed IDs removed since
+
+    def packed_of(self, item_id: str) -> int | None:
+        packed = self.added_items.get(item_id)
+        if packed is not None:
+            return packed
+        packed = self.table.packed_of(item_id)
+        return None if packed is None or packed in self.removed else packed
+
+    def item_of(self, packed: int) -> str | None:
+        item = self.added_ids.get(packed)
+        if item is not None or packed in self.removed:
+            return item
+        return self.table.item_of(packed)
+
+    def has_packed(self, packed: int) -> bool:
+        return packed in self.added_ids or (packed not in self.removed and self.table.row_of_packed(packed) >= 0)
+
+    def __len__(self) -> int:
+        return len(self.table) - len(self.removed) + len(self.added_ids)
+
+    def packed_ids(self) -> np.ndarray:
+        """Sorted packed IDs of every item (the table's array when nothing changed since it was built)."""
+        if not self.added_ids and not self.removed:
+            return self.table.packed_ids()
+        base = self.table.packed_ids()
+        if self.removed:
+            base = base[~np.isin(base, np.fromiter(self.removed, dtype=np.int64, count=len(self.removed)))]
+        return np.union1d(base, np.fromiter(self.added_ids, dtype=np.int64, count=len(self.added_ids)))
+
+    def changed(self, changes: Iterable[tuple[str, str, int]]) -> tuple[ItemMap, np.ndarray, np.ndarray]:
+        """The map after `changes` ((add|remove, item id, packed ID), in order), and the packed IDs that became
+        valid and invalid. A removal only drops a pair that is there; an add sets both directions."""
+        added_items, added_ids, removed = dict(self.added_items), dict(self.added_ids), set(self.removed)
+        before: dict[int, bool] = {}
+        for op, item_id, packed in changes:
+            if packed not in before:
+                before[packed] = self.has_packed(packed)
+            if op == "add":
+                added_items[item_id] = packed
+                added_ids[packed] = item_id
+                continue
+            if added_items.get(item_id) == packed:
+                del added_items[item_id]
+            if added_ids.get(packed) == item_id:
+                del added_ids[packed]
+            elif packed not in removed and self.table.item_of(packed) == item_id:
+                removed.add(packed)
+        after = ItemMap(self.table, added_items, added_ids, frozenset(removed))
+        born = [p for p, was in before.items() if not was and after.has_packed(p)]
+        died = [p for p, was in before.items() if was and not after.has_packed(p)]
+        if len(added_ids) + len(removed) > MERGE_AT:
+            after = after.merged()
+        return after, np.asarray(born, dtype=np.int64), np.asarray(died, dtype=np.int64)
+
+    def merged(self) -> ItemMap:
+        """The same catalog with the overlay merged into a new table."""
+        gone = set(self.removed) | {p for p in self.added_ids if self.table.row_of_packed(p) >= 0}
+        removed = np.fromiter(gone, dtype=np.int64, count=len(gone))
+        return ItemMap(self.table.merged(removed, [(item, p) for p, item in self.added_ids.items()]))

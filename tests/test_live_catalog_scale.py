@@ -1,0 +1,233 @@
+"""The live catalog's large-catalog paths against a real redis-server, at test sizes: chunked push and swap,
+chunked snapshots that stay exact while changes land, a follower that overruns the feed and resyncs once,
+HEXISTS-based new-item IDs, and the compact maps (checked against a dict model by hypothesis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis_fixtures import RedisServer, redis_server  # noqa: F401
+
+import nezha.live_catalog.item_table as item_table
+from nezha.catalog import Catalog
+from nezha.live_catalog import (
+    CatalogFollower,
+    FeedEntry,
+    ItemMap,
+    ItemTable,
+    LocalCatalog,
+    NewItem,
+    RedisCatalog,
+    add_new_items,
+)
+from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_new_item
+from nezha.verify.codec import pack, unpack
+
+SIZES = (32, 32, 32)
+
+
+def synthetic_catalog(n: int, seed: int = 0, prefix: str = "SKU") -> Catalog:
+    rng = np.random.default_rng(seed)
+    packed = rng.choice(int(np.prod(SIZES)), size=n, replace=False)
+    return Catalog([f"{prefix}-{i:06d}" for i in range(n)], unpack(packed, SIZES), SIZES,
+                   [f"{prefix} item {i}" for i in range(n)])
+
+
+def redis_items(store: RedisCatalog) -> dict[str, int]:
+    return {item: int(p) for item, p in store.client.hgetall(store.item2id).items()}
+
+
+def local_items(local: LocalCatalog) -> dict[str, int]:
+    return dict(local.view().item_to_id.items())
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[RedisCatalog]:  # noqa: F811
+    s = RedisCatalog(redis_server.url, feed_maxlen=50)
+    yield s
+    s.close()
+
+
+def test_push_swaps_whole_catalogs_and_leaves_no_staging_keys(store: RedisCatalog) -> None:
+    first, second = synthetic_catalog(3000, seed=1, prefix="A"), synthetic_catalog(2000, seed=2, prefix="B")
+    store.push(first, chunk=250)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:  # a reader sees one catalog or the other, never a half-written one
+        while not stop.is_set():
+            seen.append(store.client.hlen(store.item2id))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        version = store.push(second, chunk=250)
+    finally:
+        stop.set()
+        reader.join()
+    assert set(seen) <= {3000, 2000} and seen
+    assert redis_items(store) == dict(zip(second.item_ids, second.packed.tolist(), strict=True))
+    assert store.client.hlen(store.id2item) == store.client.hlen(store.item_meta) == 2000
+    assert store.client.keys(f"{store.prefix}:staging:*") == []
+    assert store.client.ttl(store.item2id) == -1  # the staging TTL does not follow the keys into place
+    assert store.read_feed(version - 1, None)[-1].op == "reset"
+    assert store.push(first, if_empty=True) is None and store.client.keys(f"{store.prefix}:staging:*") == []
+
+
+def test_chunked_snapshots_are_exact_while_changes_land(redis_server: RedisServer,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisCatalog(redis_server.url)  # the default feed: it holds what lands during a read
+    catalog = synthetic_catalog(1500)
+    store.push(catalog)
+    base_version = store.remote_state().version
+    state = dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
+    history: dict[int, dict[str, int]] = {base_version: dict(state)}  # the catalog at each version
+    free = [p for p in range(int(np.prod(SIZES))) if p not in set(state.values())]
+    stop = threading.Event()
+
+    def write() -> None:
+        rng = np.random.default_rng(5)
+        n = 0
+        while not stop.is_set():
+            if rng.random() < 0.5:
+                item, packed = f"NEW-{n}", free.pop()
+                version = store.add([(item, packed)])
+                state[item] = packed
+            else:
+                item = sorted(state)[int(rng.integers(len(state)))]
+                version = store.remove([item])
+                free.append(state.pop(item))
+            history[version] = dict(state)
+            n += 1
+            time.sleep(0.002)  # a steady stream, not a GIL-hogging loop
+
+    replays = []
+    real_replay = store._replay
+    monkeypatch.setattr(store, "_replay", lambda *a: replays.append(a[1:3]) or real_replay(*a))
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        snapshots = [store.snapshot(count=50) for _ in range(4)]
+    finally:
+        stop.set()
+        writer.join()
+    assert replays, "no change landed during a snapshot: the test did not exercise the replay"
+    for snapshot in snapshots:
+        assert snapshot is not None and dict(snapshot.table.pairs()) == history[snapshot.version]
+
+
+def test_a_follower_that_overruns_the_feed_resyncs_once_and_catches_up(redis_server: RedisServer,  # noqa: F811
+                                                                       store: RedisCatalog) -> None:
+    catalog = synthetic_catalog(2000)
+    store.push(catalog)
+    follower = CatalogFollower(RedisCatalog(redis_server.url, feed_maxlen=50), LocalCatalog.from_catalog(catalog),
+                               block_ms=100, max_backoff_s=0.2)
+    follower.sync_once()  # in step; paused (not started) while a burst overruns the 50-entry feed
+    free = iter(p for p in range(int(np.prod(SIZES))) if p not in set(catalog.packed.tolist()))
+    for n in range(400):
+        store.add([(f"BURST-{n}", next(free))])
+    assert int(store.client.xinfo_stream(store.feed)["first-entry"][0].split("-")[0]) > follower.local.version + 1
+
+    stop = threading.Event()
+
+    def keep_writing() -> None:  # changes keep coming while it resyncs and catches up
+        n = 0
+        while not stop.is_set() and n < 300:
+            store.add([(f"LIVE-{n}", next(free))])
+            if n % 3 == 2:
+                store.remove([f"LIVE-{n - 1}"])
+            n += 1
+
+    writer = threading.Thread(target=keep_writing)
+    follower.start()
+    writer.start()
+    try:
+        writer.join(timeout=30)
+        stop.set()
+        target = store.remote_state().version
+        assert follower.local.wait_for(target, timeout=10.0)
+        assert follower.health.resyncs == 2  # start-up + the one overrun
+        assert local_items(follower.local) == redis_items(store)
+        valid = np.sort(np.fromiter(redis_items(store).values(), dtype=np.int64))
+        assert np.array_equal(follower.local.view().verifier.contains(torch.from_numpy(valid)).numpy(),
+                              np.ones(valid.size, dtype=bool))
+        assert follower.degraded() == []
+    finally:
+        stop.set()
+        follower.stop()
+        follower.join(timeout=5)
+
+
+def test_add_by_text_checks_ids_with_hexists_never_hkeys(store: RedisCatalog, tiny_prepared) -> None:
+    catalog = Catalog.load(tiny_prepared / "catalog")
+    quantizer = ResidualQuantizer.load(tiny_prepared / "quantizer.safetensors")
+    store.push(catalog)
+    store.client.config_resetstat()
+    x = np.random.default_rng(0).normal(size=quantizer.dim).astype(np.float32)
+    used = set(catalog.packed.tolist())
+    expected = int(pack(assign_new_item(x, quantizer, used), catalog.codebook_sizes))
+    version, pairs = add_new_items(store, [NewItem("BY-TEXT", text="t")], catalog.codebook_sizes,
+                                   lambda: quantizer, lambda texts: x[None])
+    assert pairs == [("BY-TEXT", expected)] and version == store.remote_state().version
+    stats = store.client.info("commandstats")
+    assert "cmdstat_hkeys" not in stats and "cmdstat_hgetall" not in stats and stats["cmdstat_hexists"]["calls"] >= 1
+
+
+def test_the_local_copy_holds_no_python_object_per_item() -> None:
+    n = 100_000
+    rng = np.random.default_rng(0)
+    packed = rng.choice(1 << 24, size=n, replace=False)
+    local = LocalCatalog(ItemTable.of((f"B0{i:08d}", int(p)) for i, p in enumerate(packed)), (256, 256, 256))
+    per_item = local.nbytes()["item_maps"] / n
+    assert per_item < 64, per_item  # ~40 bytes of arrays + the 10-byte id
+    assert local.lookup(["B000000007", "NOPE"]) == ([int(packed[7])], ["NOPE"])
+    assert local.items_of([int(packed[99_999])])[0] == ["B000099999"]
+    local.apply([FeedEntry(1, "remove", [("B000000007", int(packed[7]))]),
+                 FeedEntry(2, "add", [("NEW", int(packed[7]))])])
+    assert local.items_of([int(packed[7])]) == (["NEW"], 2) and len(local) == n
+
+
+pairs_ops = st.lists(st.tuples(st.booleans(), st.integers(0, 40), st.integers(0, 60)), max_size=120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(initial=st.dictionaries(st.integers(0, 60), st.integers(0, 40), max_size=30), ops=pairs_ops,
+       merge_at=st.sampled_from([1, 3, 1000]))
+def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops: list[tuple[bool, int, int]],
+                                                   merge_at: int) -> None:
+    """Adds and removes as Redis allows them (an add of a free id and packed ID, a removal of a held pair),
+    merged into new tables at any point: the map answers like a pair of dicts, and reports born/died IDs."""
+    old = item_table.MERGE_AT
+    item_table.MERGE_AT = merge_at
+    try:
+        by_item: dict[str, int] = {}  # item id -> packed ID, one-to-one
+        for packed, item_n in initial.items():
+            by_item.setdefault(f"i{item_n}-é", packed)
+        items = ItemMap(ItemTable.of(by_item.items()))
+        for is_add, item_n, packed in ops:
+            item = f"i{item_n}-é"
+            holder = {p: i for i, p in by_item.items()}
+            if is_add and item not in by_item and packed not in holder:
+                change, by_item[item] = ("add", item, packed), packed
+            elif not is_add and item in by_item:
+                change = ("remove", item, by_item.pop(item))
+            else:
+                continue
+            items, born, died = items.changed([change])
+            assert (born.tolist(), died.tolist()) == (([change[2]], []) if change[0] == "add" else ([], [change[2]]))
+        holder = {p: i for i, p in by_item.items()}
+        assert len(items) == len(by_item)
+        assert items.packed_ids().tolist() == sorted(holder)
+        for n in range(41):
+            assert items.packed_of(f"i{n}-é") == by_item.get(f"i{n}-é")
+        for p in range(61):
+            assert items.item_of(p) == holder.get(p) and items.has_packed(p) == (p in holder)
+    finally:
+        item_table.MERGE_AT = old
