@@ -8,6 +8,8 @@ from nezha.semantic_ids.quantizer import (
     assign_new_item,
     assign_unique_codes,
     codebook_usage,
+    id_space_advice,
+    id_space_warning,
 )
 from nezha.verify.codec import pack
 from nezha.verify.verifier import PrefixVerifier
@@ -95,6 +97,78 @@ def test_fallback_above_last_level_and_capacity():
     np.testing.assert_array_equal(codes[1, 0], codes[0, 0])  # next-nearest last-level code first
     with pytest.raises(ValueError, match="cannot get unique IDs"):
         assign_unique_codes(np.repeat(X[:1], 5, axis=0), rq)
+
+
+def one_by_one(X, rq):
+    """The reference rule: each colliding item in catalog order takes the nearest ID no earlier item holds
+    (depth-first in distance order), as assign_unique_codes did before it was vectorised."""
+    codes = rq.encode(X)
+    packed = pack(codes, rq.codebook_sizes)
+    _, first = np.unique(packed, return_index=True)
+    used = set(packed[first].tolist())
+    for i in sorted(set(range(len(X))) - set(first.tolist())):
+        codes[i] = assign_new_item(X[i], rq, used)
+        used.add(int(pack(codes[i], rq.codebook_sizes)))
+    return codes
+
+
+def test_vectorised_collisions_match_the_one_by_one_search_while_no_prefix_overflows():
+    X = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    rq = ResidualQuantizer(levels=3, codebook_size=(8, 8, 64), seed=0).fit(X)
+    X = np.concatenate([X, np.repeat(X[:40], 3, axis=0)])  # several colliders under many prefixes
+    codes, stats = assign_unique_codes(X, rq)
+    assert stats["raw_collisions"] > 120 and stats["reassigned_beyond_last_level"] == 0
+    np.testing.assert_array_equal(codes, one_by_one(X, rq))
+
+
+def test_overflowing_prefixes_give_unique_deterministic_ids_near_their_own():
+    X = blobs(n=60, centers=3)
+    rq = ResidualQuantizer(levels=3, codebook_size=(4, 4, 8), seed=0).fit(X)
+    X = np.concatenate([X, np.repeat(X[:2], 20, axis=0)])  # 20 copies: more than 8 last codes per prefix
+    codes, stats = assign_unique_codes(X, rq)
+    assert len(np.unique(pack(codes, (4, 4, 8)))) == len(X)
+    assert stats["reassigned_beyond_last_level"] > 0 and stats["final_collision_rate"] == 0.0
+    np.testing.assert_array_equal(assign_unique_codes(X, rq)[0], codes)
+    # a full own prefix sends an item to the nearest free ID of the search (here: same as one by one,
+    # since the overflowing items' neighbours are not colliders of their own)
+    reference = one_by_one(X, rq)
+    greedy = rq.encode(X)
+    same_level0 = (codes[:, 0] == greedy[:, 0]).mean()
+    assert same_level0 >= (reference[:, 0] == greedy[:, 0]).mean() - 0.01
+
+
+def test_fit_on_a_sample_reads_only_the_sampled_rows_of_a_memory_mapped_array(tmp_path):
+    X = blobs(n=2000)
+    np.save(tmp_path / "emb.npy", X)
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    rq = ResidualQuantizer(levels=2, codebook_size=8, seed=1).fit(mapped, sample=300)
+    rows = np.sort(np.random.default_rng(1).choice(2000, 300, replace=False))
+    on_rows = ResidualQuantizer(levels=2, codebook_size=8, seed=1).fit(X[rows])
+    for a, b in zip(rq.centroids, on_rows.centroids, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [s["sample"] for s in rq.fit_stats] == [300, 300]
+    np.testing.assert_array_equal(rq.encode(mapped), rq.encode(X))
+    with pytest.raises(ValueError, match="a sample of 5 rows cannot fit 8 codes"):
+        ResidualQuantizer(levels=2, codebook_size=8).fit(X, sample=5)
+
+
+def test_id_space_warning_gives_the_numbers_and_the_flags_that_fit():
+    message = id_space_warning(10_000_000, 3, 256, {"max_items_per_first_code": 120_000,
+                                                    "reassigned_beyond_last_level": 812_345})
+    assert message == (
+        "semantic-ID space too full: 10,000,000 items fill 59.6% of the 16,777,216 IDs of 3 levels x 256 codes "
+        "(warning above 10%); the busiest level-0 code has 120,000 items but only 65,536 IDs under it; "
+        "812,345 items (8.1%) had to leave their own level 0..1 prefix because it was full (warning above 1%). "
+        "IDs that fit: --levels 4 (4,294,967,296 IDs, 0.2% full) or --codebook-size 512 "
+        "(134,217,728 IDs, 7.5% full)."
+    )
+    quiet = {"max_items_per_first_code": 9_000, "reassigned_beyond_last_level": 100}
+    assert id_space_warning(1_000_000, 3, 256, quiet) is None
+    crowded_first_code = {"max_items_per_first_code": 70_000, "reassigned_beyond_last_level": 0}
+    assert "65,536 IDs under it" in id_space_warning(1_000_000, 3, 256, crowded_first_code)
+    assert id_space_advice(100, 2, 4) == ("IDs that fit: --levels 5 (1,024 IDs, 9.8% full) or "
+                                          "--codebook-size 32 (1,024 IDs, 9.8% full)")
+    assert "bring IDs with --semantic-ids" in id_space_advice(2**62, 3, 2**20)
 
 
 def test_assign_new_item(fitted):
