@@ -3,6 +3,9 @@ import json
 import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 from nezha.data.amazon import load_amazon_raw
@@ -14,7 +17,7 @@ from nezha.data.datasets import (
     resolve_dataset_dir,
     write_dataset,
 )
-from nezha.data.split import Split, leave_one_out, load_sequences, save_sequences
+from nezha.data.split import Split, leave_one_out, load_sequences, pack_ragged, save_sequences
 
 ITEMS = [
     {"item_id": "a", "title": "Red Lipstick", "brand": "Acme", "categories": ["Beauty", "Makeup", "Lips"]},
@@ -351,3 +354,187 @@ def test_examples_subset_is_seeded_ordered_and_capped():
     assert [h[0] for h in a.histories] == a.targets.tolist()  # histories stay paired with their targets
     assert examples.subset(10, seed=4).targets.tolist() != a.targets.tolist()
     assert examples.subset(0) is examples and examples.subset(500) is examples
+
+
+# ---- inputs at scale: formats, parts, bad input ------------------------------------------------------
+
+ROWS = [("u1", "b", 1), ("u1", "a", 0), ("u2", "c", 0), ("u1", "c", 2), ("u2", "a", 1), ("u3", "zz", 0)]
+
+
+def write_parts(path, fmt, rows=ROWS, parts=2, column="position"):
+    """`rows` as a directory interactions/ of `parts` files in `fmt`, plus the toy items.jsonl."""
+    write_dir(path, interactions="user_id,item_id,position\n")
+    (path / "interactions.csv").unlink()
+    (path / "interactions").mkdir()
+    for k in range(parts):
+        table = pa.table({"user_id": [r[0] for r in rows[k::parts]], "item_id": [r[1] for r in rows[k::parts]],
+                          column: pa.array([r[2] for r in rows[k::parts]], pa.int64())})
+        target = path / "interactions" / f"part-{k}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(table, target)
+        elif fmt == "csv":
+            pacsv.write_csv(table, target)
+        else:
+            target.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_directory_of_parts_in_any_format_loads_like_the_csv_file(tmp_path, fmt):
+    csv = "user_id,item_id,position\n" + "".join(f"{u},{i},{p}\n" for u, i, p in ROWS)
+    expected = load_dataset(write_dir(tmp_path / "one", interactions=csv))
+    got = load_dataset(write_parts(tmp_path / fmt, fmt, parts=3))
+    assert got.user_ids == expected.user_ids == ["u1", "u2"]
+    assert [s.tolist() for s in got.sequences] == [s.tolist() for s in expected.sequences] == [[0, 1, 2], [2, 0]]
+    assert got.stats["unknown_item_interactions"] == 1 and got.stats["parts"] == 3
+
+
+def test_single_parquet_and_jsonl_files_and_parquet_items(tmp_path):
+    path = tmp_path / "toy"
+    path.mkdir()
+    pq.write_table(pa.table({"item_id": ["a", "b"], "title": ["A", None],
+                             "categories": pa.array([["x", "y"], []], pa.list_(pa.string()))}), path / "items.parquet")
+    pq.write_table(pa.table({"user_id": [1, 1, 2], "item_id": ["b", "a", "a"], "timestamp": [20, 10, 5]}),
+                   path / "interactions.parquet")
+    ds = load_dataset(path)
+    assert ds.user_ids == ["1", "2"] and [s.tolist() for s in ds.sequences] == [[0, 1], [0]]
+    assert ds.items["text"].tolist() == ["A | Categories: x > y", "b"]
+    (path / "interactions.parquet").unlink()
+    (path / "interactions.jsonl").write_text('{"user_id": "u", "item_id": "a", "position": 0}\n')
+    assert load_dataset(path).sequences[0].tolist() == [0]
+
+
+def test_a_synthetic_log_groups_like_pandas(tmp_path):
+    from nezha.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(out=str(tmp_path / "s"), items=200, interactions=5_000, part_rows=1_500, seed=4))
+    ds = load_dataset(tmp_path / "s")
+    frame = pq.read_table(sorted((tmp_path / "s" / "interactions").glob("*.parquet"))).to_pandas()
+    users = list(dict.fromkeys(frame["user_id"]))  # order of first appearance
+    index = {item: k for k, item in enumerate(ds.items["item_id"])}
+    by_user = frame.sort_values("timestamp", kind="stable").groupby("user_id")["item_id"]
+    assert ds.user_ids == users
+    assert [s.tolist() for s in ds.sequences] == [[index[i] for i in by_user.get_group(u)] for u in users]
+
+
+def test_k_core_removes_users_and_items_below_k_repeatedly(tmp_path):
+    # k=2: item c has one interaction; removing it leaves u2 with one, removing u2 leaves item d with one
+    rows = "user_id,item_id,position\nu1,a,0\nu1,b,1\nu3,a,0\nu3,b,1\nu2,c,0\nu2,d,1\nu4,d,0\nu4,a,1\n"
+    items = [{"item_id": i, "title": i} for i in "abcd"]
+    ds = load_dataset(write_dir(tmp_path / "toy", items=items, interactions=rows), k_core_min=2)
+    assert ds.user_ids == ["u1", "u3"] and [s.tolist() for s in ds.sequences] == [[0, 1], [0, 1]]
+    assert ds.stats["k_core_removed_interactions"] == 4 and ds.num_items == 4  # items stay in the catalog
+    with pytest.raises(DataError, match="nothing left after 3-core filtering"):
+        load_dataset(tmp_path / "toy", k_core_min=3)
+
+
+def test_empty_parts_are_skipped_and_counted(tmp_path, caplog):
+    path = write_parts(tmp_path / "toy", "parquet", parts=2)
+    (path / "interactions" / "part-2.parquet").write_bytes(b"")  # a writer that died
+    pq.write_table(pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
+                             "position": pa.array([], pa.int64())}), path / "interactions" / "part-3.parquet")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(path)
+    assert ds.stats["empty_parts"] == 2 and ds.stats["parts"] == 4 and ds.stats["num_interactions"] == 5
+    assert "part-2.parquet: empty file, skipped" in caplog.text and "part-3.parquet: no rows, skipped" in caplog.text
+
+
+def test_malformed_csv_lines_are_skipped_and_counted_up_to_a_share(tmp_path, caplog):
+    good = "".join(f"u{k},a,{k}\n" for k in range(200))
+    path = write_dir(tmp_path / "toy", interactions="user_id,item_id,position\n" + good + "u1,a\nu2,b,1,extra\n")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(path)
+    assert ds.stats["malformed_rows_skipped"] == 2 and ds.stats["num_interactions"] == 200
+    assert "interactions.csv:202: skipping a malformed line (2 fields, expected 3)" in caplog.text
+    bad = "user_id,item_id,position\n" + "u1;a;0\n" * 30
+    with pytest.raises(DataError, match=r"interactions\.csv: 30 of 30 lines are malformed .*check the delimiter"):
+        load_dataset(write_dir(tmp_path / "semi", interactions=bad))
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"user_id": ["u"], "item_id": ["a"]}, r"part-0\.parquet: missing column\(s\) \['position or timestamp'\]"),
+    ({"user_id": [True], "item_id": ["a"], "position": [0]}, r"column 'user_id' has type bool; ids are strings"),
+    ({"user_id": ["u"], "item_id": ["a"], "position": [[0]]}, r"column 'position' has type list<element: int64>"),
+    ({"user_id": ["u", None], "item_id": ["a", "b"], "position": [0, 1]}, r"part-0\.parquet, row 2: empty user_id"),
+    ({"user_id": ["u", "u"], "item_id": ["a", "b"], "position": [0.0, 1.5]}, r"row 2: position 1\.5 is not an integer"),
+    ({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": [1_600_000_000, 1_600_000_000_000]},
+     r"column 'timestamp' mixes units: from 1\.6e\+09 \(seconds\) to 1\.6e\+12 \(milliseconds\)"),
+])
+def test_bad_parts_are_refused_naming_file_column_and_row(tmp_path, table, message):
+    path = write_parts(tmp_path / "toy", "parquet", parts=1)
+    pq.write_table(pa.table(table), path / "interactions" / "part-0.parquet")
+    with pytest.raises(DataError, match=message):
+        load_dataset(path)
+
+
+def test_parts_must_agree_on_order_column_and_timestamp_unit(tmp_path):
+    path = write_parts(tmp_path / "toy", "parquet", parts=1, column="timestamp")
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["a"], "timestamp": [1_600_000_000_000]}),
+                   path / "interactions" / "part-1.parquet")
+    with pytest.raises(DataError, match=r"part-1\.parquet: column 'timestamp' is in milliseconds .* but "
+                                        r".*part-0\.parquet in seconds; convert every part to one unit"):
+        load_dataset(path)
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["a"], "position": [0]}), path / "interactions" / "part-1.parquet")
+    with pytest.raises(DataError, match=r"part-1\.parquet: orders rows by 'position' but the parts before by 'timestamp'"):
+        load_dataset(path)
+    # typed timestamps are exact whatever their unit
+    pq.write_table(pa.table({"user_id": ["u", "u"], "item_id": ["b", "a"],
+                             "timestamp": pa.array([2_000, 1_000], pa.timestamp("ms"))}), path / "interactions" / "part-0.parquet")
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["c"], "timestamp": pa.array([3], pa.timestamp("s"))}),
+                   path / "interactions" / "part-1.parquet")
+    assert load_dataset(path).sequences[0].tolist() == [0, 1, 2]
+
+
+def test_a_parts_directory_must_hold_parts_of_one_format(tmp_path):
+    path = write_parts(tmp_path / "toy", "parquet", parts=1)
+    (path / "interactions" / "_SUCCESS").write_text("")  # Spark's marker is not a part
+    assert load_dataset(path).num_users == 2
+    (path / "interactions" / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"'notes\.txt' is not a part file"):
+        load_dataset(path)
+    (path / "interactions" / "notes.txt").unlink()
+    (path / "interactions" / "part-1.csv").write_text("user_id,item_id,position\nu,a,0\n")
+    with pytest.raises(DataError, match=r"parts of several formats \(csv, parquet\); use one"):
+        load_dataset(path)
+    (path / "interactions" / "part-0.parquet").write_text("not parquet")
+    (path / "interactions" / "part-1.csv").unlink()
+    with pytest.raises(DataError, match=r"part-0\.parquet: cannot read as parquet"):
+        load_dataset(path)
+    (path / "interactions.csv").write_text("user_id,item_id,position\n")
+    with pytest.raises(DataError, match=r"both interactions\.csv and interactions exist"):
+        load_dataset(path)
+
+
+# ---- the offset split ---------------------------------------------------------------------------------
+
+
+def test_ragged_slices_are_views_of_one_array():
+    from nezha.data.split import Ragged
+
+    r = Ragged.pack([np.array([1, 2]), np.array([3]), np.array([4, 5, 6])])
+    assert [h.tolist() for h in r[::2]] == [[1, 2], [4, 5, 6]] and r[1:][0].tolist() == [3]
+    assert [h.tolist() for h in r[np.array([2, 0])]] == [[4, 5, 6], [1, 2]]
+    assert r[2].base is r.values or np.shares_memory(r[2], r.values)
+    assert r.lengths().tolist() == [2, 1, 3]
+
+
+def test_split_is_offsets_into_the_sequences_and_old_files_still_load(tmp_path):
+    seqs = [np.array([0, 1, 2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9])]
+    split = leave_one_out(seqs, max_history=2)
+    assert split.train.histories.values is split.test.histories.values  # one array for every part
+    split.save(tmp_path / "split.npz")
+    with np.load(tmp_path / "split.npz") as data:
+        assert data["values"].tolist() == list(range(10)) and data["test_ends"].tolist() == [4, 9]
+    # nezha-prepared/1 stored every history as its own run of values
+    old = {"skipped_users": np.int64(1)}
+    for name in ("train", "valid", "test"):
+        part = getattr(split, name)
+        values, offsets = pack_ragged(list(part.histories))
+        old |= {f"{name}_history_values": values, f"{name}_history_offsets": offsets, f"{name}_targets": part.targets}
+    np.savez(tmp_path / "old.npz", **old)
+    back = Split.load(tmp_path / "old.npz")
+    for name in ("train", "valid", "test"):
+        assert as_lists(getattr(back, name)) == as_lists(getattr(split, name))
+    np.savez(tmp_path / "old-seq.npz", values=np.arange(3), offsets=np.array([0, 1, 3]), user_ids=np.array(["x", "yy"]))
+    seqs_back, users = load_sequences(tmp_path / "old-seq.npz")
+    assert users == ["x", "yy"] and [s.tolist() for s in seqs_back] == [[0], [1, 2]]

@@ -3,6 +3,7 @@ import logging
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from nezha.config import ConfigError
@@ -10,6 +11,7 @@ from nezha.data.datasets import DataError
 from nezha.data.split import load_sequences
 from nezha.prepare import PrepareConfig, prepare
 from nezha.prepared import load_prepared
+from nezha.synth import SynthConfig, synthesize
 from nezha.verify.codec import pack
 
 # ---- prepare ----------------------------------------------------------------------------------------
@@ -263,3 +265,49 @@ def test_text_path_warns_when_many_items_have_no_text(tmp_path, monkeypatch, cap
         result = prepare(PrepareConfig(dataset=str(many), out=str(tmp_path / "many-prep"), codebook_size=4))
     assert "4 of 60 items (6.7%) have no title, brand or categories" in caplog.text
     assert result.summary["dataset_stats"]["items_without_text"] == 4 and result.quantizer is not None
+
+
+# ---- atomic outputs -------------------------------------------------------------------------------------
+
+
+def test_a_failed_prepare_leaves_no_half_written_directory(tmp_path, no_embedding, monkeypatch):
+    data, id_file = write_ids_dataset(tmp_path)
+    out = tmp_path / "runs" / "prep"
+    cfg = PrepareConfig(dataset=str(data), out=str(out), semantic_ids=str(id_file))
+    before = prepare(cfg).summary
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    # a failure after the catalog was written: --out keeps the previous run's files, and no temp dir stays
+    monkeypatch.setattr("nezha.prepare.save_sequences", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "max_history": 5}))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prep"]
+    assert prepare(cfg).cached and prepare(cfg).summary == before
+
+    # bad input into a new directory: nothing is created
+    (data / "interactions.json").write_text('{"u1": ["I00", 3.5]}')
+    with pytest.raises(DataError, match="an item id is a non-empty string or an integer"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "out": str(tmp_path / "runs" / "new")}))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prep"]
+
+
+def test_prepare_reads_a_directory_of_parquet_parts(tmp_path, no_embedding):
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), items=40, interactions=600, part_rows=250, clusters=4))
+    ids = {f"I{i:02d}": [i % 8, i // 8] for i in range(40)}
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    cfg = PrepareConfig(dataset=str(tmp_path / "syn"), out=str(tmp_path / "prep"), semantic_ids=str(tmp_path / "ids.json"),
+                        k_core=2)
+    result = prepare(cfg)
+    stats = result.summary["dataset_stats"]
+    assert stats["parts"] == 3 and stats["order_column"] == "timestamp" and stats["timestamp_unit"] == "seconds"
+    assert stats["num_interactions"] + stats["k_core_removed_interactions"] == 600
+    assert result.summary["format"] == "nezha-prepared/2"
+    assert prepare(cfg).cached
+    # the fingerprint covers every part
+    part = tmp_path / "syn" / "interactions" / "part-00002.parquet"
+    pq.write_table(pq.read_table(part).slice(0, 10), part)
+    assert not prepare(cfg).cached

@@ -130,13 +130,12 @@ class _PartReader:
                             self.path, row.number, row.actual_columns, row.expected_columns, row.text)
             return "skip"
 
-        # every column as text: the checks below then name the row of a bad value
-        header = pcsv.open_csv(self.path, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
+        # the id and order columns as text: the checks below then name the row of a bad value
         reader = pcsv.open_csv(
             self.path,
             read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False),
             parse_options=pcsv.ParseOptions(invalid_row_handler=skip),
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in header}),
+            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in (*ID_COLUMNS, *ORDER_COLUMNS)}),
         )
         yield from reader
 
