@@ -1,0 +1,288 @@
+"""The live catalog against a real redis-server at catalog sizes of millions (the Redis/replica rows of
+`nezha bench catalog`; the verifier rows are nezha/catalog_bench.py).
+
+For each size, on a fresh redis-server (no persistence, a free loopback port) and a synthetic catalog
+(random unique packed IDs, 10-character item ids, titles of ~80 characters):
+  push        `RedisCatalog.push` wall time; the longest command in SLOWLOG, and the longest PING seen by
+              a separate process pinging every 2 ms while it ran (what other clients wait);
+  replica     a new process that starts a LocalCatalog from Redis alone (CatalogFollower.sync_once): time to
+              ready and its RSS growth;
+  stream      `stream_rate` changes per second for `stream_s` seconds (an add of a new item and a removal of
+              an old one, alternately) while the replica follows: apply lag = when the replica's copy reached
+              the version - when the writer had its answer, p50/p99 (one clock: same machine), and resyncs;
+  add_by_text `add_new_items` of one item by text (its nearest free ID), a random quantizer.
+
+Run with `python -m nezha.live_catalog_bench --sizes 100000,1000000 --json out.json`. It uses only the
+API that older versions also had, so the same file measures an older checkout on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import redis
+
+from nezha.catalog import Catalog
+from nezha.live_catalog import CatalogFollower, LocalCatalog, NewItem, RedisCatalog, add_new_items
+from nezha.semantic_ids.quantizer import ResidualQuantizer
+from nezha.verify.codec import unpack
+
+_WORDS = ("hydrating", "gentle", "daily", "organic", "repair", "volume", "matte", "silk", "argan", "vitamin",
+          "charcoal", "rose", "citrus", "mineral", "night", "travel", "sensitive", "glow", "clarifying", "shea")
+
+
+class _Titles(Sequence[str]):
+    """Titles of ~80 characters made on demand (10M stored strings would cost the bench gigabytes)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        w = _WORDS
+        return (f"Acme {w[i % 20]} {w[i // 20 % 20]} cream with {w[i // 400 % 20]} extract, "
+                f"{50 + i % 450} ml, pack of {1 + i % 6}")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(self.n))
+
+
+def synthetic_catalog(n: int, sizes: Sequence[int], seed: int = 0) -> Catalog:
+    rng = np.random.default_rng(seed)
+    space = int(np.prod(sizes))
+    packed = rng.choice(space, size=n, replace=False) if n * 4 > space else \
+        np.unique(rng.integers(0, space, size=int(n * 1.2)))[:n]
+    rng.shuffle(packed)
+    return Catalog([f"B{i:09d}" for i in range(n)], unpack(packed, sizes), tuple(sizes), _Titles(n))  # type: ignore[arg-type]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def _ping_probe(url: str, started: Any, stop: Any, result: Any) -> None:
+    """In its own process: PING every 2 ms until `stop`; the longest answer and how many took > 50 ms."""
+    client = redis.Redis.from_url(url, socket_timeout=120)
+    longest, slow, count = 0.0, 0, 0
+    started.set()
+    while not stop.is_set():
+        start = time.perf_counter()
+        client.ping()
+        took = time.perf_counter() - start
+        longest, slow, count = max(longest, took), slow + (took > 0.05), count + 1
+        time.sleep(0.002)
+    result.put({"longest_ping_ms": round(longest * 1e3, 1), "pings_over_50ms": slow, "pings": count})
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1e3, 1) if len(values) else None
+
+
+def bench_push(url: str, catalog: Catalog) -> dict[str, Any]:
+    admin = redis.Redis.from_url(url, decode_responses=True)
+    admin.config_set("slowlog-log-slower-than", 1000)
+    admin.config_set("slowlog-max-len", 100_000)
+    admin.slowlog_reset()
+    ctx = multiprocessing.get_context("spawn")
+    started, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
+    probe = ctx.Process(target=_ping_probe, args=(url, started, stop, result))
+    probe.start()
+    started.wait(timeout=120)
+    store = RedisCatalog(url, socket_timeout=600)
+    start = time.perf_counter()
+    store.push(catalog, source="bench")
+    push_s = time.perf_counter() - start
+    stop.set()
+    pings = result.get(timeout=30)
+    probe.join()
+    slow = admin.slowlog_get(100_000)
+    worst = max(slow, key=lambda e: e["duration"], default=None)
+    store.close()
+    return {"push_s": round(push_s, 2), "slowlog_longest_ms": round(worst["duration"] / 1e3, 1) if worst else 0.0,
+            "slowlog_longest_command": (worst["command"][:60] if isinstance(worst["command"], str)
+                                        else str(worst["command"])[:60]) if worst else None,
+            "slowlog_over_1ms": len(slow), **pings,
+            "redis_used_memory_mb": round(admin.info("memory")["used_memory"] / 2**20)}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def replica_main(url: str, sizes: Sequence[int]) -> None:
+    """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times)."""
+    baseline = _rss_mb()
+    applied: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    local = LocalCatalog({}, sizes)
+    follower = CatalogFollower(RedisCatalog(url, socket_timeout=60), local, block_ms=200)
+    follower.sync_once()
+    ready_s = time.perf_counter() - start
+    apply, replace = local.apply, local.replace
+
+    def timed_apply(entries: Any) -> None:
+        apply(entries)
+        if entries:
+            applied.append((entries[-1].version, time.time()))
+
+    def timed_replace(*args: Any, **kwargs: Any) -> None:
+        replace(*args, **kwargs)
+        applied.append((local.version, time.time()))
+
+    local.apply, local.replace = timed_apply, timed_replace  # type: ignore[method-assign]
+    print(json.dumps({"ready_s": round(ready_s, 2), "items": len(local), "version": local.version,
+                      "rss_growth_mb": round(_rss_mb() - baseline), "rss_mb": round(_rss_mb()),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
+    follower.start()
+    target = int(sys.stdin.readline())  # the last version written: follow until it is applied (or 120 s)
+    local.wait_for(target, timeout=120)
+    follower.stop()
+    print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs}), flush=True)
+
+
+def bench_stream(url: str, catalog: Catalog, rate: int, seconds: float) -> dict[str, Any]:
+    replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
+                                "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]))", url,
+                                json.dumps(list(catalog.codebook_sizes))],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert replica.stdin is not None and replica.stdout is not None
+    ready = json.loads(replica.stdout.readline())
+    store = RedisCatalog(url, socket_timeout=60)
+    rng = np.random.default_rng(1)
+    space = int(np.prod(catalog.codebook_sizes))
+    candidates = rng.permutation(space)[:int(rate * seconds) + 1000]
+    free = iter(candidates[~np.isin(candidates, catalog.packed)].tolist())
+    answered: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    n = 0
+    while (now := time.perf_counter() - start) < seconds:
+        if now < n / rate:
+            time.sleep(n / rate - now)
+        if n % 2 == 0:
+            version = store.add([(f"NEW{n:09d}", next(free))])
+        else:
+            version = store.remove([catalog.item_ids[n // 2]])
+        answered.append((version, time.time()))
+        n += 1
+    achieved = n / (time.perf_counter() - start)
+    replica.stdin.write(f"{answered[-1][0]}\n")
+    replica.stdin.flush()
+    record = json.loads(replica.stdout.readline())
+    replica.wait(timeout=30)
+    store.close()
+    applied = sorted(record["applied"])
+    versions = np.array([v for v, _ in applied])
+    times = np.array([t for _, t in applied])
+    lags = []
+    for version, t in answered:
+        at = int(np.searchsorted(versions, version))
+        if at < versions.size:
+            lags.append(times[at] - t)
+    return {**ready, "changes": n, "changes_per_s": round(achieved), "lag_p50_ms": _pct(lags, 50),
+            "lag_p99_ms": _pct(lags, 99), "lag_max_ms": _pct(lags, 100), "unapplied": n - len(lags),
+            "resyncs_during_stream": record["resyncs"] - 1}
+
+
+def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str, Any]:
+    quantizer = ResidualQuantizer(levels=len(sizes), codebook_size=list(sizes))
+    rng = np.random.default_rng(2)
+    quantizer.centroids = [rng.normal(size=(s, 32)).astype(np.float32) for s in sizes]
+    store = RedisCatalog(url, socket_timeout=60)
+    times = []
+    for rep in range(reps):
+        x = rng.normal(size=(1, 32)).astype(np.float32)
+        start = time.perf_counter()
+        add_new_items(store, [NewItem(f"TEXT-{rep}", text="a new cream")], sizes, lambda: quantizer,
+                      lambda texts, x=x: x)
+        times.append(time.perf_counter() - start)
+    store.close()
+    return {"add_by_text_ms": round(float(np.median(times)) * 1e3, 1)}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "load_before": _load()}
+    catalog = synthetic_catalog(n, sizes)
+    with tempfile.TemporaryDirectory() as directory:
+        proc, url = _start_redis(Path(directory))
+        try:
+            row.update(bench_push(url, catalog))
+            print(f"  {n}: push {row}", file=sys.stderr, flush=True)
+            row.update(bench_stream(url, catalog, rate, seconds))
+            row.update(bench_add_by_text(url, sizes))
+        finally:
+            proc.kill()
+            proc.wait()
+    row["load_after"] = _load()
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--shape", default="256x256x256")
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    sizes = tuple(int(s) for s in args.shape.split("x"))
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        rows.append(bench_size(n, sizes, args.rate, args.seconds))
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
+              "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+              "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
