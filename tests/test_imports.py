@@ -89,7 +89,7 @@ def test_a_cycle_closed_by_an_import_inside_a_function_is_found(tmp_path: Path) 
 
 
 def test_reading_prepared_data_and_quantizers_imports_no_kmeans_or_embedding_library() -> None:
-    heavy = ("sklearn", "sentence_transformers")
+    heavy = ("faiss", "sklearn", "sentence_transformers")
     code = ("import sys; import nezha.prepared, nezha.semantic_ids, nezha.live_catalog; "
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
