@@ -21,6 +21,7 @@ from typing import overload
 import numpy as np
 
 _PARTS = ("train", "valid", "test")
+_STEP = 1 << 23  # elements per slice of the element-wise passes (bounds their temporaries)
 
 
 class Ragged(Sequence[np.ndarray]):
@@ -153,19 +154,20 @@ def leave_one_out(sequences: Sequence[np.ndarray], max_history: int = 20) -> Spl
     first, end, n = first[eligible], end[eligible], n[eligible]
 
     def examples(targets_at: np.ndarray, user_first: np.ndarray) -> Examples:
-        starts = np.maximum(user_first, targets_at - max_history)
+        starts = user_first  # reused in place: the history starts H before the target, or at the user's first item
+        for s in range(0, len(starts), _STEP):
+            np.maximum(starts[s : s + _STEP], targets_at[s : s + _STEP] - max_history, out=starts[s : s + _STEP])
         return Examples(Ragged(values, starts, targets_at), values[targets_at])
 
-    # train targets: positions first+1 .. end-3 of each user, all users' runs back to back
+    # train targets: positions first+1 .. end-3 of each user, all users' runs back to back; built in
+    # slices so that the temporaries stay small next to the 24 bytes per example that remain
     runs = n - 3
     total = int(runs.sum())
-    run_first = np.repeat(first, runs)
-    at = np.arange(total, dtype=np.int64)
-    at -= np.repeat(np.cumsum(runs) - runs, runs)  # position within the user's run
-    at += run_first + 1
-    train = examples(at, run_first)
-    del run_first
-    return Split(train=train, valid=examples(end - 2, first), test=examples(end - 1, first),
+    at = np.repeat(first + 1 - (np.cumsum(runs) - runs), runs)
+    for s in range(0, total, _STEP):
+        at[s : s + _STEP] += np.arange(s, min(total, s + _STEP))
+    train = examples(at, np.repeat(first, runs))
+    return Split(train=train, valid=examples(end - 2, first.copy()), test=examples(end - 1, first.copy()),
                  skipped_users=int((~eligible).sum()))
 
 
