@@ -6,6 +6,7 @@ import argparse
 
 from nezha.bench import LatencyBenchConfig, format_latency_table, run_latency_bench
 from nezha.cli._common import add_command, report_handler
+from nezha.data_bench import DataBenchConfig, format_data_table, run_data_bench
 from nezha.loadgen import ServeBenchConfig, format_serve_table, run_serve_bench
 
 
@@ -18,3 +19,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         LatencyBenchConfig, run_latency_bench, format_latency_table, lambda cfg: [cfg.json, cfg.plot]))
     add_command(sub, "serve", ServeBenchConfig, report_handler(
         ServeBenchConfig, run_serve_bench, format_serve_table, lambda cfg: [cfg.json]))
+    add_command(sub, "data", DataBenchConfig, report_handler(
+        DataBenchConfig, run_data_bench, format_data_table, lambda cfg: [cfg.json]))

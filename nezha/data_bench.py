@@ -1,0 +1,282 @@
+"""`nezha bench data`: wall time and peak RSS of prepare's data steps on synthetic sets of growing size.
+
+For each size (`interactions:items`, e.g. `10M:1M`) a synthetic dataset is written once (`nezha synth`,
+Parquet parts) under `work_dir`, then each measurement runs in a child process of its own, so that its
+peak RSS is its own: the steps are timed one by one and the peak RSS of each is read from
+/proc/self/status (VmHWM, reset before every step through /proc/self/clear_refs). The parent watches the
+child's RSS and stops it above `memory_limit_gb`, recording the step it was in.
+
+Steps (today's code): items (read the catalog), read (interactions -> integer columns), filter
+(`k_core`-core), group (per-user sequences), split (leave-one-out), write (sequences.npz + split.npz).
+The semantic-ID steps (embedding, quantisation) are not part of this benchmark.
+
+`before` measures an older checkout (`git worktree add /tmp/before 87ca025`) on the same data, converted
+to the one form it reads (items.jsonl + interactions.csv): its load_dataset (items + read + group in
+one), leave_one_out and the same writes. `csv` measures today's code on that CSV form too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nezha.config import ConfigError
+from nezha.synth import SynthConfig, synthesize
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+_SUFFIX = {"k": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+
+# Shared by every child: `step(name)` times a block and records its peak RSS; results go to stdout as
+# JSON lines (one when a step starts, so the parent knows where a killed child was).
+_STEP_CODE = '''
+import json, os, sys, time
+from contextlib import contextmanager
+from pathlib import Path
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+@contextmanager
+def step(name):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    print(json.dumps({"start": name}), flush=True)
+    t = time.perf_counter()
+    yield
+    print(json.dumps({"step": name, "wall_s": round(time.perf_counter() - t, 2),
+                      "peak_rss_gb": round(_status("VmHWM") / 2**30, 3),
+                      "rss_after_gb": round(_status("VmRSS") / 2**30, 3)}), flush=True)
+
+ARGS = json.loads(sys.argv[1])
+sys.path.insert(0, ARGS["root"])
+OUT = Path(ARGS["out"])
+OUT.mkdir(parents=True, exist_ok=True)
+'''
+
+_AFTER_CODE = _STEP_CODE + '''
+from nezha.data.columnar import group_by_user, k_core_filter
+from nezha.data.datasets import dataset_files, load_catalog, read_interactions
+from nezha.data.split import leave_one_out, save_sequences
+
+data = Path(ARGS["data"])
+with step("items"):
+    items = load_catalog(data)[0]
+with step("read"):
+    inter = read_interactions(dataset_files(data)[1], items["item_id"].tolist(), "items")
+with step("filter"):
+    inter = k_core_filter(inter, ARGS["k_core"], len(items))
+with step("group"):
+    sequences, user_ids = group_by_user(inter)
+    del inter
+with step("split"):
+    split = leave_one_out(sequences, max_history=ARGS["max_history"])
+with step("write"):
+    save_sequences(OUT / "sequences.npz", sequences, user_ids)
+    split.save(OUT / "split.npz")
+print(json.dumps({"sizes": split.sizes(), "users": len(user_ids)}), flush=True)
+'''
+
+_BEFORE_CODE = _STEP_CODE + '''
+from nezha.data.datasets import load_dataset
+from nezha.data.split import leave_one_out, save_sequences
+
+with step("read"):  # items + interactions + per-user sequences: one function in that code
+    ds = load_dataset(ARGS["data"])
+with step("split"):
+    split = leave_one_out(ds.sequences, max_history=ARGS["max_history"])
+with step("write"):
+    save_sequences(OUT / "sequences.npz", ds.sequences, ds.user_ids)
+    split.save(OUT / "split.npz")
+print(json.dumps({"sizes": split.sizes(), "users": len(ds.user_ids)}), flush=True)
+'''
+
+_CONVERT_CODE = _STEP_CODE + '''
+from nezha.data.datasets import load_dataset, write_dataset
+
+with step("convert"):
+    write_dataset(load_dataset(ARGS["data"]), OUT)
+'''
+
+
+def parse_count(text: str) -> int:
+    """`100k`, `10M`, `1.5M`, `2000` -> an int."""
+    text = text.strip()
+    try:
+        if text and text[-1] in _SUFFIX:
+            return int(float(text[:-1]) * _SUFFIX[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"sizes: {text!r} is not a count like 100k, 10M or 2000") from None
+
+
+@dataclass
+class DataBenchConfig:
+    """Time and peak RSS of prepare's data steps (read, filter, split, write) on synthetic sets."""
+
+    sizes: list[str] = field(default_factory=lambda: ["1M:100k", "10M:1M", "100M:1M"], metadata={
+        "help": "interactions:items per synthetic set, e.g. 1M:100k,10M:1M,100M:1M"})
+    work_dir: str = field(default="/tmp/nezha-data-bench", metadata={"help": "synthetic sets and outputs"})
+    json: str | None = field(default="docs/measurements/data-bench/data-bench.json", metadata={
+        "help": "where to write the results (none: do not)"})
+    k_core: int = field(default=2, metadata={"help": "the filter step's k (2: the full work, few rows removed)"})
+    max_history: int = field(default=20, metadata={"help": "items of history per example"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic sets"})
+    csv: bool = field(default=False, metadata={"help": "also measure today's code on the CSV form of each set"})
+    before: str | None = field(default=None, metadata={
+        "help": "a checkout of older code to measure on the CSV form (git worktree add /tmp/before 87ca025)"})
+    before_sizes: list[str] = field(default_factory=lambda: ["1M:100k", "10M:1M"], metadata={
+        "help": "the sizes measured with --before"})
+    memory_limit_gb: float = field(default=16.0, metadata={"help": "a child above this RSS is stopped"})
+    timeout_s: int = field(default=3600, metadata={"help": "a child running longer is stopped"})
+
+    def __post_init__(self) -> None:
+        for size in [*self.sizes, *self.before_sizes]:
+            if size.count(":") != 1:
+                raise ConfigError(f"sizes: {size!r} is not interactions:items, e.g. 10M:1M")
+            for part in size.split(":"):
+                if parse_count(part) < 1:
+                    raise ConfigError(f"sizes: {size!r} needs positive counts")
+        if self.before is not None and not (Path(self.before) / "nezha" / "data" / "datasets.py").is_file():
+            raise ConfigError(f"before: {self.before} is not a nezha checkout (git worktree add {self.before} COMMIT)")
+
+
+def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[str, Any]:
+    """Run one measurement in a child process; its steps, its peak RSS as the parent saw it, the load."""
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    err_path = Path(cfg.work_dir) / "child.err"  # a file, not a pipe: a chatty child must not block on it
+    err_path.parent.mkdir(parents=True, exist_ok=True)
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+    result: dict[str, Any] = {"steps": {}, "status": "ok"}
+    current = {"step": None}
+    seen = {"max_rss_gb": 0.0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+            except (OSError, StopIteration):
+                return
+            seen["max_rss_gb"] = max(seen["max_rss_gb"], rss)
+            if rss > cfg.memory_limit_gb:
+                result["status"] = f"stopped: RSS above {cfg.memory_limit_gb} GB in step {current['step']}"
+                proc.kill()
+                return
+            if time.perf_counter() - started > cfg.timeout_s:
+                result["status"] = f"stopped: over {cfg.timeout_s} s in step {current['step']}"
+                proc.kill()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        record = json.loads(line)
+        if "start" in record:
+            current["step"] = record["start"]
+            log.info("  %s ...", record["start"])
+        elif "step" in record:
+            result["steps"][record.pop("step")] = record
+        else:
+            result.update(record)
+    proc.wait()
+    stderr = err_path.read_text()
+    stop.set()
+    watcher.join()
+    if proc.returncode and result["status"] == "ok":
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {proc.returncode}"
+        result["status"] = f"failed in step {current['step']}: {last}"
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["max_rss_gb_seen"] = round(seen["max_rss_gb"], 3)
+    result["peak_rss_gb"] = max((s["peak_rss_gb"] for s in result["steps"].values()), default=None)
+    result["load_average"] = {"before": [round(x, 2) for x in load_before],
+                              "after": [round(x, 2) for x in os.getloadavg()]}
+    return result
+
+
+def _synthetic(cfg: DataBenchConfig, size: str) -> Path:
+    interactions, items = (parse_count(p) for p in size.split(":"))
+    path = Path(cfg.work_dir) / f"synth-{size.replace(':', '-')}-seed{cfg.seed}"
+    stamp = path / "synth.json"
+    synth = SynthConfig(out=str(path), items=items, interactions=interactions, seed=cfg.seed)
+    if not (stamp.is_file() and json.loads(stamp.read_text()).get("config") == asdict(synth)):
+        log.info("writing the synthetic set %s", path)
+        stats = synthesize(synth)
+        stamp.write_text(json.dumps({"config": asdict(synth), "stats": stats}))
+    return path
+
+
+def _csv_form(cfg: DataBenchConfig, data: Path) -> Path:
+    path = data.with_name(data.name + "-csv")
+    if not (path / "interactions.csv").is_file():
+        log.info("writing its CSV form %s", path)
+        result = _run_child(_CONVERT_CODE, {"root": str(REPO), "data": str(data), "out": str(path)}, cfg)
+        if result["status"] != "ok":
+            raise RuntimeError(f"converting {data} to CSV: {result['status']}")
+    return path
+
+
+def run_data_bench(cfg: DataBenchConfig) -> dict[str, Any]:
+    runs = []
+    common = {"k_core": cfg.k_core, "max_history": cfg.max_history}
+    for size in cfg.sizes:
+        data = _synthetic(cfg, size)
+        out = Path(cfg.work_dir) / "out"
+        plans = [("after", "parquet", data)]
+        if cfg.csv or (cfg.before and size in cfg.before_sizes):
+            csv = _csv_form(cfg, data)
+            if cfg.csv:
+                plans.append(("after", "csv", csv))
+            if cfg.before and size in cfg.before_sizes:
+                plans.append(("before", "csv", csv))
+        for code, fmt, path in plans:
+            log.info("%s: %s code on %s", size, code, fmt)
+            root = cfg.before if code == "before" else str(REPO)
+            result = _run_child(_BEFORE_CODE if code == "before" else _AFTER_CODE,
+                                {"root": root, "data": str(path), "out": str(out), **common}, cfg)
+            runs.append({"size": size, "code": code, "input": fmt, **result})
+            log.info("%s", format_run(runs[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+    report = {"config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "memory_gb": round(
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}, "runs": runs}
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+_STEPS = ("items", "read", "filter", "group", "split", "write")
+
+
+def format_run(run: dict[str, Any]) -> str:
+    cells = []
+    for name in _STEPS:
+        s = run["steps"].get(name)
+        cells.append(f"{s['wall_s']:7.1f} s {s['peak_rss_gb']:5.2f} GB" if s else f"{'-':>18}")
+    total = sum(s["wall_s"] for s in run["steps"].values())
+    peak = f"{run['peak_rss_gb']:.2f}" if run["peak_rss_gb"] is not None else "-"
+    load = "/".join(f"{x:.1f}" for x in run["load_average"]["after"])
+    return (f"{run['size']:>9} {run['code']:>6} {run['input']:>7} " + " ".join(cells)
+            + f" {total:7.1f} s {peak:>5} GB  load {load}  {run['status']}")
+
+
+def format_data_table(report: dict[str, Any]) -> str:
+    header = (f"{'size':>9} {'code':>6} {'input':>7} " + " ".join(f"{n:>18}" for n in _STEPS)
+              + f" {'total':>9} {'peak':>8}  load (1/5/15 min)  status")
+    return "\n".join([header, *(format_run(r) for r in report["runs"])])
