@@ -12,7 +12,7 @@ The semantic-ID steps (embedding, quantisation) are not part of this benchmark.
 
 `before` measures an older checkout (`git worktree add /tmp/before 87ca025`) on the same data, converted
 to the one form it reads (items.jsonl + interactions.csv): its load_dataset (items + read + group in
-one), leave_one_out and the same writes. `csv` measures today's code on that CSV form too.
+one), leave_one_out and the same writes. `csv` measures today's code on that CSV form too (same sizes).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class DataBenchConfig:
     k_core: int = field(default=2, metadata={"help": "the filter step's k (2: the full work, few rows removed)"})
     max_history: int = field(default=20, metadata={"help": "items of history per example"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic sets"})
-    csv: bool = field(default=False, metadata={"help": "also measure today's code on the CSV form of each set"})
+    csv: bool = field(default=False, metadata={"help": "also measure today's code on the CSV form of the before_sizes sets"})
     before: str | None = field(default=None, metadata={
         "help": "a checkout of older code to measure on the CSV form (git worktree add /tmp/before 87ca025)"})
     before_sizes: list[str] = field(default_factory=lambda: ["1M:100k", "10M:1M"], metadata={
@@ -239,11 +239,11 @@ def run_data_bench(cfg: DataBenchConfig) -> dict[str, Any]:
         data = _synthetic(cfg, size)
         out = Path(cfg.work_dir) / "out"
         plans = [("after", "parquet", data)]
-        if cfg.csv or (cfg.before and size in cfg.before_sizes):
+        if size in cfg.before_sizes and (cfg.csv or cfg.before):
             csv = _csv_form(cfg, data)
             if cfg.csv:
                 plans.append(("after", "csv", csv))
-            if cfg.before and size in cfg.before_sizes:
+            if cfg.before:
                 plans.append(("before", "csv", csv))
         for code, fmt, path in plans:
             log.info("%s: %s code on %s", size, code, fmt)
