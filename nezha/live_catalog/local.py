@@ -195,15 +195,21 @@ class LocalCatalog:
         if not entries:
             return
         changes = [(e.op, item_id, int(packed)) for e in entries for item_id, packed in e.items]
-        added = {item_id: clean_meta(e.meta.get(item_id)) for e in entries if e.op == "add"
-                 for item_id, _ in e.items}
-        removed = [item_id for e in entries if e.op != "add" for item_id, _ in e.items]
+        added: dict[str, ItemMeta] = {}  # the items' last change wins
+        removed: set[str] = set()
+        for entry in entries:
+            for item_id, _ in entry.items:
+                if entry.op == "add":
+                    added[item_id] = clean_meta(entry.meta.get(item_id))
+                    removed.discard(item_id)
+                else:
+                    added.pop(item_id, None)
+                    removed.add(item_id)
         with self._lock:
             old = self._view
             items, born, died = old.items.changed(changes)
             self.verifier.update(add=born, remove=died)
-            old.meta.changed({i: m for i, m in added.items() if items.packed_of(i) is not None},
-                             [i for i in removed if items.packed_of(i) is None])
+            old.meta.changed(added, removed)
             self._view = CatalogView(entries[-1].version, items, old.meta, self.verifier.snapshot())
             self._lock.notify_all()
 

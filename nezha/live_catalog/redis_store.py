@@ -57,8 +57,8 @@ from nezha.live_catalog.metadata import ItemMeta, clean_meta
 from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEntry, check_unique
 
 # Fields per HSET of a push, and per HSCAN step of a snapshot: each command stays in the milliseconds.
-PUSH_CHUNK = 5_000
-SCAN_COUNT = 10_000
+PUSH_CHUNK = 2_000
+SCAN_COUNT = 5_000
 STAGING_TTL_S = 3600  # staging keys of a push that died expire after this
 
 # ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
