@@ -53,9 +53,21 @@ class Service:
 
     def free_codes(self) -> list[int]:
         """Codes of a semantic ID no item holds now (read from Redis, the source of truth)."""
-        used = RedisCatalog(self.redis.url).used_ids()
-        sizes = self.catalog.codebook_sizes
-        return codes_of(next(p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used), sizes)
+        return free_codes(self.redis.url, self.catalog.codebook_sizes)[0]
+
+
+def redis_items(redis_url: str) -> dict[str, int]:
+    """Item id -> packed ID, as Redis (the source of truth) holds them now."""
+    snapshot = RedisCatalog(redis_url).snapshot()
+    assert snapshot is not None
+    return dict(snapshot.table.pairs())
+
+
+def free_codes(redis_url: str, sizes: tuple[int, ...], n: int = 1) -> list[list[int]]:
+    """Codes of `n` semantic IDs no item in Redis holds now."""
+    used = set(redis_items(redis_url).values())
+    free = (p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used)
+    return [codes_of(next(free), sizes) for _ in range(n)]
 
 
 # The decoder deployment of the test service: 2 replicas, batches that wait long enough to fill.

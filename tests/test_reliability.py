@@ -20,20 +20,13 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_fixtures import RedisServer
-from serve_fixtures import ADMIN, Service
+from serve_fixtures import ADMIN, Service, free_codes, redis_items
 
 from nezha.catalog import CatalogError
-from nezha.live_catalog import RedisCatalog, StoreUnavailableError, codes_of
+from nezha.live_catalog import RedisCatalog, StoreUnavailableError
 from nezha.model.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.slow
-
-
-def free_codes(service: Service, n: int) -> list[list[int]]:
-    used = RedisCatalog(service.redis.url).used_ids()
-    sizes = service.catalog.codebook_sizes
-    free = (p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used)
-    return [codes_of(next(free), sizes) for _ in range(n)]
 
 
 def until_accepted(send: Callable[[], Any], deadline_s: float = 60.0,
@@ -100,7 +93,7 @@ def test_redis_restart_with_changes_during_the_outage_loses_none(service: Servic
     n = 12
     new = [f"OUTAGE-{i}" for i in range(n)]
     changes: list[tuple[str, Callable[[], Any]]] = []
-    for item, codes in zip(new, free_codes(service, n), strict=True):
+    for item, codes in zip(new, free_codes(service.redis.url, service.catalog.codebook_sizes, n), strict=True):
         changes.append((f"add {item}", lambda item=item, codes=codes: service.client.post(
             "/v1/catalog/items", headers=ADMIN, json={"items": [{"item_id": item, "codes": codes}]})))
     for item in new[:4]:
@@ -128,8 +121,8 @@ def test_redis_restart_with_changes_during_the_outage_loses_none(service: Servic
     assert not thread.is_alive() and len(acked) == len(changes)
     assert acked == sorted(acked) and refused_total > 0  # the outage really refused some writes
 
-    store = RedisCatalog(service.redis.url).snapshot()
-    lost = [i for i in new[4:] if i not in store.items] + [i for i in new[:4] if i in store.items]
+    store = redis_items(service.redis.url)
+    lost = [i for i in new[4:] if i not in store] + [i for i in new[:4] if i in store]
     assert lost == []
     final = acked[-1]
     versions = service.wait_replicas(lambda b: b["catalog_version"] >= final)

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_fixtures import ADMIN, HISTORY, Service
+from serve_fixtures import ADMIN, HISTORY, Service, redis_items
 
-from nezha.live_catalog import RedisCatalog, codes_of
+from nezha.live_catalog import codes_of
 
 pytestmark = pytest.mark.slow
 
@@ -246,8 +246,8 @@ def test_redis_outage_keeps_serving_and_refuses_writes(service: Service) -> None
     assert service.recommend(history=["ACKED", "AFTER"]).status_code == 200
     r = service.recommend(history=["REFUSED"])
     assert r.status_code == 422 and "REFUSED" in r.json()["item_ids"]
-    store = RedisCatalog(service.redis.url).snapshot()
-    assert {"ACKED", "AFTER"} <= set(store.items) and "REFUSED" not in store.items
+    store = redis_items(service.redis.url)
+    assert {"ACKED", "AFTER"} <= set(store) and "REFUSED" not in store
 
 
 def test_embedded_catalog_without_redis(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:

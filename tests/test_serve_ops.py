@@ -20,10 +20,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis_fixtures import RedisServer, free_port
-from serve_fixtures import ADMIN, HISTORY, service_settings
+from serve_fixtures import ADMIN, HISTORY, free_codes, service_settings
 
 from nezha.catalog import Catalog
-from nezha.live_catalog import RedisCatalog, codes_of, load_item_metadata
+from nezha.live_catalog import RedisCatalog, load_item_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -161,9 +161,7 @@ def test_metrics_add_up_over_two_replicas(ops: Ops) -> None:
 def test_catalog_changes_reach_every_replica_within_milliseconds(ops: Ops) -> None:
     """Time from an admin write's answer to every decoder replica serving its version, over 100 writes."""
     ops.deploy(TWO_DECODERS)
-    sizes = ops.catalog.codebook_sizes
-    used = RedisCatalog(ops.redis.url).used_ids()
-    codes = codes_of(next(p for p in range(sizes[0] * sizes[1] * sizes[2]) if p not in used), sizes)
+    (codes,) = free_codes(ops.redis.url, ops.catalog.codebook_sizes)
     lags_ms: list[float] = []
     for i in range(100):
         if i % 2 == 0:
