@@ -12,10 +12,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nezha.catalog import Catalog
 from nezha.config import ConfigError
-from nezha.data.split import Examples
+from nezha.data.split import Examples, Split
 from nezha.decoding import SELECTION_ORDER, available_decoders
 from nezha.device import resolve_device
 from nezha.evaluation import rank_examples
@@ -33,7 +34,7 @@ from nezha.model.checkpoint import create_model, save_checkpoint
 from nezha.model.draft_head import TRANSITIONS
 from nezha.model.model import ModelConfig, NezhaModel, normalise_objectives
 from nezha.model.tokens import build_prompts
-from nezha.prepared import load_prepared
+from nezha.prepared import CATALOG_DIR, load_prepared
 from nezha.verify.verifier import PrefixVerifier
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,17 @@ def steps_per_epoch(num_examples: int, world_size: int, batch_size: int) -> int:
     return max(1, (num_examples // world_size) // batch_size)
 
 
+BUCKET_BATCHES = 50  # batches per window of similar-length examples (see epoch_batches)
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Positions into `lengths` sorted by length and cut into whole batches (a rest under batch_size is left out)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                  bucket_batches: int = 50) -> list[np.ndarray]:
+                  bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
     """One epoch of index batches for this rank: shuffled, then length-bucketed.
 
     Histories are mostly short but a batch pads to its longest, so each window of `bucket_batches`
@@ -238,9 +248,38 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0
     batches = []
     for first in range(0, per_rank, window):
         chunk = order[first : first + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        batches += [chunk[positions] for positions in length_buckets(lengths[chunk], batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class ExampleBatch(NamedTuple):
+    ids: np.ndarray  # the examples' indices in the split's train part
+    histories: Sequence[np.ndarray]  # item indices, oldest first
+    targets: np.ndarray
+
+
+class TrainingData(Protocol):
+    """Where the loop's training examples come from: the split in memory (InMemoryData) or a Ray Data stream
+    (train/data.py). `batches(epoch)` yields this rank's batches of one epoch, every rank the same number
+    (plan.steps_per_epoch: ranks step together)."""
+
+    num_examples: int  # training examples over all ranks
+    valid: Examples  # validation examples (all of them, or already the `eval_users` subset)
+
+    def batches(self, epoch: int) -> Iterator[ExampleBatch]: ...
+
+
+class InMemoryData:
+    """The loaded split's training examples in `epoch_batches` order (seeded by seed + epoch)."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.train, self.valid, self.num_examples = split.train, split.valid, len(split.train)
+        self.lengths = split.train.histories.lengths()
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+
+    def batches(self, epoch: int) -> Iterator[ExampleBatch]:
+        for idx in epoch_batches(self.lengths, self.batch_size, self.seed + epoch, self.rank, self.world_size):
+            yield ExampleBatch(idx, self.train.histories[idx], self.train.targets[idx])
 
 
 def make_batch(model: NezhaModel, catalog: Catalog, histories: Sequence[np.ndarray], targets: np.ndarray,
@@ -300,7 +339,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
           on_evaluation: Callable[[dict[str, Any], Path | None], None] | None = None,
           resume: Callable[[], LoopState | None] | None = None,
           on_step: Callable[[LoopState], None] | None = None,
-          shard_validation: bool = False) -> TrainResult:
+          shard_validation: bool = False, data: TrainingData | None = None) -> TrainResult:
     """Train on `cfg.prepared`; rank 0 keeps the validation history and writes `out/best` (by validation
     NDCG@10) and `out/last`.
 
@@ -309,6 +348,8 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
     The distributed trainer also passes `resume()` (called once the stepper exists: the state of a loaded
     full-state checkpoint, or None), `on_step(state)` (every rank, after each step and its validation) and
     `shard_validation` (every rank scores a slice of the validation users instead of rank 0 all of them).
+    `data` replaces the split loaded into memory (train/ streams it from Ray Data); the catalog is still read
+    from `cfg.prepared`.
     """
     if cfg.patience and world_size > 1:
         # Rank 0 alone decides an early stop; the other ranks would be left waiting in a collective.
@@ -317,22 +358,25 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    catalog, split, _quantizer = load_prepared(cfg.prepared)
-    catalog_dir = Path(cfg.prepared) / "catalog"
+    catalog_dir = Path(cfg.prepared) / CATALOG_DIR
+    if data is None:
+        catalog, split, _quantizer = load_prepared(cfg.prepared)
+        data = InMemoryData(split, cfg.batch_size, cfg.seed, rank, world_size)
+    else:
+        catalog = Catalog.load(catalog_dir)
     model = create_model(cfg.model_config(catalog.codebook_sizes), seed=cfg.seed).to(device)
     model.train()
     verifier = catalog.verifier(device)
     selector = validation_decoder(model, cfg.select_by)
 
-    train_examples = split.train
-    per_rank = len(train_examples) // world_size
-    run_plan = cfg.plan(len(train_examples), world_size)
+    per_rank = data.num_examples // world_size
+    run_plan = cfg.plan(data.num_examples, world_size)
     epoch_steps, total_steps = run_plan.steps_per_epoch, run_plan.total_steps
     stepper = stepper_factory(model, run_plan) if stepper_factory else TorchStepper(model, cfg, total_steps)
     out = Path(cfg.out)
     best_dir, last_dir = out / "best", out / "last"
     log.info("training %s on %d examples (%d per rank, %d ranks): %d steps of %d, device %s, decoders %s, "
-             "checkpoints picked by %s", cfg.backbone, len(train_examples), per_rank, world_size, total_steps,
+             "checkpoints picked by %s", cfg.backbone, data.num_examples, per_rank, world_size, total_steps,
              cfg.batch_size, device, ",".join(available_decoders(model)), selector)
 
     history: list[dict[str, Any]] = []
@@ -359,16 +403,13 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
     stopped_early = False
-    lengths = np.fromiter((len(h) for h in train_examples.histories), dtype=np.int64, count=len(train_examples))
     while step < total_steps:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, rank, world_size)
-        for batch_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
-            batch = make_batch(model, catalog, [train_examples.histories[i] for i in idx],
-                               train_examples.targets[idx], device)
+        for batch_in_epoch, examples in enumerate(islice(data.batches(epoch), skip, None), start=skip + 1):
+            batch = make_batch(model, catalog, examples.histories, examples.targets, device)
             losses = stepper.forward(batch)
             stepper.backward_and_step(losses["loss"])
             step += 1
-            seen += len(idx)
+            seen += len(examples.targets)
             loss_value = float(losses["loss"].detach())  # one sync per step, for the log and the bar
             running = loss_value if step == 1 else 0.95 * running + 0.05 * loss_value
             bar.update(1)
@@ -381,7 +422,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
             validating = run_plan.is_validation_step(step)
             if validating and (rank == 0 or shard_validation):
                 shards = world_size if shard_validation else 1
-                metrics = validate(model, catalog, verifier, split.valid, cfg.eval_beam, cfg.eval_users,
+                metrics = validate(model, catalog, verifier, data.valid, cfg.eval_beam, cfg.eval_users,
                                    decoder=selector, rank=rank % shards, world_size=shards)
             if rank == 0 and validating:
                 record = {"step": step, "epoch": step / epoch_steps, "loss": running,

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from nezha.config import ConfigError
-from nezha.data.split import Split
-from nezha.prepared import SPLIT_FILE, require_prepared
+from nezha.prepared import require_prepared
 from nezha.training import TrainConfig, warmup_steps
+from train.data import count_examples
 from train.deepspeed_config import ZERO_STAGES, deepspeed_config, get_path, merge_user_config
 from train.storage import is_uri
 
 STRATEGIES = ("deepspeed", "ddp", "none")
+DATA_SOURCES = ("in_memory", "stream")
 # Said when the prepared dataset is missing: the usual cause under `ray job submit`.
 PREPARED_HINT = (". Under `ray job submit --working-dir .` relative paths point into the uploaded copy of the "
                  "repository, which leaves out git-ignored folders such as runs/: pass absolute paths, e.g. "
@@ -51,6 +52,11 @@ class RayTrainConfig(TrainConfig):
     gradient_checkpointing: bool = False
     torch_adam: bool = field(default=False, metadata={
         "help": "DeepSpeed: torch's AdamW instead of the fused CUDA Adam (no JIT build of DeepSpeed's ops)"})
+    data: str = field(default="in_memory", metadata={
+        "help": "in_memory: every worker loads the prepared split; stream: Ray Data reads it in chunks and "
+                "feeds each worker its shard (for splits larger than a worker's memory; see docs/training.md)"})
+    shuffle_buffer: int = field(default=20_000, metadata={
+        "help": "data stream: rows each worker shuffles within per epoch (more: better mixed, more memory)"})
     shard_validation: bool = field(default=True, metadata={
         "help": "every worker scores a slice of the validation users (false: rank 0 scores all, others wait)"})
     storage_path: str = field(default="runs/ray", metadata={"help": "Ray Train storage: local dir, NFS or s3://"})
@@ -68,6 +74,10 @@ class RayTrainConfig(TrainConfig):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy: must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.data not in DATA_SOURCES:
+            raise ConfigError(f"data: must be one of {DATA_SOURCES}, got {self.data!r}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer: may not be negative, got {self.shuffle_buffer}")
         if self.strategy == "none" and self.num_workers != 1:
             raise ConfigError("strategy: none trains without gradient synchronisation: use num_workers 1")
         for name in ("num_workers", "gradient_accumulation_steps", "keep_checkpoints"):
@@ -130,7 +140,7 @@ def resolve_config(cfg: RayTrainConfig, cluster_gpus: float) -> RayTrainConfig:
     use_gpu = cluster_gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and cluster_gpus < cfg.num_workers:
         raise ConfigError(f"use_gpu with {cfg.num_workers} workers, but the cluster has {cluster_gpus:g} GPUs")
-    run_plan = cfg.plan(len(Split.load(prepared / SPLIT_FILE).train), cfg.num_workers)
+    run_plan = cfg.plan(count_examples(prepared), cfg.num_workers)  # from the split's header, not loading it
     storage = cfg.storage_path if is_uri(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
     name = cfg.name or time.strftime("nezha-%Y%m%d-%H%M%S")
     dtype = ("bfloat16" if use_gpu else "float32") if cfg.dtype == "auto" else cfg.dtype

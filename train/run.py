@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import shutil
 import sys
 import tempfile
@@ -36,8 +37,9 @@ if __package__ in (None, ""):  # `python train/run.py`: make the `train` package
 from nezha.config import ConfigError, parse_config  # noqa: E402
 from nezha.model.checkpoint import read_meta  # noqa: E402
 from nezha.model.model import NezhaModel  # noqa: E402
-from nezha.training import LoopState, Plan, Stepper, train  # noqa: E402
+from nezha.training import LoopState, Plan, Stepper, TrainingData, train  # noqa: E402
 from train.config import RayTrainConfig, read_user_deepspeed_config, resolve_config  # noqa: E402
+from train.data import StreamData, count_examples, train_dataset, valid_examples  # noqa: E402
 from train.state import load_full_state, save_full_state  # noqa: E402
 from train.steppers import (  # noqa: E402
     DDPStepper,
@@ -125,6 +127,11 @@ def configure_worker_logging() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank config dump drowns the progress
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux: ru_maxrss is in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker function: the library's loop with a Ray-aware stepper, checkpoints and reports.
 
@@ -144,6 +151,11 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     threads = cfg.threads or (0 if cfg.use_gpu else max(1, int(cfg.cpus_per_worker)))
     cfg = dataclasses.replace(cfg, out=scratch, threads=threads)
     shard = cfg.shard_validation and world_size > 1
+    data: TrainingData | None = None  # in_memory: the library loads the split
+    if cfg.data == "stream":
+        data = StreamData(ray.train.get_dataset_shard("train"), valid_examples(cfg.prepared, cfg.eval_users),
+                          count_examples(cfg.prepared), cfg.batch_size, cfg.shuffle_buffer, cfg.seed, rank,
+                          world_size)
     checkpoints = Checkpoints(cfg, rank, world_size)
     sync: ValidationSync | None = None
 
@@ -172,19 +184,21 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     try:
         result = train(cfg, stepper_factory=stepper_factory, rank=rank, world_size=world_size,
                        on_evaluation=checkpoints.on_evaluation if rank == 0 else None, resume=resume,
-                       on_step=checkpoints.on_step, shard_validation=shard)
+                       on_step=checkpoints.on_step, shard_validation=shard, data=data)
         if rank == 0:
             upload_folder(result.last_checkpoint, cfg.storage_path, f"{cfg.name}/last")
-        per_rank = [(node_id, checkpoints.validation_wait)]
+        mine = (node_id, checkpoints.validation_wait, peak_rss_mb())
+        per_rank = [mine]
         if world_size > 1:
             per_rank = [None] * world_size
-            torch.distributed.all_gather_object(per_rank, (node_id, checkpoints.validation_wait))
+            torch.distributed.all_gather_object(per_rank, mine)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # uploads are synchronous: Ray's storage has the copies
     return {"steps": result.steps, "seconds": result.seconds, "examples_per_second": result.examples_per_second,
             "best_metrics": result.best_metrics, "history": result.history, "resumed_from": checkpoints.resumed_from,
-            "resumed_step": checkpoints.resumed_step, "node_ids": [n for n, _ in per_rank],
-            "validation_wait_s": [round(w, 3) for _, w in per_rank]}
+            "resumed_step": checkpoints.resumed_step, "node_ids": [n for n, _, _ in per_rank],
+            "validation_wait_s": [round(w, 3) for _, w, _ in per_rank],
+            "worker_peak_rss_mb": [rss for _, _, rss in per_rank]}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -210,8 +224,10 @@ def run(cfg: RayTrainConfig, callbacks: list[Any] | None = None) -> dict[str, An
              f"ZeRO-{cfg.zero_stage}" if cfg.strategy == "deepspeed" else "-", cfg.checkpoint_every,
              cfg.storage_path, cfg.name)
     user_ds = read_user_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
+    # stream: the driver only describes the dataset; Ray Data tasks read it while the workers train
+    datasets = {"train": train_dataset(cfg.prepared, cfg.seed)} if cfg.data == "stream" else None
     trainer = TorchTrainer(
-        train_worker,
+        train_worker, datasets=datasets,
         train_loop_config={"config": dataclasses.asdict(cfg), "deepspeed_user_config": user_ds},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
@@ -233,7 +249,8 @@ def run(cfg: RayTrainConfig, callbacks: list[Any] | None = None) -> dict[str, An
                "best_metrics": {k: v for k, v in best_metrics.items() if k in ("step", "epoch", "loss") or "@" in k},
                "wall_seconds": time.perf_counter() - start, "config": dataclasses.asdict(cfg)}
     summary.update({k: worker.get(k) for k in ("history", "steps", "resumed_from", "resumed_step", "node_ids",
-                                               "validation_wait_s", "examples_per_second")})
+                                               "validation_wait_s", "examples_per_second",
+                                               "worker_peak_rss_mb")})
     summary["train_seconds"] = worker.get("seconds")
     return summary
 

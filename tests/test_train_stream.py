@@ -1,0 +1,126 @@
+"""train/data.py: the prepared split streamed from Ray Data (`data: stream`).
+
+The split's arrays are read as memory maps (the same numbers Split.load gives); the stream's rows are the
+training examples; in a 2-worker Ray Train job every example is trained on at most once per epoch and all
+but the documented leftover are; a streaming job trains end to end through train/run.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray.train
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from nezha.config import ConfigError
+from nezha.data.split import Split
+from nezha.model.checkpoint import create_model, load_checkpoint
+from nezha.prepared import SPLIT_FILE, load_prepared
+from nezha.training import make_batch, steps_per_epoch
+from train.config import RayTrainConfig
+from train.data import StreamData, count_examples, split_arrays, train_dataset, valid_examples
+from train.run import run
+
+SEED = 3
+
+
+def test_split_arrays_are_memory_maps_of_what_split_load_reads(tiny_prepared):
+    split = Split.load(tiny_prepared / SPLIT_FILE)
+    arrays = split_arrays(str(tiny_prepared / SPLIT_FILE))
+    assert isinstance(arrays["values"], np.memmap)
+    for part in ("train", "valid", "test"):
+        examples = getattr(split, part)
+        assert np.array_equal(arrays[f"{part}_starts"], examples.histories.starts)
+        assert np.array_equal(arrays[f"{part}_ends"], examples.histories.ends)
+        assert np.array_equal(arrays[f"{part}_targets"], examples.targets)
+    assert np.array_equal(arrays["values"], split.train.histories.values)
+    assert count_examples(tiny_prepared) == len(split.train) and count_examples(tiny_prepared, "valid") == len(split.valid)
+
+
+def test_stream_validation_examples_are_the_in_memory_subset(tiny_prepared):
+    split = Split.load(tiny_prepared / SPLIT_FILE)
+    for users in (0, 7):
+        expected, streamed = split.valid.subset(users), valid_examples(tiny_prepared, users)
+        assert np.array_equal(streamed.targets, expected.targets)
+        assert [h.tolist() for h in streamed.histories] == [h.tolist() for h in expected.histories]
+        assert not isinstance(streamed.histories.values, np.memmap)  # a copy: the split file can go
+
+
+def test_dataset_rows_are_the_training_examples_once_each(ray_session, tiny_prepared):
+    split = Split.load(tiny_prepared / SPLIT_FILE)
+    rows = train_dataset(tiny_prepared, SEED).take_batch(10_000, batch_format="numpy")
+    assert sorted(rows["id"].tolist()) == list(range(len(split.train)))
+    for i, history, length, target in zip(rows["id"], rows["history"], rows["length"], rows["target"], strict=True):
+        assert history[:length].tolist() == split.train.histories[i].tolist() and target == split.train.targets[i]
+        assert not history[length:].any()  # padded with zeros to max_history
+
+
+def test_stream_refuses_a_shard_that_runs_short(ray_session, tiny_prepared):
+    n = count_examples(tiny_prepared)
+    data = StreamData(train_dataset(tiny_prepared, SEED).iterator(), valid_examples(tiny_prepared, 5),
+                      num_examples=2 * n, batch_size=8, shuffle_buffer=64, seed=SEED)
+    with pytest.raises(RuntimeError, match=f"gave {n // 8} batches in epoch 0, expected {2 * n // 8}"):
+        list(data.batches(0))
+
+
+def record_epochs(config: dict[str, Any]) -> None:
+    """Ray Train worker: two epochs of this rank's stream, the example ids of each batch written to a file."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    prepared = Path(config["prepared"])
+    data = StreamData(ray.train.get_dataset_shard("train"), valid_examples(prepared, 5), count_examples(prepared),
+                      config["batch_size"], shuffle_buffer=32, seed=SEED, rank=rank, world_size=world_size)
+    epochs = [[b.ids.tolist() for b in data.batches(epoch)] for epoch in range(2)]
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(epochs))
+
+
+@pytest.mark.slow
+def test_each_example_is_trained_at_most_once_per_epoch_and_only_the_leftover_is_not(
+        ray_session, tiny_prepared, tmp_path):
+    n, batch_size, workers = count_examples(tiny_prepared), 8, 2
+    TorchTrainer(record_epochs, train_loop_config={"prepared": str(tiny_prepared), "batch_size": batch_size,
+                                                   "out": str(tmp_path)},
+                 datasets={"train": train_dataset(tiny_prepared, SEED)},
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="epochs")).fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(workers)]
+    steps = steps_per_epoch(n, workers, batch_size)
+    orders = []
+    for epoch in range(2):
+        batches = [b for rank in ranks for b in rank[epoch]]
+        assert all(len(rank[epoch]) == steps for rank in ranks) and all(len(b) == batch_size for b in batches)
+        seen = [i for b in batches for i in b]
+        assert len(seen) == len(set(seen)) == steps * batch_size * workers  # no example twice in an epoch
+        assert set(seen) <= set(range(n))
+        # not trained this epoch: the equal split's remainder (< workers) and each rank's last partial batch
+        assert n - len(seen) < workers + workers * batch_size
+        orders.append(seen)
+    assert orders[0] != orders[1]  # each epoch shuffles anew
+
+
+@pytest.mark.slow
+def test_streaming_job_trains_end_to_end_through_run(ray_session, tiny_prepared, tmp_path):
+    cfg = RayTrainConfig(prepared=str(tiny_prepared), storage_path=str(tmp_path), name="stream", backbone="tiny",
+                         max_steps=30, batch_size=16, lr=3e-3, eval_every=15, checkpoint_every=15, eval_beam=5,
+                         log_every=10, num_workers=2, cpus_per_worker=0.5, data="stream", shuffle_buffer=64)
+    summary = run(cfg)
+    assert summary["steps"] == 30 and [h["step"] for h in summary["history"]] == [15, 30]
+    assert len(summary["worker_peak_rss_mb"]) == 2 and min(summary["worker_peak_rss_mb"]) > 0
+    catalog, split, _ = load_prepared(tiny_prepared)
+    model = load_checkpoint(summary["best_checkpoint"])
+    fresh = create_model(model.config, seed=0).eval()
+    batch = make_batch(model, catalog, split.train.histories[:64], split.train.targets[:64], "cpu")
+    with torch.no_grad():
+        assert float(model(batch)["loss"]) < 0.8 * float(fresh(batch)["loss"])
+    assert summary["best_metrics"]["hit@10"] > 10 / catalog.num_items  # better than a random top-10
+
+
+def test_data_source_must_be_known():
+    with pytest.raises(ConfigError, match="data: must be one of"):
+        RayTrainConfig(data="parquet")
