@@ -1,0 +1,43 @@
+"""`nezha bench catalog`: verifier build, change and snapshot costs on synthetic catalogs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nezha.catalog_bench import CatalogBenchConfig, format_catalog_table, run_catalog_bench
+from nezha.cli import main
+from nezha.config import ConfigError
+
+MEASUREMENTS = ("change_ms", "served_ms", "pinned_ms", "snapshot_ms")
+
+
+def test_catalog_bench_cli_writes_every_measurement_per_size(tmp_path, capsys):
+    out = tmp_path / "catalog.json"
+    code = main(["bench", "catalog", "--sizes", "500,2000", "--shapes", "16x16x16", "--reps", "5", "--batch", "20",
+                 "--batch-reps", "3", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [(r["shape"], r["items"]) for r in report["results"]] == [([16, 16, 16], 500), ([16, 16, 16], 2000)]
+    for row in report["results"]:
+        assert all(row[m]["n"] == 5 and 0 < row[m]["p50"] <= row[m]["p99"] for m in MEASUREMENTS)
+        assert row["batch_ms"]["n"] == 3 and row["batch"] == 20
+        assert row["nbytes"]["ids"] == 8 * row["items"] and row["per_item_bytes_per_item"] == 8.0
+        assert row["build_s"] > 0 and set(row["load_average_1m"]) == {"start", "end"}
+    assert "16x16x16" in capsys.readouterr().out
+
+
+def test_catalog_bench_stops_a_slow_measurement_at_its_budget():
+    report = run_catalog_bench(sizes=(300,), shapes=((8, 8, 8),), reps=1000, batch=10, batch_reps=1000,
+                               budget_s=0.0)
+    row = report["results"][0]
+    assert row["change_ms"]["n"] == row["batch_ms"]["n"] == 3  # the minimum, then the budget is spent
+    assert "8x8x8" in format_catalog_table(report)
+
+
+def test_catalog_bench_rejects_shapes_it_cannot_fill():
+    with pytest.raises(ConfigError, match="256x256"):
+        CatalogBenchConfig(shapes=["256x256x"])
+    with pytest.raises(ConfigError, match="no free ID"):
+        run_catalog_bench(sizes=(64,), shapes=((4, 4, 4),), reps=3)
