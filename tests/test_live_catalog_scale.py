@@ -204,13 +204,13 @@ def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops:
                                                    merge_at: int) -> None:
     """Adds and removes as Redis allows them (an add of a free id and packed ID, a removal of a held pair),
     merged into new tables at any point: the map answers like a pair of dicts, and reports born/died IDs."""
-    old = item_table.MERGE_AT
-    item_table.MERGE_AT = merge_at
+    old = item_table.MERGE_AT, item_table.RECENT_AT
+    item_table.MERGE_AT, item_table.RECENT_AT = merge_at, max(1, merge_at // 3)
     try:
         by_item: dict[str, int] = {}  # item id -> packed ID, one-to-one
         for packed, item_n in initial.items():
             by_item.setdefault(f"i{item_n}-é", packed)
-        items = ItemMap(ItemTable.of(by_item.items()))
+        items = ItemMap.of(ItemTable.of(by_item.items()))
         for is_add, item_n, packed in ops:
             item = f"i{item_n}-é"
             holder = {p: i for i, p in by_item.items()}
@@ -230,4 +230,4 @@ def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops:
         for p in range(61):
             assert items.item_of(p) == holder.get(p) and items.has_packed(p) == (p in holder)
     finally:
-        item_table.MERGE_AT = old
+        item_table.MERGE_AT, item_table.RECENT_AT = old

@@ -3,12 +3,13 @@
     StringColumn  strings as one UTF-8 buffer + int64 offsets (8 bytes an item plus the text)
     ItemTable     a catalog's (item id, packed ID) pairs: rows in a StringColumn, a sorted packed-ID index
                   and a sorted hash index of the item ids (about 40 bytes an item plus the id's text)
-    ItemMap       an ItemTable plus the changes applied since it was built (a small overlay): what one catalog
-                  version is; a change makes a new ItemMap and leaves the old one as it was
+    ItemMap       an ItemTable plus the changes applied since it was built (two small layers of dicts): what
+                  one catalog version is; a change makes a new ItemMap and leaves the old one as it was
 
-Lookups are binary searches (item id -> hash -> candidate rows whose text is compared). Changes go to the
-overlay; when it grows past `MERGE_AT` entries it is merged into a new table in O(N) numpy passes (no sort
-of the catalog), so a change costs O(overlay) and the catalog O(N) only once per `MERGE_AT` changes.
+Lookups are binary searches (item id -> hash -> candidate rows whose text is compared). A change copies
+the top layer (<= RECENT_AT entries); every RECENT_AT changes it folds into the lower layer (a copy of
+<= MERGE_AT entries), and every MERGE_AT changes that merges into a new table in O(N) numpy passes (no
+sort of the catalog).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Overlay entries (adds + removes) that trigger a merge into a new table.
-MERGE_AT = 8192
+# Entries (adds + removes) of the lower layer that trigger a merge into a new table, and of the top layer
+# that fold it into the lower one (see ItemMap).
+MERGE_AT = 32768
+RECENT_AT = 256
 # Rows gathered per step when compacting (bounds the temporary index arrays).
 _GATHER_BYTES = 1 << 24
 _HASH_P = 0x100000001B3  # FNV prime: odd, so the polynomial hash is a bijection per length
@@ -190,6 +193,9 @@ class ItemTable:
         row = self.row_of_packed(packed)
         return None if row < 0 else self.ids.text(row)
 
+    def has_packed(self, packed: int) -> bool:
+        return self.row_of_packed(packed) >= 0
+
     def packed_of(self, item_id: str) -> int | None:
         raw = item_id.encode()
         h = np.uint64(_hash_one(raw))
@@ -260,37 +266,52 @@ class ItemTable:
 
 @dataclass(frozen=True)
 class ItemMap:
-    """One catalog version's item id <-> packed ID maps: a table plus the changes made since it was built."""
+    """One catalog version's item id <-> packed ID maps: a base (a table, or another ItemMap) plus the changes
+    made since it (a layer of small dicts, copied by every change).
 
-    table: ItemTable
-    added_items: dict[str, int] = field(default_factory=dict)  # item id -> packed, added since the table
-    added_ids: dict[int, str] = field(default_factory=dict)  # packed -> item id, added since the table
-    removed: frozenset[int] = frozenset()  # the table's packed IDs removed since
+    `ItemMap.of(table)` stacks two layers on the table: a change copies the top one (at most RECENT_AT
+    entries), a full top layer is folded into the one below (at most MERGE_AT entries, copied once per
+    RECENT_AT changes), and a full lower layer is merged into a new table (O(N), once per MERGE_AT changes).
+    """
+
+    base: ItemTable | ItemMap
+    fold_at: int = MERGE_AT  # entries in this layer that fold it into the base
+    added_items: dict[str, int] = field(default_factory=dict)  # item id -> packed, added in this layer
+    added_ids: dict[int, str] = field(default_factory=dict)  # packed -> item id, added in this layer
+    removed: frozenset[int] = frozenset()  # packed IDs the base holds that were removed in this layer
+
+    @classmethod
+    def of(cls, table: ItemTable) -> ItemMap:
+        return cls(cls(table, MERGE_AT), RECENT_AT)
+
+    @property
+    def table(self) -> ItemTable:
+        return self.base if isinstance(self.base, ItemTable) else self.base.table
 
     def packed_of(self, item_id: str) -> int | None:
         packed = self.added_items.get(item_id)
         if packed is not None:
             return packed
-        packed = self.table.packed_of(item_id)
+        packed = self.base.packed_of(item_id)
         return None if packed is None or packed in self.removed else packed
 
     def item_of(self, packed: int) -> str | None:
         item = self.added_ids.get(packed)
         if item is not None or packed in self.removed:
             return item
-        return self.table.item_of(packed)
+        return self.base.item_of(packed)
 
     def has_packed(self, packed: int) -> bool:
-        return packed in self.added_ids or (packed not in self.removed and self.table.row_of_packed(packed) >= 0)
+        return packed in self.added_ids or (packed not in self.removed and self.base.has_packed(packed))
 
     def __len__(self) -> int:
-        return len(self.table) - len(self.removed) + len(self.added_ids)
+        return len(self.base) - len(self.removed) + len(self.added_ids)
 
     def packed_ids(self) -> np.ndarray:
         """Sorted packed IDs of every item (the table's array when nothing changed since it was built)."""
+        base = self.base.packed_ids()
         if not self.added_ids and not self.removed:
-            return self.table.packed_ids()
-        base = self.table.packed_ids()
+            return base
         if self.removed:
             base = base[~np.isin(base, np.fromiter(self.removed, dtype=np.int64, count=len(self.removed)))]
         return np.union1d(base, np.fromiter(self.added_ids, dtype=np.int64, count=len(self.added_ids)))
@@ -311,17 +332,21 @@ class ItemMap:
                 del added_items[item_id]
             if added_ids.get(packed) == item_id:
                 del added_ids[packed]
-            elif packed not in removed and self.table.item_of(packed) == item_id:
+            elif packed not in removed and self.base.item_of(packed) == item_id:
                 removed.add(packed)
-        after = ItemMap(self.table, added_items, added_ids, frozenset(removed))
+        after = ItemMap(self.base, self.fold_at, added_items, added_ids, frozenset(removed))
         born = [p for p, was in before.items() if not was and after.has_packed(p)]
         died = [p for p, was in before.items() if was and not after.has_packed(p)]
-        if len(added_ids) + len(removed) > MERGE_AT:
-            after = after.merged()
+        if len(added_ids) + len(removed) > self.fold_at:
+            after = after.folded()
         return after, np.asarray(born, dtype=np.int64), np.asarray(died, dtype=np.int64)
 
-    def merged(self) -> ItemMap:
-        """The same catalog with the overlay merged into a new table."""
-        gone = set(self.removed) | {p for p in self.added_ids if self.table.row_of_packed(p) >= 0}
+    def folded(self) -> ItemMap:
+        """The same catalog with this layer folded into its base (merged into a new table at the bottom)."""
+        if isinstance(self.base, ItemMap):
+            net = [("remove", self.base.item_of(p) or "", p) for p in self.removed]
+            net += [("add", item, p) for p, item in self.added_ids.items()]
+            return ItemMap(self.base.changed(net)[0], self.fold_at)
+        gone = set(self.removed) | {p for p in self.added_ids if self.base.has_packed(p)}
         removed = np.fromiter(gone, dtype=np.int64, count=len(gone))
-        return ItemMap(self.table.merged(removed, [(item, p) for p, item in self.added_ids.items()]))
+        return ItemMap(self.base.merged(removed, [(item, p) for p, item in self.added_ids.items()]), self.fold_at)

@@ -117,8 +117,8 @@ class CatalogView:
 
 def _as_map(items: Mapping[str, int] | ItemTable) -> ItemMap:
     if isinstance(items, ItemTable):
-        return ItemMap(items)
-    return ItemMap(ItemTable.of((str(i), int(p)) for i, p in items.items()))
+        return ItemMap.of(items)
+    return ItemMap.of(ItemTable.of((str(i), int(p)) for i, p in items.items()))
 
 
 class LocalCatalog:
