@@ -64,17 +64,23 @@ from nezha.prepared import (
 )
 from nezha.semantic_ids.embed import embed_texts, model_identity
 from nezha.semantic_ids.id_file import COLLISION_RULES, make_unique, read_semantic_ids
-from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_unique_codes
+from nezha.semantic_ids.precomputed import EMBEDDING_SUFFIXES, read_embeddings
+from nezha.semantic_ids.quantizer import (
+    ResidualQuantizer,
+    assign_unique_codes,
+    id_space_advice,
+    id_space_warning,
+)
 
 log = logging.getLogger(__name__)
 
 
 # Fields that do not change the outputs: where things are read from/written to (the inputs, the ID file
-# included, enter the fingerprint by content) and the embedding batch size.
-_NOT_FINGERPRINTED = {"dataset", "data_dir", "out", "batch_size", "semantic_ids"}
+# included, enter the fingerprint by content), the embedding batch size and where embedding runs.
+_NOT_FINGERPRINTED = {"dataset", "data_dir", "out", "batch_size", "semantic_ids", "embeddings", "embed_on_ray"}
 # Fields only one way of making IDs reads; leaving the other way's out keeps text-path fingerprints
 # (and so existing prepared directories) as they were before ID files existed.
-_TEXT_ONLY = {"levels", "codebook_size", "embedding_model", "seed"}
+_TEXT_ONLY = {"levels", "codebook_size", "embedding_model", "seed", "rq_sample"}
 _ID_FILE_ONLY = {"codebook_sizes", "resolve_collisions"}
 
 # A few items without metadata are normal; beyond this share the text path mostly embeds item ids.
@@ -97,6 +103,14 @@ class PrepareConfig:
     k_core: int = field(default=0, metadata={
         "help": "drop users and items with fewer interactions, repeatedly (0: keep all; items stay in the catalog)"})
     seed: int = field(default=0, metadata={"help": "k-means seed (text path)"})
+    rq_sample: int = field(default=200_000, metadata={
+        "help": "items the RQ-KMeans codebooks are fitted on (a seeded random sample; every item is then "
+                "assigned) (text path)"})
+    embeddings: str | None = field(default=None, metadata={
+        "help": "precomputed item embeddings instead of embedding item text: FILE.npy (one row per item, "
+                "items.jsonl order) or FILE.parquet (item_id + one list-of-floats column)"})
+    embed_on_ray: bool = field(default=False, metadata={
+        "help": "embed item text with a pool of Ray Data actors (GPU actors when the Ray cluster has GPUs)"})
     batch_size: int = field(default=256, metadata={"help": "embedding batch size"})
     semantic_ids: str | None = field(default=None, metadata={
         "help": "JSON file item -> codes ([\"<a_12>\", \"<b_3>\", ...] or [12, 3, ...]) to use instead of text "
@@ -113,6 +127,15 @@ class PrepareConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.k_core < 0:
             raise ConfigError(f"k_core: must be >= 0, got {self.k_core}")
+        if self.rq_sample < self.codebook_size:
+            raise ConfigError(f"rq_sample: must be >= codebook_size ({self.codebook_size}), got {self.rq_sample}")
+        if self.embeddings is not None:
+            if self.semantic_ids is not None:
+                raise ConfigError("embeddings: only used to build IDs from embeddings; with semantic_ids leave it unset")
+            if self.embed_on_ray:
+                raise ConfigError("embed_on_ray: nothing to embed with precomputed embeddings; leave it unset")
+            if Path(self.embeddings).suffix.lower() not in EMBEDDING_SUFFIXES:
+                raise ConfigError(f"embeddings: {self.embeddings!r} is neither a .npy nor a .parquet file")
         if self.semantic_ids is not None and not self.semantic_ids.strip():
             raise ConfigError("semantic_ids: empty path; leave it unset to build IDs from item text")
         if self.resolve_collisions not in COLLISION_RULES:
@@ -154,7 +177,12 @@ def _fingerprint(cfg: PrepareConfig, dataset_dir: Path) -> str:
     relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED | unused}
     relevant["format"] = FORMAT
     files = input_files(dataset_dir, items_required=cfg.semantic_ids is None)
-    if cfg.semantic_ids is None:
+    if cfg.embeddings is not None:
+        if not Path(cfg.embeddings).is_file():
+            raise DataError(f"embeddings: {cfg.embeddings} is not a file")
+        relevant["embedding_model"] = "precomputed"
+        files.append(Path(cfg.embeddings))
+    elif cfg.semantic_ids is None:
         relevant["embedding_model"] = model_identity(cfg.embedding_model)
     else:
         id_file = Path(cfg.semantic_ids)
@@ -175,7 +203,13 @@ def _embeddings(texts: list[str], cfg: PrepareConfig, out: Path, cache: Path) ->
         if emb.shape[0] == len(texts):
             log.info("reusing cached embeddings %s (%d x %d)", emb_path, *emb.shape)
             return emb, True
-    emb = embed_texts(texts, cfg.embedding_model, batch_size=cfg.batch_size)
+    if cfg.embed_on_ray:
+        # Imported here: Ray Data is needed only for this option, and importing it slows every CLI start.
+        from nezha.semantic_ids.embed_ray import embed_texts_on_ray
+
+        emb = embed_texts_on_ray(texts, cfg.embedding_model, batch_size=cfg.batch_size)
+    else:
+        emb = embed_texts(texts, cfg.embedding_model, batch_size=cfg.batch_size)
     meta_path, emb_path = out / EMBEDDINGS_META_FILE, out / EMBEDDINGS_FILE
     np.save(emb_path, emb)
     meta_path.write_text(json.dumps({"key": key, "model": model, "num_texts": len(texts), "dim": int(emb.shape[1])}))
@@ -206,6 +240,16 @@ def _check_item_text(ds: Dataset, dataset_dir: Path) -> None:
         )
 
 
+def _check_id_space(num_items: int, cfg: PrepareConfig) -> None:
+    """Refuse, before embedding and fitting, a catalog with more items than levels x codebook_size IDs."""
+    ids = cfg.codebook_size**cfg.levels
+    if num_items > ids:
+        raise DataError(
+            f"{num_items:,} items cannot get unique semantic IDs from {cfg.levels} levels x {cfg.codebook_size} "
+            f"codes ({ids:,} IDs); {id_space_advice(num_items, cfg.levels, cfg.codebook_size)}"
+        )
+
+
 @dataclass
 class _SemanticIds:
     codes: np.ndarray  # [N, L], unique rows, in the dataset's item order
@@ -221,22 +265,32 @@ def _ids_from_text(
     t = time.perf_counter()
     ds = load_dataset(dataset_dir, k_core_min=cfg.k_core)
     timings["load_s"] = time.perf_counter() - t
-    _check_item_text(ds, dataset_dir)
+    if cfg.embeddings is None:
+        _check_item_text(ds, dataset_dir)
+    _check_id_space(ds.num_items, cfg)
 
     t = time.perf_counter()
-    emb, emb_cached = _embeddings(ds.items["text"].tolist(), cfg, out, cache)
+    if cfg.embeddings is not None:
+        emb, emb_cached = read_embeddings(cfg.embeddings, ds.items["item_id"].tolist()), False
+    else:
+        emb, emb_cached = _embeddings(ds.items["text"].tolist(), cfg, out, cache)
     timings["embed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    quantizer = ResidualQuantizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed).fit(emb)
+    quantizer = ResidualQuantizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed)
+    quantizer.fit(emb, sample=cfg.rq_sample)
     timings["kmeans_s"] = time.perf_counter() - t
     timings["kmeans_per_level_s"] = [s["seconds"] for s in quantizer.fit_stats]
 
     t = time.perf_counter()
     codes, id_stats = assign_unique_codes(emb, quantizer)
     timings["collisions_s"] = time.perf_counter() - t
+    id_stats["id_space_warning"] = id_space_warning(ds.num_items, cfg.levels, cfg.codebook_size, id_stats)
+    if id_stats["id_space_warning"]:
+        log.warning("%s", id_stats["id_space_warning"])
     summary = {
-        "embedding_model": model_identity(cfg.embedding_model),
+        "embedding_model": (f"precomputed: {cfg.embeddings}" if cfg.embeddings is not None
+                            else model_identity(cfg.embedding_model)),
         "embedding_dim": int(emb.shape[1]),
         "embeddings_cached": emb_cached,
         "kmeans": quantizer.fit_stats,
