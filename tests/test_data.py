@@ -3,6 +3,7 @@ import json
 import logging
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -538,3 +539,21 @@ def test_split_is_offsets_into_the_sequences_and_old_files_still_load(tmp_path):
     np.savez(tmp_path / "old-seq.npz", values=np.arange(3), offsets=np.array([0, 1, 3]), user_ids=np.array(["x", "yy"]))
     seqs_back, users = load_sequences(tmp_path / "old-seq.npz")
     assert users == ["x", "yy"] and [s.tolist() for s in seqs_back] == [[0], [1, 2]]
+
+
+def test_item_table_is_cleaned_column_wise_like_the_scalar_rules():
+    from nezha.data.datasets import _clean, category_list, item_text, items_frame
+
+    raw = pd.DataFrame({
+        "item_id": ["a", "b", "c", "d", "e"],
+        "title": ["  Rose\xa0Oil\t 30\u3000ml\x85 ", 42, None, "", float("nan")],
+        "brand": ["Acme\u2009Co", None, " ", "B", None],
+        "categories": [["Beauty", "  ", "Skin\nCare"], "Makeup", None, [], ["\x1c"]],
+    })
+    items, stats = items_frame(raw, "test")
+    for row, (_, r) in zip(items.itertuples(index=False), raw.iterrows(), strict=True):
+        title, brand, cats = _clean(r["title"]), _clean(r["brand"]), category_list(r["categories"])
+        assert (row.title, row.brand, list(row.categories)) == (title, brand, cats)
+        assert row.text == item_text(r["item_id"], title, brand, cats)
+    assert items["text"].tolist()[0] == "Rose Oil 30 ml | Brand: Acme Co | Categories: Beauty > Skin Care"
+    assert stats == {"items_missing_title": 3, "items_without_text": 2}

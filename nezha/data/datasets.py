@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
@@ -156,22 +157,75 @@ def _check_unique_ids(ids: list[str], source: str) -> None:
         raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
 
 
+# Python's str.split() whitespace in RE2 syntax: the vectorised cleaning below must give `_clean`'s text
+_WHITESPACE = r"[\p{Z}\t\n\x0b\x0c\r\x1c-\x1f\x{85}]+"
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [v if isinstance(v, str) else str(v) for v in value if _as_text(v) is not None]
+
+
+def _clean_strings(col: pa.Array) -> pa.Array:
+    """`_clean` on a whole column: whitespace runs -> one space, trimmed; missing -> ""."""
+    col = pc.replace_substring_regex(col, _WHITESPACE, " ")
+    return pc.fill_null(pc.utf8_trim(col, " "), "")
+
+
+def _clean_lists(lists: list[list[str]]) -> pa.ListArray:
+    """`category_list` on a whole column: each entry cleaned, empty ones dropped."""
+    arr = pa.array(lists, pa.list_(pa.string()))
+    flat = _clean_strings(pc.list_flatten(arr))
+    keep = pc.not_equal(flat, "")
+    counts = np.bincount(pc.list_parent_indices(arr).filter(keep).to_numpy(), minlength=len(arr))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
+
+
 def items_frame(raw: pd.DataFrame, source: str) -> tuple[pd.DataFrame, dict[str, int]]:
     """Normalise raw item rows (columns of ITEM_COLUMNS, any may be missing but item_id) into the item
-    table; errors on an empty catalog or duplicate ids."""
+    table; errors on an empty catalog or duplicate ids. The cleaning and the text (`item_text`) are
+    computed column-wise with pyarrow: a million items take seconds, not minutes."""
     if raw.empty:
         raise DataError(f"{source}: no items (empty catalog)")
     ids = [str(i) for i in raw["item_id"]]
     n = len(ids)
-    titles = [_clean(v) for v in raw["title"]] if "title" in raw else [""] * n
-    brands = [_clean(v) for v in raw["brand"]] if "brand" in raw else [""] * n
-    cats = [category_list(v) for v in raw["categories"]] if "categories" in raw else [[] for _ in range(n)]
     _check_unique_ids(ids, source)
-    items = pd.DataFrame({"item_id": ids, "title": titles, "brand": brands, "categories": cats})
-    items["text"] = [item_text(*row) for row in zip(ids, titles, brands, cats, strict=True)]
+
+    def text(name: str) -> pa.Array:
+        values = [_as_text(v) for v in raw[name]] if name in raw else [None] * n
+        return _clean_strings(pa.array(values, pa.string()))
+
+    titles, brands = text("title"), text("brand")
+    cats = _clean_lists([_as_list(v) for v in raw["categories"]] if "categories" in raw else [[]] * n)
+    joined = pc.binary_join(cats, " > ")
+    # each row's non-empty parts as a list, joined by " | " (lists, not nulls: pyarrow's null-skipping join
+    # drops rows that are null in every argument)
+    parts = [titles, pc.binary_join_element_wise("Brand: ", brands, ""),
+             pc.binary_join_element_wise("Categories: ", joined, "")]
+    filled = [pc.equal(titles, ""), pc.equal(brands, ""), pc.equal(joined, "")]
+    interleave = np.arange(3 * n).reshape(3, n).T.ravel()
+    flat = pa.concat_arrays(parts).take(pa.array(interleave))
+    keep = pc.invert(pa.concat_arrays(filled).take(pa.array(interleave)))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(np.repeat(np.arange(n), 3)[keep.to_numpy(zero_copy_only=False)],
+                                                          minlength=n))]).astype(np.int32)
+    texts = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep)), " | ")
+    empty = pc.and_(pc.and_(pc.equal(titles, ""), pc.equal(brands, "")), pc.equal(joined, ""))
+    texts = pc.if_else(empty, pa.array(ids, pa.string()), texts)  # no text at all: the id stands in
+    items = pd.DataFrame({"item_id": ids, "title": titles.to_pylist(), "brand": brands.to_pylist(),
+                          "categories": cats.to_pylist(), "text": texts.to_pylist()})
     stats = {
-        "items_missing_title": sum(not t for t in titles),
-        "items_without_text": sum(not (t or b or c) for t, b, c in zip(titles, brands, cats, strict=True)),
+        "items_missing_title": int(pc.sum(pc.equal(titles, "")).as_py() or 0),
+        "items_without_text": int(pc.sum(empty).as_py() or 0),
     }
     return items, stats
 
