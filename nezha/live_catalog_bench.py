@@ -142,7 +142,9 @@ def bench_push(url: str, catalog: Catalog) -> dict[str, Any]:
     return {"push_s": round(push_s, 2), "slowlog_longest_ms": round(worst["duration"] / 1e3, 1) if worst else 0.0,
             "slowlog_longest_command": (worst["command"][:60] if isinstance(worst["command"], str)
                                         else str(worst["command"])[:60]) if worst else None,
-            "slowlog_over_1ms": len(slow), **pings,
+            "slowlog_over_1ms": len(slow), "slowlog_over_50ms": sum(e["duration"] > 50_000 for e in slow),
+            "slowlog_p99_ms": round(float(np.percentile([e["duration"] for e in slow], 99)) / 1e3, 1) if slow else 0.0,
+            **pings,
             "redis_used_memory_mb": round(admin.info("memory")["used_memory"] / 2**20)}
 
 

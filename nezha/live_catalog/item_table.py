@@ -24,7 +24,7 @@ import numpy as np
 MERGE_AT = 32768
 RECENT_AT = 256
 # Rows gathered per step when compacting (bounds the temporary index arrays).
-_GATHER_BYTES = 1 << 24
+_GATHER_BYTES = 1 << 21
 _HASH_P = 0x100000001B3  # FNV prime: odd, so the polynomial hash is a bijection per length
 _MIX_1, _MIX_2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _POWERS = np.ones(1, dtype=np.uint64)
