@@ -63,3 +63,22 @@ def test_sequences_have_structure_to_learn(tmp_path):
 def test_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SynthConfig(**kwargs)
+
+
+def test_data_bench_measures_every_step_in_a_child_per_size(tmp_path):
+    from nezha.data_bench import REPO, DataBenchConfig, format_data_table, run_data_bench
+
+    cfg = DataBenchConfig(sizes=["3k:200"], before_sizes=["3k:200"], work_dir=str(tmp_path / "work"),
+                          json=str(tmp_path / "bench.json"), csv=True, before=str(REPO), k_core=0)
+    report = run_data_bench(cfg)
+    runs = {(r["code"], r["input"]): r for r in report["runs"]}
+    assert set(runs) == {("after", "parquet"), ("after", "csv"), ("before", "csv")}
+    after = runs["after", "parquet"]
+    assert after["status"] == "ok" and set(after["steps"]) == {"items", "read", "filter", "group", "split", "write"}
+    assert all(s["peak_rss_gb"] > 0.01 for s in after["steps"].values())
+    assert runs["before", "csv"]["sizes"] == runs["after", "csv"]["sizes"] == after["sizes"]  # same split
+    assert set(runs["before", "csv"]["steps"]) == {"read", "split", "write"}
+    assert "3k:200" in format_data_table(report) and (tmp_path / "bench.json").is_file()
+    # a child above the memory limit is stopped, and the step it was in recorded
+    small = DataBenchConfig(**{**cfg.__dict__, "csv": False, "before": None, "memory_limit_gb": 0.01, "json": None})
+    assert run_data_bench(small)["runs"][0]["status"].startswith("stopped: RSS above 0.01 GB in step")
