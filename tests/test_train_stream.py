@@ -8,11 +8,13 @@ but the documented leftover are; a streaming job trains end to end through train
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import ray.train
 import torch
 from ray.train import RunConfig, ScalingConfig
@@ -28,6 +30,8 @@ from train.data import StreamData, count_examples, split_arrays, train_dataset, 
 from train.run import run
 
 SEED = 3
+# Ray Train workers cannot import this test module: send its worker function by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_split_arrays_are_memory_maps_of_what_split_load_reads(tiny_prepared):

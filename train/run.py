@@ -5,7 +5,8 @@
 
 Every worker runs `nezha.training.train` on its shard (the library shards by rank); this file is the Ray
 side: the driver (config resolved against the cluster, the TorchTrainer, the summary) and the worker, which
-picks the optimiser stepper (a DeepSpeed engine, DDP or plain AdamW: train/steppers.py), writes a
+picks the optimiser stepper (a DeepSpeed engine, DDP or plain AdamW: train/steppers.py) and its data (the
+split in memory, or with `data: stream` its shard of a Ray Data stream: train/data.py), writes a
 full-state checkpoint every `checkpoint_every` steps (train/state.py) and reports it to Ray Train,
 continues from Ray's latest one after a failure at the same step, LR and next batch, and keeps the
 best-by-validation model apart (STORAGE/NAME/best, what `nezha evaluate` and Serve load; train/storage.py).
@@ -219,9 +220,9 @@ def run(cfg: RayTrainConfig, callbacks: list[Any] | None = None) -> dict[str, An
         ray.init()  # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; else a local instance
     cfg = resolve_config(cfg, float(ray.cluster_resources().get("GPU", 0)))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    log.info("training %s with %d workers (%s, %s, %s), checkpoint every %d steps, storage %s/%s", cfg.backbone,
-             cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", cfg.strategy,
-             f"ZeRO-{cfg.zero_stage}" if cfg.strategy == "deepspeed" else "-", cfg.checkpoint_every,
+    log.info("training %s with %d workers (%s, %s, %s, data %s), checkpoint every %d steps, storage %s/%s",
+             cfg.backbone, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", cfg.strategy,
+             f"ZeRO-{cfg.zero_stage}" if cfg.strategy == "deepspeed" else "-", cfg.data, cfg.checkpoint_every,
              cfg.storage_path, cfg.name)
     user_ds = read_user_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
     # stream: the driver only describes the dataset; Ray Data tasks read it while the workers train
