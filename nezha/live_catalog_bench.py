@@ -11,6 +11,10 @@ For each size, on a fresh redis-server (no persistence, a free loopback port) an
               an old one, alternately) while the replica follows: apply lag = when the replica's copy reached
               the version - when the writer had its answer, p50/p99 (one clock: same machine), and resyncs;
   add_by_text `add_new_items` of one item by text (its nearest free ID), a random quantizer.
+With --local-only, no Redis: a replica's copy built from the arrays a snapshot yields (ItemTable) and
+changed through LocalCatalog.apply, in this process: build time, RSS growth, bytes per item of the maps
+and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99). This
+needs a checkout with ItemTable (it measures where Redis at that size does not fit the machine).
 
 Run with `python -m nezha.live_catalog_bench --sizes 100000,1000000 --json out.json`. It uses only the
 API that older versions also had, so the same file measures an older checkout on PYTHONPATH.
@@ -243,6 +247,58 @@ def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str
     return {"add_by_text_ms": round(float(np.median(times)) * 1e3, 1)}
 
 
+def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200) -> dict[str, Any]:
+    # Imported here: the older checkouts this file also measures have no ItemTable.
+    from nezha.live_catalog import FeedEntry, ItemTable
+    from nezha.live_catalog.item_table import StringColumn
+
+    rng = np.random.default_rng(0)
+    space = int(np.prod(sizes))
+    packed = rng.choice(space, size=n + reps * 600, replace=False) if n * 4 > space else \
+        np.unique(rng.integers(0, space, size=int((n + reps * 600) * 1.2)))[:n + reps * 600]
+    rng.shuffle(packed)
+    ids = StringColumn.from_encoded(b"".join(f"B{i:09d}".encode() for i in range(n)), np.full(n, 10, dtype=np.int64))
+    base = _rss_mb()
+    start = time.perf_counter()
+    local = LocalCatalog(ItemTable.build(ids, packed[:n]), sizes)
+    build_s = time.perf_counter() - start
+    del ids
+    growth = _rss_mb() - base
+    verifier = local.verifier.nbytes() if hasattr(local.verifier, "nbytes") else {}
+    fresh = iter(packed[n:].tolist())
+    version, gone = 0, 0
+
+    def changes(count: int) -> list[Any]:
+        nonlocal version, gone
+        entries = []
+        for j in range(count):
+            version += 1
+            if j % 2 == 0:
+                entries.append(FeedEntry(version, "add", [(f"N{version:09d}", next(fresh))]))
+            else:
+                entries.append(FeedEntry(version, "remove", [(f"B{gone:09d}", int(packed[gone]))]))
+                gone += 1
+        return entries
+
+    one, batch = [], []
+    for _ in range(reps):
+        entries = changes(1)
+        t = time.perf_counter()
+        local.apply(entries)
+        one.append(time.perf_counter() - t)
+    for _ in range(max(3, reps // 40)):
+        entries = changes(1000)
+        t = time.perf_counter()
+        local.apply(entries)
+        batch.append(time.perf_counter() - t)
+    return {"items": n, "shape": "x".join(map(str, sizes)), "build_s": round(build_s, 2),
+            "rss_growth_mb": round(growth), "maps_bytes_per_item": round(local.nbytes()["item_maps"] / n, 1),
+            "valid_id_set_bytes_per_item": round(sum(verifier.get(k, 0) for k in ("ids", "sparse_counts",
+                                                                                  "sorted_tables")) / n, 1),
+            "verifier_bytes": verifier, "change_p50_ms": _pct(one, 50), "change_p99_ms": _pct(one, 99),
+            "batch1000_p50_ms": _pct(batch, 50), "batch1000_p99_ms": _pct(batch, 99)}
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -271,12 +327,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--label", default="")
+    parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows.append(bench_size(n, sizes, args.rate, args.seconds))
+        rows.append({"load_before": _load(), **bench_local_copy(n, sizes), "load_after": _load()}
+                    if args.local_only else bench_size(n, sizes, args.rate, args.seconds))
         print(json.dumps(rows[-1]), flush=True)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
