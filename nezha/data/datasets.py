@@ -150,13 +150,6 @@ def item_text(item_id: str, title: str, brand: str, categories: list[str]) -> st
     return " | ".join(parts) if parts else item_id
 
 
-def _check_unique_ids(ids: list[str], source: str) -> None:
-    seen: set[str] = set()
-    dups = sorted({i for i in ids if i in seen or seen.add(i)})
-    if dups:
-        raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
-
-
 # Python's str.split() whitespace in RE2 syntax: the vectorised cleaning below must give `_clean`'s text
 _WHITESPACE = r"[\p{Z}\t\n\x0b\x0c\r\x1c-\x1f\x{85}]+"
 
@@ -181,9 +174,8 @@ def _clean_strings(col: pa.Array) -> pa.Array:
     return pc.fill_null(pc.utf8_trim(col, " "), "")
 
 
-def _clean_lists(lists: list[list[str]]) -> pa.ListArray:
-    """`category_list` on a whole column: each entry cleaned, empty ones dropped."""
-    arr = pa.array(lists, pa.list_(pa.string()))
+def _clean_lists(arr: pa.ListArray) -> pa.ListArray:
+    """`category_list` on a whole column: each entry cleaned, empty ones dropped; a missing list is empty."""
     flat = _clean_strings(pc.list_flatten(arr))
     keep = pc.not_equal(flat, "")
     counts = np.bincount(pc.list_parent_indices(arr).filter(keep).to_numpy(), minlength=len(arr))
@@ -191,40 +183,57 @@ def _clean_lists(lists: list[list[str]]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
 
 
-def items_frame(raw: pd.DataFrame, source: str) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Normalise raw item rows (columns of ITEM_COLUMNS, any may be missing but item_id) into the item
-    table; errors on an empty catalog or duplicate ids. The cleaning and the text (`item_text`) are
-    computed column-wise with pyarrow: a million items take seconds, not minutes."""
-    if raw.empty:
+def _raw_items(records: Sequence[dict[str, Any]]) -> pa.Table:
+    """Item records (dicts) as the raw item table: ids and text as strings, categories as string lists."""
+    return pa.table({
+        "item_id": pa.array([str(r["item_id"]) for r in records], pa.string()),
+        "title": pa.array([_as_text(r.get("title")) for r in records], pa.string()),
+        "brand": pa.array([_as_text(r.get("brand")) for r in records], pa.string()),
+        "categories": pa.array([_as_list(r.get("categories")) for r in records], pa.list_(pa.string())),
+    })
+
+
+def _duplicates(ids: pa.Array) -> list[str]:
+    counts = pc.value_counts(ids)
+    return sorted(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+
+
+def items_frame(raw: pa.Table | pd.DataFrame, source: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise raw item rows (the raw item table, or a DataFrame of item records) into the item table;
+    errors on an empty catalog or duplicate ids. The cleaning and the text (`item_text`) are computed
+    column-wise with pyarrow: a million items take seconds and no Python object per value until the end."""
+    if isinstance(raw, pd.DataFrame):
+        raw = _raw_items(raw.to_dict("records"))
+    if not raw.num_rows:
         raise DataError(f"{source}: no items (empty catalog)")
-    ids = [str(i) for i in raw["item_id"]]
+    ids = raw.column("item_id").combine_chunks()
     n = len(ids)
-    _check_unique_ids(ids, source)
-
-    def text(name: str) -> pa.Array:
-        values = [_as_text(v) for v in raw[name]] if name in raw else [None] * n
-        return _clean_strings(pa.array(values, pa.string()))
-
-    titles, brands = text("title"), text("brand")
-    cats = _clean_lists([_as_list(v) for v in raw["categories"]] if "categories" in raw else [[]] * n)
+    if pc.count_distinct(ids).as_py() < n:
+        dups = _duplicates(ids)
+        raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
+    titles = _clean_strings(raw.column("title").combine_chunks())
+    brands = _clean_strings(raw.column("brand").combine_chunks())
+    cats = _clean_lists(raw.column("categories").combine_chunks())
     joined = pc.binary_join(cats, " > ")
     # each row's non-empty parts as a list, joined by " | " (lists, not nulls: pyarrow's null-skipping join
     # drops rows that are null in every argument)
     parts = [titles, pc.binary_join_element_wise("Brand: ", brands, ""),
              pc.binary_join_element_wise("Categories: ", joined, "")]
     filled = [pc.equal(titles, ""), pc.equal(brands, ""), pc.equal(joined, "")]
-    interleave = np.arange(3 * n).reshape(3, n).T.ravel()
-    flat = pa.concat_arrays(parts).take(pa.array(interleave))
-    keep = pc.invert(pa.concat_arrays(filled).take(pa.array(interleave)))
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(np.repeat(np.arange(n), 3)[keep.to_numpy(zero_copy_only=False)],
-                                                          minlength=n))]).astype(np.int32)
-    texts = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep)), " | ")
-    empty = pc.and_(pc.and_(pc.equal(titles, ""), pc.equal(brands, "")), pc.equal(joined, ""))
-    texts = pc.if_else(empty, pa.array(ids, pa.string()), texts)  # no text at all: the id stands in
-    items = pd.DataFrame({"item_id": ids, "title": titles.to_pylist(), "brand": brands.to_pylist(),
-                          "categories": cats.to_pylist(), "text": texts.to_pylist()})
+    interleave = pa.array(np.arange(3 * n).reshape(3, n).T.ravel())
+    flat = pa.concat_arrays(parts).take(interleave)
+    keep = pc.invert(pa.concat_arrays(filled).take(interleave))
+    per_row = np.bincount(np.repeat(np.arange(n), 3)[keep.to_numpy(zero_copy_only=False)], minlength=n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+    texts = pc.binary_join(pa.ListArray.from_arrays(offsets, flat.filter(keep)), " | ")
+    empty = pc.and_(pc.and_(filled[0], filled[1]), filled[2])
+    texts = pc.if_else(empty, ids, texts)  # no text at all: the id stands in
+    # Arrow-backed columns: no Python object per value (a million items would need ~1 GB of them);
+    # .tolist() still gives Python strings and lists
+    items = pa.table({"item_id": ids, "title": titles, "brand": brands, "categories": cats,
+                      "text": texts}).to_pandas(types_mapper=pd.ArrowDtype)
     stats = {
-        "items_missing_title": int(pc.sum(pc.equal(titles, "")).as_py() or 0),
+        "items_missing_title": int(pc.sum(filled[0]).as_py() or 0),
         "items_without_text": int(pc.sum(empty).as_py() or 0),
     }
     return items, stats
@@ -251,10 +260,29 @@ def _read_items_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_items(path: Path) -> pd.DataFrame:
-    """Raw item rows of items.jsonl / .parquet / .csv; a row without an item_id is an error naming it."""
+def _column(table: pa.Table, name: str, path: Path) -> pa.Array:
+    """Column `name` of an item table as the raw type (strings, or string lists for categories); absent:
+    nulls."""
+    kind = pa.list_(pa.string()) if name == "categories" else pa.string()
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, kind)
+    col = table.column(name).combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if name == "categories" and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        # CSV: one string, levels separated by " > "; a Parquet string column: one category
+        return pc.split_pattern(col, " > ") if path.suffix == ".csv" else pa.ListArray.from_arrays(
+            pa.array(np.arange(len(col) + 1, dtype=np.int32)), col.cast(pa.string()), mask=pc.is_null(col))
+    try:
+        return col.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{path}: column {name!r} has type {col.type}; expected {kind}") from None
+
+
+def _read_items(path: Path) -> pa.Table:
+    """The raw item table of items.jsonl / .parquet / .csv; a row without an item_id is an error naming it."""
     if path.suffix == ".jsonl":
-        return pd.DataFrame.from_records(_read_items_jsonl(path), columns=list(ITEM_COLUMNS))
+        return _raw_items(_read_items_jsonl(path))
     try:
         if path.suffix == ".parquet":
             table = pq.read_table(path)
@@ -265,24 +293,24 @@ def _read_items(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: cannot read ({exc})") from None
     if "item_id" not in table.column_names:
         raise DataError(f"{path}: missing column 'item_id'; has {table.column_names}")
-    frame = table.select([c for c in ITEM_COLUMNS if c in table.column_names]).to_pandas()
-    if path.suffix == ".csv" and "categories" in frame:
-        frame["categories"] = [v.split(" > ") if isinstance(v, str) and v else [] for v in frame["categories"]]
-    missing = frame["item_id"].isna() | (frame["item_id"].astype(str) == "")
-    if missing.any():
-        row = int(np.flatnonzero(missing.to_numpy())[0]) + 1
-        raise DataError(f"{path}, row {row}: missing 'item_id' ({int(missing.sum())} such row(s))")
-    return frame
+    raw = pa.table({name: _column(table, name, path) for name in ITEM_COLUMNS})
+    missing = pc.fill_null(pc.equal(raw.column("item_id"), ""), True)
+    if pc.any(missing).as_py():
+        row = int(np.flatnonzero(missing.to_numpy(zero_copy_only=False))[0]) + 1
+        raise DataError(f"{path}, row {row}: missing 'item_id' ({pc.sum(missing).as_py()} such row(s))")
+    return raw
 
 
-def _select_items(raw: pd.DataFrame, item_ids: Sequence[str], source: str) -> tuple[pd.DataFrame, int]:
+def _select_items(raw: pa.Table, item_ids: Sequence[str], source: str) -> tuple[pa.Table, int]:
     """The rows of `item_ids` in that order (an id without a row gets one without text), and the number of
     rows whose id is not among `item_ids`."""
-    ids = [str(i) for i in raw["item_id"]]
-    _check_unique_ids(ids, source)
-    indexed = raw.assign(item_id=ids).set_index("item_id")
-    unlisted = len(set(ids) - set(item_ids))
-    selected = indexed.reindex(list(item_ids)).reset_index()
+    ids = raw.column("item_id").combine_chunks()
+    if pc.count_distinct(ids).as_py() < len(ids):
+        dups = _duplicates(ids)
+        raise DataError(f"{source}: {len(dups)} duplicate item id(s), e.g. {dups[:5]}")
+    wanted = pa.array([str(i) for i in item_ids], pa.string())
+    selected = raw.take(pc.index_in(wanted, value_set=ids)).set_column(0, "item_id", wanted)
+    unlisted = len(ids) - int(pc.sum(pc.is_in(ids, value_set=wanted)).as_py() or 0)
     return selected, unlisted
 
 
@@ -409,7 +437,7 @@ def load_catalog(path: Path, item_ids: Sequence[str] | None = None) -> tuple[pd.
     """(item table, its stats, what the catalog is called in messages) of a dataset directory; see
     `load_dataset` for `item_ids`."""
     items_path, _ = dataset_files(path, items_required=item_ids is None)
-    raw = _read_items(items_path) if items_path else pd.DataFrame(columns=list(ITEM_COLUMNS))
+    raw = _read_items(items_path) if items_path else _raw_items([])
     if item_ids is None:
         items, stats = items_frame(raw, str(items_path))
         return items, stats, str(items_path.name if items_path else ITEMS_FILE)
