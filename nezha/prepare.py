@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -333,6 +334,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     # run leaves `out` as it was (and no half-written directory).
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become --out's mode
     try:
         result = _prepare_into(cfg, dataset_dir, fingerprint, work, out, start)
         _publish(work, out)

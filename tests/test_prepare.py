@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -275,6 +276,9 @@ def test_a_failed_prepare_leaves_no_half_written_directory(tmp_path, no_embeddin
     out = tmp_path / "runs" / "prep"
     cfg = PrepareConfig(dataset=str(data), out=str(out), semantic_ids=str(id_file))
     before = prepare(cfg).summary
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the mode of a directory made by mkdir
     files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def disk_full(*args, **kwargs):
