@@ -1,4 +1,7 @@
 import copy
+import gc
+import types
+import weakref
 
 import numpy as np
 import pytest
@@ -144,6 +147,38 @@ def test_graphs_are_ignored_off_the_gpu(setup):
     eager = decode(model, "nezha", histories, verifier, beam=6)
     same = decode(model, "nezha", histories, verifier, beam=6, graphs=graphs)
     assert torch.equal(eager.ids, same.ids) and len(graphs) == 0
+
+
+def test_graph_cache_holds_one_graph_per_bucket_however_often_the_catalog_changes(setup, monkeypatch):
+    """Every decode brings a new catalog snapshot; the cache must not keep a graph (and its device tables) per
+    snapshot. CUDA graphs cannot be captured here, so capture and replay run the eager search (GPU-only part)."""
+    model, _, histories, codes = setup
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES)
+
+    def eager_capture(self, h0, contexts):
+        self._h0, self._contexts = h0.clone(), None if contexts is None else contexts.clone()
+        self._graph = types.SimpleNamespace(replay=lambda: setattr(self, "_out", self._search()))
+
+    monkeypatch.setattr(GraphedDraftSearch, "_capture", eager_capture)
+    graphs = DraftGraphs()
+    ids, mask = prompt_for(model, "nezha", histories, "cpu")
+    with torch.inference_mode():
+        h0, contexts = model.draft_inputs(ids, mask)
+    free = [int(v) for v in np.setdiff1d(np.arange(int(np.prod(SIZES))), pack(codes, SIZES))]
+    released = []
+    for change in range(200):
+        verifier.update(add=[free[change % len(free)]]) if change % 2 == 0 else \
+            verifier.update(remove=[free[(change - 1) % len(free)]])
+        snapshot = verifier.snapshot()
+        with torch.inference_mode():
+            out = graphs.search(model.draft_head, h0, contexts, snapshot, beam=6)
+            eager = draft_beam_search(model.draft_head, h0, contexts, snapshot, beam=6)
+        assert torch.equal(out.ids, eager.ids[:len(histories)])  # answers from this snapshot's catalog
+        released.append(weakref.ref(snapshot.tables))
+        del snapshot
+    gc.collect()
+    assert len(graphs) == 1  # one bucket (3 users padded to 4)
+    assert sum(ref() is not None for ref in released) <= 1  # only the last snapshot's tables stay alive
 
 
 @needs_cuda

@@ -3,7 +3,8 @@
 On a GPU the head's L levels are ~20 tiny kernels each, so launch overhead, not arithmetic, sets its time.
 The search has static shapes for a given (batch, beam) and no host synchronisation, so it can be captured
 once and replayed. A captured graph reads the verifier tables it saw at capture time: `GraphedDraftSearch`
-re-captures when the verifier has swapped in new tables (a catalog change).
+re-captures when it is called with other tables (a catalog change, or another snapshot's) and drops the old
+graph, so a replica holds one graph, and one set of tables, per shape bucket however often the catalog changes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class GraphedDraftSearch:
 
     def __init__(self, head: DraftHead, verifier: PrefixVerifier, beam: int, topk: int | None = None,
                  verify: str = "prefix", warmup: int = 2) -> None:
+        # `verifier` is the default; a call may pass another one (a later snapshot of the catalog).
         self.head, self.verifier, self.beam, self.topk, self.verify = head, verifier, beam, topk, verify
         self.warmup = warmup
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -52,10 +54,16 @@ class GraphedDraftSearch:
         with torch.cuda.graph(self._graph):
             self._out = self._search()
 
-    def __call__(self, h0: torch.Tensor, contexts: torch.Tensor | None) -> DecodeResult:
+    def __call__(self, h0: torch.Tensor, contexts: torch.Tensor | None,
+                 verifier: PrefixVerifier | None = None) -> DecodeResult:
         shape = (tuple(h0.shape), h0.dtype, None if contexts is None else tuple(contexts.shape))
-        tables = self.verifier.tables  # a catalog change swaps in a new tables object
+        verifier = self.verifier if verifier is None else verifier
+        tables = verifier.tables  # a catalog change swaps in a new tables object
         if shape != self._shape or tables is not self._tables:
+            # Drop the old graph first: it pins the old tables on the device.
+            self._graph = self._out = None
+            self._tables = None
+            self.verifier = verifier
             self._capture(h0, contexts)
             self._shape, self._tables = shape, tables
         else:
@@ -70,7 +78,9 @@ class DraftGraphs:
     """CUDA-graph head searches for a serving replica, one per (batch bucket, beam, topk, verify).
 
     Batches are zero-padded up to the next power of two (rows of the search are independent), so a replica
-    captures at most log2(max batch) + 1 graphs per beam width. One lock: replays share static buffers.
+    captures at most log2(max batch) + 1 graphs per beam width. The key leaves the verifier out: each decode
+    brings the catalog snapshot of its moment, and a new one re-captures that bucket's graph in place (memory
+    stays flat under any number of catalog changes). One lock: replays share static buffers.
     """
 
     def __init__(self) -> None:
@@ -89,11 +99,11 @@ class DraftGraphs:
             h0 = torch.cat([h0, h0.new_zeros(bucket - batch, *h0.shape[1:])])
             if contexts is not None:
                 contexts = torch.cat([contexts, contexts.new_zeros(bucket - batch, *contexts.shape[1:])])
-        # The searches hold head and verifier, so their ids stay unique while they are keys here.
-        key = (id(head), id(verifier), bucket, beam, topk, verify)
+        # The searches hold the head, so its id stays unique while it is part of a key here.
+        key = (id(head), bucket, beam, topk, verify)
         with self._lock:
             graphed = self._graphs.get(key)
             if graphed is None:
                 graphed = self._graphs[key] = GraphedDraftSearch(head, verifier, beam, topk, verify)
-            out = graphed(h0, contexts)
+            out = graphed(h0, contexts, verifier)
             return DecodeResult(out.ids[:batch].clone(), out.scores[:batch].clone(), out.invalid[:batch].clone())
