@@ -1,8 +1,8 @@
 """What the PrefixVerifier costs as the catalog grows (`nezha bench catalog`).
 
 For each ID shape and catalog size, a synthetic catalog (distinct random packed IDs, shuffled) and
-  build     the constructor's wall time, and memory: RSS growth after it (and its peak while building,
-            sampled every 5 ms), plus the verifier's own account (`nbytes()`, where it has one);
+  build     the constructor's wall time, and memory: RSS growth after it, its peak (sampled every 5 ms)
+            while building and while changing, plus the verifier's own account (`nbytes()`, where it has one);
   change    one `update(add=[new], remove=[old])`, no snapshot held: p50/p99 over `reps`;
   served    the same followed by `snapshot()`, the previous snapshot dropped (what `LocalCatalog.apply`
             does for every change: its views pin snapshots);
@@ -212,36 +212,37 @@ def bench_one(verifier_cls: Callable[..., Any], sizes: Sequence[int], items: int
         row["per_item_bytes_per_item"] = sum(nbytes[k] for k in PER_ITEM) / items
         row["per_space_bytes"] = sum(nbytes[k] for k in PER_SPACE)
 
+    held: list[Any] = []
+    half = min(max(1, batch // 2), churn.present.size)
+
     def change(_rep: int) -> None:
         add, remove = churn.take(1)
         verifier.update(add=add, remove=remove)
-
-    row["change_ms"] = _timed(change, reps, budget_s, device)
-    held: list[Any] = [verifier.snapshot()]
 
     def served(_rep: int) -> None:
         change(_rep)
         held[:] = [verifier.snapshot()]  # the new view replaces the old one
 
-    row["served_ms"] = _timed(served, reps, budget_s, device)
-    held = [verifier.snapshot()]
-
     def pinned(_rep: int) -> None:
         change(_rep)
         held[:] = [*held[-1:], verifier.snapshot()]  # the view before the last is still decoding
-
-    row["pinned_ms"] = _timed(pinned, reps, budget_s, device)
-    held = []
-    half = min(max(1, batch // 2), churn.present.size)
 
     def batched(_rep: int) -> None:
         add, remove = churn.take(half)
         verifier.update(add=add, remove=remove)
 
-    row["batch"] = 2 * half
-    row["batch_ms"] = _timed(batched, batch_reps, budget_s, device)
-    snapshots: list[Any] = []
-    row["snapshot_ms"] = _timed(lambda _rep: snapshots.append(verifier.snapshot()), reps, budget_s, device)
+    with _PeakRss() as changing:
+        row["change_ms"] = _timed(change, reps, budget_s, device)
+        held[:] = [verifier.snapshot()]
+        row["served_ms"] = _timed(served, reps, budget_s, device)
+        held[:] = [verifier.snapshot()]
+        row["pinned_ms"] = _timed(pinned, reps, budget_s, device)
+        held.clear()
+        row["batch"] = 2 * half
+        row["batch_ms"] = _timed(batched, batch_reps, budget_s, device)
+    if rss_before is not None and changing.peak is not None:
+        row["rss_peak_changing_bytes_per_item"] = (changing.peak - rss_before) / items
+    row["snapshot_ms"] = _timed(lambda _rep: held.append(verifier.snapshot()), reps, budget_s, device)
     row["load_average_1m"] = {"start": load_start, "end": _load()}
     return row
 
@@ -311,12 +312,15 @@ def format_catalog_table(report: dict[str, Any]) -> str:
     load = report["load_average_1m"]
     lines = [f"device {report['device']}, {report['host']['cpu_count']} cores, load average "
              f"{load['start']:.1f} -> {load.get('end', float('nan')):.1f}",
-             f"{'shape':<16}{'items':>11}{'build s':>9}{'RSS B/it':>9}{'peak B/it':>10}{'own B/it':>9}"
-             f"{'space MB':>9}{'change ms':>14}{'served ms':>14}{'pinned ms':>14}{'batch ms':>16}"
+             f"{'shape':<16}{'items':>11}{'build s':>9}{'RSS B/it':>9}{'build pk':>9}{'chg pk':>8}{'own B/it':>9}"
+             f"{'space MB':>9}{'change ms':>14}{'served ms':>14}{'pinned ms':>14}{'batch ms':>14}"
              f"{'snap us':>9}{'load':>11}"]
 
+    def ms(value: float) -> str:
+        return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
     def pair(stats: dict[str, float]) -> str:
-        return f"{stats['p50']:.3g}/{stats['p99']:.3g}"
+        return f"{ms(stats['p50'])}/{ms(stats['p99'])}"
 
     for row in report["results"]:
         shape = "x".join(map(str, row["shape"]))
@@ -324,11 +328,12 @@ def format_catalog_table(report: dict[str, Any]) -> str:
         space = row.get("per_space_bytes")
         lines.append(
             f"{shape:<16}{row['items']:>11,}{row['build_s']:>9.2f}{row.get('rss_growth_bytes_per_item', 0):>9.0f}"
-            f"{row.get('rss_peak_growth_bytes_per_item', 0):>10.0f}{'-' if own is None else f'{own:.1f}':>9}"
+            f"{row.get('rss_peak_growth_bytes_per_item', 0):>9.0f}{row.get('rss_peak_changing_bytes_per_item', 0):>8.0f}"
+            f"{'-' if own is None else f'{own:.1f}':>9}"
             f"{'-' if space is None else f'{space / 2**20:.1f}':>9}{pair(row['change_ms']):>14}"
-            f"{pair(row['served_ms']):>14}{pair(row['pinned_ms']):>14}{pair(row['batch_ms']):>16}"
-            f"{row['snapshot_ms']['p50'] * 1000:>9.1f}"
+            f"{pair(row['served_ms']):>14}{pair(row['pinned_ms']):>14}{pair(row['batch_ms']):>14}"
+            f"{row['snapshot_ms']['p50'] * 1000:>9.1f}  "
             f"{row['load_average_1m']['start']:>5.1f}->{row['load_average_1m']['end']:.1f}")
-    lines.append("ms columns: p50/p99; batch: one update of "
-                 f"{report['config']['batch']} changes; B/it: bytes per item")
+    lines.append(f"ms columns: p50/p99; batch: one update of {report['config']['batch']} changes; B/it: bytes "
+                 "per item (RSS growth after the build, its peak while building / changing; own: nbytes())")
     return "\n".join(lines)
