@@ -196,6 +196,13 @@ class ItemTable:
     def has_packed(self, packed: int) -> bool:
         return self.row_of_packed(packed) >= 0
 
+    def has_packed_many(self, packed: np.ndarray) -> np.ndarray:
+        """has_packed of each value, in one search."""
+        if self.by_packed.size == 0:
+            return np.zeros(packed.shape, dtype=bool)
+        at = np.minimum(np.searchsorted(self.by_packed, packed), self.by_packed.size - 1)
+        return self.by_packed[at] == packed
+
     def packed_of(self, item_id: str) -> int | None:
         raw = item_id.encode()
         h = np.uint64(_hash_one(raw))
@@ -304,6 +311,16 @@ class ItemMap:
     def has_packed(self, packed: int) -> bool:
         return packed in self.added_ids or (packed not in self.removed and self.base.has_packed(packed))
 
+    def has_packed_many(self, packed: np.ndarray) -> np.ndarray:
+        """has_packed of each value (one search of the table, then this layer's dicts)."""
+        held = self.base.has_packed_many(packed)
+        for i, p in enumerate(packed.tolist()):
+            if p in self.added_ids:
+                held[i] = True
+            elif p in self.removed:
+                held[i] = False
+        return held
+
     def __len__(self) -> int:
         return len(self.base) - len(self.removed) + len(self.added_ids)
 
@@ -319,11 +336,11 @@ class ItemMap:
     def changed(self, changes: Iterable[tuple[str, str, int]]) -> tuple[ItemMap, np.ndarray, np.ndarray]:
         """The map after `changes` ((add|remove, item id, packed ID), in order), and the packed IDs that became
         valid and invalid. A removal only drops a pair that is there; an add sets both directions."""
+        changes = list(changes)
         added_items, added_ids, removed = dict(self.added_items), dict(self.added_ids), set(self.removed)
-        before: dict[int, bool] = {}
+        touched = np.fromiter(dict.fromkeys(p for _, _, p in changes), dtype=np.int64)
+        before = self.has_packed_many(touched)
         for op, item_id, packed in changes:
-            if packed not in before:
-                before[packed] = self.has_packed(packed)
             if op == "add":
                 added_items[item_id] = packed
                 added_ids[packed] = item_id
@@ -335,11 +352,10 @@ class ItemMap:
             elif packed not in removed and self.base.item_of(packed) == item_id:
                 removed.add(packed)
         after = ItemMap(self.base, self.fold_at, added_items, added_ids, frozenset(removed))
-        born = [p for p, was in before.items() if not was and after.has_packed(p)]
-        died = [p for p, was in before.items() if was and not after.has_packed(p)]
+        now = after.has_packed_many(touched)
         if len(added_ids) + len(removed) > self.fold_at:
             after = after.folded()
-        return after, np.asarray(born, dtype=np.int64), np.asarray(died, dtype=np.int64)
+        return after, touched[now & ~before], touched[before & ~now]
 
     def folded(self) -> ItemMap:
         """The same catalog with this layer folded into its base (merged into a new table at the bottom)."""
