@@ -112,7 +112,8 @@ def _concat(pieces: list[np.ndarray], dtype: type) -> np.ndarray:
 
 
 def k_core_filter(inter: Interactions, k: int, num_items: int) -> Interactions:
-    """Keep interactions whose user and item both have >= k of them, repeated until nothing changes."""
+    """Keep interactions whose user and item both have >= k of them, repeated until nothing changes.
+    `inter` is filtered in place (and returned)."""
     if k <= 1 or not len(inter):
         return inter
     alive = np.ones(len(inter), dtype=bool)
@@ -131,10 +132,12 @@ def k_core_filter(inter: Interactions, k: int, num_items: int) -> Interactions:
             break
     removed = int(len(alive) - alive.sum())
     log.info("%d-core: %d round(s), %d of %d interactions removed", k, rounds, removed, len(alive))
-    stats = {**inter.stats, "k_core": k, "k_core_rounds": rounds, "k_core_removed_interactions": removed}
-    if not removed:
-        return Interactions(inter.user, inter.item, inter.order, inter.user_ids, stats)
-    return Interactions(inter.user[alive], inter.item[alive], inter.order[alive], inter.user_ids, stats)
+    inter.stats.update(k_core=k, k_core_rounds=rounds, k_core_removed_interactions=removed)
+    if removed:  # in place, one column at a time: each old column is freed before the next copy
+        inter.user = inter.user[alive]
+        inter.item = inter.item[alive]
+        inter.order = inter.order[alive]
+    return inter
 
 
 def _stable_user_order(user: np.ndarray, rank: np.ndarray | None) -> np.ndarray:

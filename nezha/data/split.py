@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
+import pyarrow as pa
 
 _PARTS = ("train", "valid", "test")
 _STEP = 1 << 23  # elements per slice of the element-wise passes (bounds their temporaries)
@@ -183,10 +184,10 @@ def save_sequences(path: str | Path, sequences: Sequence[np.ndarray], user_ids: 
     """Per-user item-index sequences with their user ids (UTF-8 bytes and offsets, so no pickle and no
     fixed-width strings as long as the longest id)."""
     values, offsets = Ragged.pack(sequences).offsets()
-    encoded = [u.encode() for u in user_ids]
-    id_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    id_offsets[1:] = np.cumsum([len(b) for b in encoded])
-    id_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    ids = pa.array(user_ids, pa.large_string())  # its buffers are the UTF-8 bytes and their offsets
+    _, id_offsets_buf, id_bytes_buf = ids.buffers()
+    id_offsets = np.frombuffer(id_offsets_buf, dtype=np.int64)[: len(ids) + 1]
+    id_bytes = np.frombuffer(id_bytes_buf, dtype=np.uint8)[: id_offsets[-1]] if id_bytes_buf else np.zeros(0, np.uint8)
     np.savez(path, values=values.astype(np.int64, copy=False), offsets=offsets,
              user_id_bytes=id_bytes, user_id_offsets=id_offsets)
 
