@@ -4,16 +4,16 @@
 
 Writes synthetic clustered, L2-normalised float32 embeddings (`make_embeddings`) to /tmp/rq-bench/emb-N.npy once, then runs each library in its own
 process: 3 levels x 256 codes fitted on a SAMPLE-row sample (float32), every item assigned in 64k-row
-chunks. Peak RSS is measured above the process's RSS once the embeddings are loaded (ru_maxrss minus that).
+chunks. Peak RSS is measured above the process's RSS once the embeddings are loaded: the kernel's peak
+(VmHWM) is reset at that point (/proc/self/clear_refs).
 Quality: mean squared reconstruction error of all items and the raw collision rate (items whose greedy
-3-level ID an earlier item already has). Result: compare_kmeans.json next to this file.
+3-level ID an earlier item already has). Result: compare_kmeans-N.json next to this file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,18 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(os.environ.get("RQ_BENCH_OUT", Path(__file__).with_name("compare_kmeans.json")))
 DATA = Path("/tmp/rq-bench")
 LEVELS, SIZE, DIM, CHUNK = 3, 256, 384, 65536
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def make_embeddings(n: int, seed: int = 0) -> np.ndarray:
@@ -75,7 +72,8 @@ def nearest(r: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def run_one(method: str, n: int, sample_size: int) -> dict:
     x = np.load(DATA / f"emb-{n}.npy")
-    base = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = status_mb("VmRSS")
     fit = {"faiss": fit_faiss, "minibatch": fit_minibatch}[method]
     start = time.perf_counter()
     cpu0 = time.process_time()
@@ -108,7 +106,7 @@ def run_one(method: str, n: int, sample_size: int) -> dict:
         "method": method, "items": n, "dim": DIM, "sample": min(sample_size, n), "levels": LEVELS,
         "codebook_size": SIZE, "fit_s": fit_s, "assign_all_s": assign_s, "wall_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu0, "per_level": levels,
-        "rss_with_embeddings_mb": base, "peak_rss_above_embeddings_mb": peak_mb() - base,
+        "rss_with_embeddings_mb": base, "peak_rss_above_embeddings_mb": status_mb("VmHWM") - base,
         "reconstruction_mse": sq_err / n, "raw_collision_rate": (n - distinct) / n,
         "level0_codes_used": len(np.unique(codes[:, 0])),
     }
@@ -132,7 +130,7 @@ def main() -> None:
         runs.append({**json.loads(out.stdout.splitlines()[-1]), "loadavg_before": load,
                      "loadavg_after": os.getloadavg()})
         print(json.dumps(runs[-1]), flush=True)
-    OUT.write_text(json.dumps({"cores": os.cpu_count(), "note": "2 cores shared with other jobs; see loadavg",
+    Path(__file__).with_name(f"compare_kmeans-{n}.json").write_text(json.dumps({"cores": os.cpu_count(), "note": "2 cores shared with other jobs; see loadavg",
                                "runs": runs}, indent=2) + "\n")
 
 
