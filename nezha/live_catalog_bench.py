@@ -211,7 +211,8 @@ def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float)
     store = RedisCatalog(url, socket_timeout=60)
     rng = np.random.default_rng(1)
     space = int(np.prod(catalog.codebook_sizes))
-    candidates = rng.permutation(space)[:int(rate * seconds) + 1000]
+    wanted = int((rate * seconds + 1000) / max(1 - catalog.num_items / space, 0.05) * 1.5)  # enough free IDs
+    candidates = rng.permutation(space)[:wanted]
     free = iter(candidates[~np.isin(candidates, catalog.packed)].tolist())
     answered: list[tuple[int, float]] = []
     start = time.perf_counter()
