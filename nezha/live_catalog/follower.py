@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from nezha.live_catalog.errors import NoCatalogError, StoreUnavailableError
+from nezha.live_catalog.errors import CatalogStoreError, NoCatalogError, StoreUnavailableError
 from nezha.live_catalog.local import LocalCatalog
 from nezha.live_catalog.redis_store import RedisCatalog, RedisItemMeta, Snapshot
 from nezha.live_catalog.store import FeedEntry
@@ -67,6 +67,8 @@ class CatalogFollower(threading.Thread):
             self._resync()
         except StoreUnavailableError as exc:
             self._problem(str(exc), connected=False)
+        except CatalogStoreError as exc:  # e.g. the catalog changed under every snapshot read: the loop retries
+            self._problem(str(exc), connected=True)
 
     def run(self) -> None:
         backoff = 0.1
