@@ -96,6 +96,7 @@ class Collector:
             user[at : at + len(local)] = global_codes[base : base + size][local]
             at, base = at + len(local), base + size
         unknown_distinct = len(pc.unique(pa.chunked_array(self.unknown_ids, pa.string()))) if self.unknown_ids else 0
+        pa.default_memory_pool().release_unused()  # the blocks' string buffers: back to the system, not kept
         return Interactions(user, _concat(self.items, np.int32), _concat(self.orders, np.int64), encoded.dictionary,
                             {"unknown_item_interactions": self.unknown, "unknown_item_ids": unknown_distinct})
 
