@@ -118,6 +118,8 @@ class Recommender:
         self.device = resolve_device(cfg.device, gpu_granted=bool(ray.get_gpu_ids()) if ray.is_initialized() else True)
         self.model = load_checkpoint(cfg.checkpoint, self.device, dtype=cfg.dtype)
         self.loaded_at = time.time()
+        # The Ray node this replica runs on: which replica is where when they spread over nodes.
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         catalog = Catalog.load(Path(cfg.checkpoint) / "catalog")
         if tuple(self.model.layout.sizes) != catalog.codebook_sizes:
             raise ValueError(f"checkpoint model codebooks {self.model.layout.sizes} differ from its catalog's "
@@ -298,7 +300,8 @@ class Recommender:
 
     def ready(self) -> dict[str, Any]:
         """Cheap (no Redis call): model loaded, catalog copy state, batching in force, why the copy may be stale."""
-        status = {"ready": True, "replica": self.replica, "pid": os.getpid(), "loaded_at": self.loaded_at,
+        status = {"ready": True, "replica": self.replica, "node_id": self.node_id, "pid": os.getpid(),
+                  "loaded_at": self.loaded_at,
                   "device": str(self.device), "decoders": self.decoders,
                   "batching": asdict(self.batching), "pending": self._pending,
                   "catalog": {"mode": self.admin.mode, **self.local.state()},
