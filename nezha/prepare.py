@@ -3,14 +3,7 @@
 With `semantic_ids` (a JSON file item -> codes, see nezha.semantic_ids.id_file) the IDs come from that
 file instead: no text, no embeddings, no quantizer; the catalog is the file's items.
 
-Everything lands in `cfg.out`:
-
-    catalog/               Catalog.save (item ids, titles, unique codes)
-    quantizer.safetensors  RQ-KMeans centroids (to give new items IDs without refitting); text path only
-    embeddings.npy/.json   item text embeddings, cached by (texts, model); text path only
-    sequences.npz          per-user item-index sequences + user ids
-    split.npz              leave-one-out examples: (start, end, target) each, offsets into one sequence array
-    prepare.json           config, input fingerprint, timings and statistics; written last
+Everything lands in `cfg.out`, in the format nezha/prepared.py describes (and reads back).
 
 A run whose fingerprint (sha256 of the input files' bytes, the ID file's included, and of every config
 field that changes the outputs) equals the one in prepare.json returns the stored results at once.
