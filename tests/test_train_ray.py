@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 import torch
 from redis_fixtures import free_port
+from train_fixtures import assert_checkpoint_learned
 
 from nezha.config import ConfigError, parse_config
 from nezha.evaluation import rank_examples
 from nezha.metrics import hit_ndcg
-from nezha.model.checkpoint import create_model, load_checkpoint
+from nezha.model.checkpoint import load_checkpoint
 from nezha.prepared import load_prepared
-from nezha.training import LoopState, Plan, make_batch, steps_per_epoch, train
+from nezha.training import LoopState, Plan, steps_per_epoch, train
 from train.config import RayTrainConfig, build_deepspeed_config, resolve_config
 from train.deepspeed_config import deepspeed_config, get_path, leaf_paths
 from train.run import run, summary_line
@@ -242,12 +243,7 @@ def test_two_worker_deepspeed_job_keeps_full_states_and_the_best_model(first_run
 
     # The best model loads with the library, has lower loss than a fresh model, and scores on the
     # validation split exactly what the sharded validation measured.
-    catalog, split, _ = load_prepared(tiny_prepared)
-    model = load_checkpoint(summary["best_checkpoint"])
-    fresh = create_model(model.config, seed=0).eval()
-    batch = make_batch(model, catalog, split.train.histories[:64], split.train.targets[:64], "cpu")
-    with torch.no_grad():
-        assert float(model(batch)["loss"]) < 0.8 * float(fresh(batch)["loss"])
+    catalog, split, model = assert_checkpoint_learned(summary["best_checkpoint"], tiny_prepared)
     verifier = catalog.verifier()
     ranked, _ = rank_examples(model, "nezha", catalog, verifier, split.valid, beam=5)
     metrics = hit_ndcg(ranked, catalog.packed[split.valid.targets], ks=(1, 5, 10))

@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 import ray.train
-import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from train_fixtures import assert_checkpoint_learned
 
 from nezha.config import ConfigError
 from nezha.data.split import Split
-from nezha.model.checkpoint import create_model, load_checkpoint
-from nezha.prepared import SPLIT_FILE, load_prepared
-from nezha.training import make_batch, steps_per_epoch
+from nezha.prepared import SPLIT_FILE
+from nezha.training import steps_per_epoch
 from train.config import RayTrainConfig
 from train.data import StreamData, count_examples, split_arrays, train_dataset, valid_examples
 from train.run import run
@@ -116,12 +115,7 @@ def test_streaming_job_trains_end_to_end_through_run(ray_session, tiny_prepared,
     summary = run(cfg)
     assert summary["steps"] == 30 and [h["step"] for h in summary["history"]] == [15, 30]
     assert len(summary["worker_peak_rss_mb"]) == 2 and min(summary["worker_peak_rss_mb"]) > 0
-    catalog, split, _ = load_prepared(tiny_prepared)
-    model = load_checkpoint(summary["best_checkpoint"])
-    fresh = create_model(model.config, seed=0).eval()
-    batch = make_batch(model, catalog, split.train.histories[:64], split.train.targets[:64], "cpu")
-    with torch.no_grad():
-        assert float(model(batch)["loss"]) < 0.8 * float(fresh(batch)["loss"])
+    catalog, _, _ = assert_checkpoint_learned(summary["best_checkpoint"], tiny_prepared)
     assert summary["best_metrics"]["hit@10"] > 10 / catalog.num_items  # better than a random top-10
 
 
