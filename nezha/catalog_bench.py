@@ -35,6 +35,7 @@ import torch
 
 from nezha.config import ConfigError
 from nezha.device import cpu_model, device_name, resolve_device
+from nezha.live_catalog_bench import bench_size as bench_redis_size
 from nezha.timing import latency_stats, synchronize
 from nezha.verify import PrefixVerifier
 from nezha.verify.codec import random_packed_ids
@@ -61,6 +62,10 @@ class CatalogBenchConfig:
     isolate: bool = field(default=True, metadata={"help": "each shape and size in a forked process (CPU only)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (a serving replica's default is 1; 0: torch's)"})
     seed: int = 0
+    redis: bool = field(default=False, metadata={"help": "also measure Redis and a replica per size (first shape): "
+                                                          "push, longest Redis block, cold start, RSS, apply lag"})
+    rate: int = field(default=1000, metadata={"help": "with redis: catalog changes per second streamed"})
+    stream_s: float = field(default=30.0, metadata={"help": "with redis: seconds of streamed changes"})
     json: str | None = field(default=None, metadata={"help": "write the report here"})
 
     def __post_init__(self) -> None:
@@ -302,9 +307,16 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
 def bench_catalog(cfg: CatalogBenchConfig) -> dict[str, Any]:
     """`run_catalog_bench` from a config (the CLI's entry)."""
     values = asdict(cfg)
+    for key in ("redis", "rate", "stream_s"):
+        values.pop(key)
     values["shapes"] = [parse_shape(s) for s in cfg.shapes]
     values["json_path"] = values.pop("json")
-    return run_catalog_bench(**values)
+    report = run_catalog_bench(**values)
+    if cfg.redis:  # a real redis-server on a free port and a replica process per size (nezha.live_catalog_bench)
+        report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s) for n in cfg.sizes]
+        if cfg.json:
+            Path(cfg.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def format_catalog_table(report: dict[str, Any]) -> str:
@@ -336,4 +348,7 @@ def format_catalog_table(report: dict[str, Any]) -> str:
             f"{row['load_average_1m']['start']:>5.1f}->{row['load_average_1m']['end']:.1f}")
     lines.append(f"ms columns: p50/p99; batch: one update of {report['config']['batch']} changes; B/it: bytes "
                  "per item (RSS growth after the build, its peak while building / changing; own: nbytes())")
+    for row in report.get("redis", []):
+        lines.append(f"redis {row['shape']} {row['items']:,} items: " + json.dumps(
+            {k: v for k, v in row.items() if k not in ("items", "shape")}, default=str))
     return "\n".join(lines)

@@ -268,10 +268,13 @@ class Recommender:
             self.metrics.observe_batch(decoder, len(batch), decode_s, int(invalid.sum()))
             info = BatchInfo(id=batch_id, size=len(batch))
             width = ids.shape[1]
-            for pos, (row, q) in enumerate(zip(rows, batch, strict=True)):
-                kept = top_k(items[pos * width:(pos + 1) * width], scores[pos].tolist(), q.exclude, q.k)
-                ranked = [RecommendedItem(item_id=item, score=round(score, 6), **view.meta_of(item))
-                          for item, score in kept]
+            kept = [top_k(items[pos * width:(pos + 1) * width], scores[pos].tolist(), q.exclude, q.k)
+                    for pos, q in enumerate(batch)]
+            # The answered items' metadata in one read for the whole batch (one Redis round trip where the
+            # catalog lives in Redis), off the event loop.
+            metas = iter(await asyncio.to_thread(view.metas_of, [item for answer in kept for item, _ in answer]))
+            for row, q, answer in zip(rows, batch, kept, strict=True):
+                ranked = [RecommendedItem(item_id=item, score=round(score, 6), **next(metas)) for item, score in answer]
                 answers[row] = Recommendation(items=ranked, decoder=decoder, k=q.k, catalog_version=view.version,
                                               replica=self.replica, batch=info)
         return [answers[row] for row in range(len(queries))]
