@@ -6,8 +6,9 @@ module when called, so loading a quantizer and encoding with it (training, servi
 
 Why faiss rather than scikit-learn's MiniBatchKMeans (docs/measurements/rq-bench/compare_kmeans-*.json,
 2 shared CPU cores, 3 x 256 codes): on 1M x 384 clustered embeddings fitted on a 200k sample, the same
-quality (reconstruction error 0.394 vs 0.396, raw collisions 5.9% vs 5.5%) for 145 vs 166 CPU-seconds,
-MiniBatchKMeans stopping after 3-4 epochs; on a 20k catalog (Beauty-sized, where the sample is the whole
+quality (reconstruction error 0.394 vs 0.396, raw collisions 5.9% vs 5.5%) for 125 vs 152 CPU-seconds
+(292 vs 239 s wall: MiniBatchKMeans stopped after 3-4 epochs), peak 534 vs 677 MB above the embeddings;
+on a 20k catalog (Beauty-sized, where the sample is the whole
 catalog) faiss took 10 CPU-s against 142, with the lower error (0.325 vs 0.343). faiss also runs a fixed
 number of iterations, in float32 throughout. scikit-learn's full KMeans (used before) fitted every item
 in float64: ~11 GB on top of the embeddings at 1M x 384.
