@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import resource
@@ -43,6 +44,8 @@ import redis
 
 from nezha.live_catalog import CatalogFollower, LocalCatalog, NewItem, RedisCatalog, add_new_items
 from nezha.semantic_ids.quantizer import ResidualQuantizer
+
+log = logging.getLogger(__name__)
 
 _WORDS = ("hydrating", "gentle", "daily", "organic", "repair", "volume", "matte", "silk", "argan", "vitamin",
           "charcoal", "rose", "citrus", "mineral", "night", "travel", "sensitive", "glow", "clarifying", "shea")
@@ -324,7 +327,7 @@ def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float) -> dict[
         proc, url = _start_redis(Path(directory))
         try:
             row.update(bench_push(url, catalog))
-            print(f"  {n}: push {row}", file=sys.stderr, flush=True)
+            log.info("%d items: push %s", n, row)
             row.update(bench_stream(url, catalog, rate, seconds))
             row.update(bench_add_by_text(url, sizes))
         finally:
