@@ -57,8 +57,10 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run the epochs)"})
     batch_size: int = 128
     lr: float = 1e-3
-    embedding_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier of the token embeddings"})
-    head_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier of the draft/MTP heads"})
+    embedding_lr_mult: float = field(default=1.0, metadata={
+        "help": "lr multiplier of the token embeddings (the input embedding and an untied LM head; the paper: 100)"})
+    head_lr_mult: float = field(default=1.0, metadata={
+        "help": "lr multiplier of the draft/MTP heads: transitions, logit heads, code embeddings (the paper: 10)"})
     weight_decay: float = 0.0
     warmup_ratio: float = 0.01
     grad_clip: float = 1.0
@@ -90,6 +92,9 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "eval_users", "patience", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: may not be negative, got {getattr(self, name)}")
+        for name in ("lr", "embedding_lr_mult", "head_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError(f"epochs: must be > 0 (or give max_steps), got {self.epochs}")
 
@@ -162,7 +167,16 @@ class Stepper(Protocol):
 
 def param_groups(model: NezhaModel, lr: float, embedding_lr_mult: float, head_lr_mult: float,
                  weight_decay: float) -> list[dict[str, Any]]:
-    """Three groups by module identity (not by name matching): embeddings, heads, the rest of the backbone."""
+    """Three groups by module identity (not by name matching): embeddings, heads, the rest of the backbone.
+
+    "embeddings" is the whole input embedding matrix (and the LM head when it is not tied to it). With a
+    preset backbone every row is one of our new tokens (base_vocab 0), the paper's "new token embeddings".
+    With a pretrained vocabulary the base rows sit in that group too: our prompts never contain them, so
+    the input side gives them no gradient, but a tied or separate LM head moves them through the `lm`
+    softmax at the embeddings' rate. AdamW normalises gradients per element, so a gradient hook on the new
+    rows alone would not change their step size; a per-row rate would need the optimiser's cooperation
+    (DeepSpeed's included), which this grouping avoids.
+    """
     embeddings = {id(model.backbone.get_input_embeddings().weight)}
     output = model.backbone.get_output_embeddings()
     if output is not None:
