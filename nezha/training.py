@@ -32,7 +32,7 @@ from nezha.evaluation import rank_examples
 from nezha.metrics import metrics_from_ranks, target_ranks
 from nezha.model.checkpoint import create_model, save_checkpoint
 from nezha.model.draft_head import TRANSITIONS
-from nezha.model.model import ModelConfig, NezhaModel, normalise_objectives
+from nezha.model.model import ModelConfig, NezhaModel, check_ties, normalise_objectives
 from nezha.model.tokens import build_prompts
 from nezha.prepared import CATALOG_DIR, load_prepared
 from nezha.verify.verifier import PrefixVerifier
@@ -52,6 +52,12 @@ class TrainConfig:
                                   metadata={"help": "nezha, lm, mtp, joint (= nezha,lm); comma-separated"})
     placeholders: bool = field(default=True, metadata={
         "help": "false: the NEZHA-2 ablation (no <SP_l> in the prompt, the draft head reads h_0 only)"})
+    tie_draft_embeddings: bool = field(default=False, metadata={
+        "help": "ours, beyond the paper: the draft head's code embeddings are the LM's token embeddings of "
+                "those codes (trained at embedding_lr_mult)"})
+    tie_draft_heads: bool = field(default=False, metadata={
+        "help": "ours, beyond the paper: the draft head's logit heads are the LM's token embeddings of each "
+                "level's codes (trained at embedding_lr_mult)"})
     dtype: str = "float32"
     epochs: float = field(default=3.0, metadata={"help": "training budget (the LR schedule spans it)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run the epochs)"})
@@ -84,6 +90,7 @@ class TrainConfig:
             normalise_objectives(self.objectives)
         except ValueError as exc:
             raise ConfigError(f"objectives: {exc}") from None
+        check_ties(self)
         if self.select_by != "auto" and self.select_by not in SELECTION_ORDER:
             raise ConfigError(f"select_by: {self.select_by!r} is not auto or one of {SELECTION_ORDER}")
         for name in ("batch_size", "eval_beam", "log_every"):
@@ -100,7 +107,8 @@ class TrainConfig:
 
     def model_config(self, codebook_sizes: Sequence[int]) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, codebook_sizes=list(codebook_sizes), transition=self.transition,
-                           objectives=list(self.objectives), dtype=self.dtype, placeholders=self.placeholders)
+                           objectives=list(self.objectives), dtype=self.dtype, placeholders=self.placeholders,
+                           tie_draft_embeddings=self.tie_draft_embeddings, tie_draft_heads=self.tie_draft_heads)
 
     def plan(self, num_examples: int, world_size: int = 1) -> Plan:
         """This config's step budget and validation steps on `num_examples` training examples."""
@@ -175,7 +183,8 @@ def param_groups(model: NezhaModel, lr: float, embedding_lr_mult: float, head_lr
     the input side gives them no gradient, but a tied or separate LM head moves them through the `lm`
     softmax at the embeddings' rate. AdamW normalises gradients per element, so a gradient hook on the new
     rows alone would not change their step size; a per-row rate would need the optimiser's cooperation
-    (DeepSpeed's included), which this grouping avoids.
+    (DeepSpeed's included), which this grouping avoids. Draft-head weights tied to the vocabulary
+    (`tie_draft_embeddings`, `tie_draft_heads`) are rows of that matrix, so they follow the embeddings' rate.
     """
     embeddings = {id(model.backbone.get_input_embeddings().weight)}
     output = model.backbone.get_output_embeddings()

@@ -4,6 +4,9 @@ Level l's logits come from the placeholder's hidden state h_{l+1} plus a context
 summarises the tokens already chosen: logits_l = W_l (read(s_l) + h_{l+1}), s_0 = h_0 (the last history
 token), s_{l+1} = Transition_l(s_l, E_l[t_l]). With transition "none" the levels are independent
 (MTP-like). Without placeholders (the MTP baseline) h_{l+1} is absent and logits_l = W_l read(s_l).
+
+Ours, beyond the paper: E_l and/or W_l may be the LM's own token embeddings of level l's codes (`VocabRows`,
+a view of the backbone's input embedding matrix) instead of the head's own weights.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TRANSITIONS = ("rnn", "gru", "lstm", "mlp", "add", "none")
@@ -50,16 +54,44 @@ class Transition(nn.Module):
         return self.cell(flat_emb, flat_state).reshape(*lead, self.hidden)
 
 
+class VocabRows:
+    """Level l's code rows of a backbone's input embedding matrix, as views of it (the same storage).
+
+    The backbone is held in a plain tuple, not registered as a submodule: the head owns no copy, so
+    state_dict, checkpoints and exports hold the matrix once, in the backbone. The matrix is looked up at
+    every call (a resized or re-materialised embedding is followed); copy.deepcopy of the whole model maps
+    the reference to the copied backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, offsets: Sequence[int], sizes: Sequence[int]) -> None:
+        self._backbone = (backbone,)
+        self.offsets = tuple(int(o) for o in offsets)
+        self.sizes = tuple(int(s) for s in sizes)
+
+    def __call__(self, level: int) -> torch.Tensor:
+        """[T_level, H] rows of level `level`'s codes."""
+        weight = self._backbone[0].get_input_embeddings().weight
+        return weight[self.offsets[level] : self.offsets[level] + self.sizes[level]]
+
+
 class DraftHead(nn.Module):
-    def __init__(self, hidden: int, sizes: Sequence[int], transition: str = "rnn") -> None:
+    def __init__(self, hidden: int, sizes: Sequence[int], transition: str = "rnn",
+                 tied_embeddings: VocabRows | None = None, tied_heads: VocabRows | None = None) -> None:
+        """`tied_embeddings` / `tied_heads`: use the LM's token embeddings of each level's codes as E_l / W_l
+        instead of the head's own (ours, beyond the paper)."""
         super().__init__()
         self.hidden = hidden
         self.sizes = tuple(int(s) for s in sizes)
         self.transition_kind = transition
-        self.heads = nn.ModuleList(nn.Linear(hidden, size, bias=False) for size in self.sizes)
+        uses_tokens = transition != "none"  # "none" never reads the chosen codes
+        if tied_embeddings is not None and not uses_tokens:
+            raise ValueError("transition none reads no code embeddings, so there are none to tie")
+        self.tied_embeddings, self.tied_heads = tied_embeddings, tied_heads
+        self.heads = (nn.ModuleList(nn.Linear(hidden, size, bias=False) for size in self.sizes)
+                      if tied_heads is None else None)
         # The last level's choice never feeds a transition, so it needs no embedding.
-        uses_tokens = transition != "none"
-        self.embeddings = nn.ModuleList(nn.Embedding(size, hidden) for size in self.sizes[:-1]) if uses_tokens else None
+        self.embeddings = (nn.ModuleList(nn.Embedding(size, hidden) for size in self.sizes[:-1])
+                           if uses_tokens and tied_embeddings is None else None)
         self.transitions = nn.ModuleList(Transition(transition, hidden) for _ in self.sizes[:-1])
 
     @property
@@ -68,7 +100,17 @@ class DraftHead(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.heads[0].weight.dtype
+        return self.head_weight(0).dtype
+
+    def head_weight(self, level: int) -> torch.Tensor:
+        """W_l [T_level, H]."""
+        return self.heads[level].weight if self.tied_heads is None else self.tied_heads(level)
+
+    def code_embedding(self, level: int) -> torch.Tensor | None:
+        """E_l [T_level, H] (None with transition "none")."""
+        if self.tied_embeddings is not None:
+            return self.tied_embeddings(level)
+        return None if self.embeddings is None else self.embeddings[level].weight
 
     def init_state(self, h0: torch.Tensor) -> torch.Tensor:
         h0 = h0.to(self.dtype)
@@ -81,13 +123,14 @@ class DraftHead(nn.Module):
         features = state[..., : self.hidden]
         if context is not None:
             features = features + context.to(self.dtype)
-        return self.heads[level](features)
+        return F.linear(features, self.head_weight(level))
 
     def step(self, level: int, state: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """State after choosing `codes` (shape state.shape[:-1]) at `level`."""
-        if self.embeddings is None:
+        embedding = self.code_embedding(level)
+        if embedding is None:
             return state
-        return self.transitions[level](state, self.embeddings[level](codes))
+        return self.transitions[level](state, F.embedding(codes, embedding))
 
     def teacher_forced_logits(self, h0: torch.Tensor, contexts: torch.Tensor | None,
                               targets: torch.Tensor) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from nezha.config import ConfigError
-from nezha.model.draft_head import TRANSITIONS, DraftHead
+from nezha.model.draft_head import TRANSITIONS, DraftHead, VocabRows
 from nezha.model.tokens import TokenLayout, position_ids_from_mask
 
 OBJECTIVES = ("nezha", "lm", "mtp")
@@ -47,13 +48,30 @@ class ModelConfig:
     # False = the paper's NEZHA-2 ablation: no <SP_l> in the prompt, the draft head reads h_0 only
     # (its transition still runs); the default is the paper's model.
     placeholders: bool = True
+    # Ours, beyond the paper: the draft head's code embeddings E_l / logit heads W_l are the backbone's input
+    # token embeddings of level l's codes (one matrix shared with the history's tokens) instead of its own.
+    tie_draft_embeddings: bool = False
+    tie_draft_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.transition not in TRANSITIONS:
             raise ConfigError(f"transition: unknown transition {self.transition!r}; choose one of {TRANSITIONS}")
+
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose one of {tuple(DTYPES)}")
         self.objectives = list(normalise_objectives(self.objectives))
+        check_ties(self)
+
+
+def check_ties(config: Any) -> None:
+    """The tie_draft_* options of a ModelConfig or TrainConfig (objectives already valid) make sense."""
+    if config.tie_draft_embeddings and config.transition == "none":
+        raise ConfigError("tie_draft_embeddings: transition none reads no code embeddings; "
+                          "use another transition or leave it false")
+    for name in ("tie_draft_embeddings", "tie_draft_heads"):
+        if getattr(config, name) and "nezha" not in normalise_objectives(config.objectives):
+            raise ConfigError(f"{name}: ties the NEZHA draft head, which only the nezha objective trains; "
+                              "add nezha (or joint) to objectives or leave it false")
 
 
 class NezhaModel(nn.Module):
@@ -64,12 +82,18 @@ class NezhaModel(nn.Module):
         self.config = config
         hidden = backbone.config.hidden_size
         objectives = config.objectives
-        self.draft_head = DraftHead(hidden, layout.sizes, config.transition) if "nezha" in objectives else None
+        self.draft_head = self._draft_head(hidden) if "nezha" in objectives else None
         self.mtp_head = DraftHead(hidden, layout.sizes, "none") if "mtp" in objectives else None
         dtype = backbone.get_input_embeddings().weight.dtype
         for head in (self.draft_head, self.mtp_head):
             if head is not None:
                 head.to(dtype)  # one dtype end to end: no silent bf16/fp32 mixing
+
+    def _draft_head(self, hidden: int) -> DraftHead:
+        vocab = VocabRows(self.backbone, self.layout.offsets(), self.layout.sizes)
+        return DraftHead(hidden, self.layout.sizes, self.config.transition,
+                         tied_embeddings=vocab if self.config.tie_draft_embeddings else None,
+                         tied_heads=vocab if self.config.tie_draft_heads else None)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states [B, P, H] of one prefill (the LM head is not applied)."""
