@@ -227,10 +227,8 @@ def open_input(cfg: RecommendConfig) -> tuple[Iterator[UserHistory | Skipped], i
 def check_checkpoint(cfg: RecommendConfig) -> None:
     """Fail before any data is read or actor started: the checkpoint must exist and have the decoder's head."""
     objectives = ModelConfig(**read_meta(cfg.checkpoint)["model"]).objectives
-    if DECODERS[cfg.decoder].needs not in objectives:
-        serves = [name for name, d in DECODERS.items() if d.needs in objectives]
-        raise ValueError(f"decoder: {cfg.checkpoint} has no head for {cfg.decoder!r}; "
-                         f"it serves {', '.join(serves)}")
+    if DECODERS[cfg.decoder].missing(objectives):
+        raise ValueError(f"decoder: {DECODERS[cfg.decoder].missing_heads_error(objectives, str(cfg.checkpoint))}")
 
 
 class OfflineRecommender:

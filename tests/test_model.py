@@ -68,7 +68,7 @@ def test_losses_and_checkpoint_round_trip(tmp_path):
     losses = model(batch)
     assert set(losses) == {"nezha", "lm", "mtp", "loss"}
     assert torch.isclose(losses["loss"], losses["nezha"] + losses["lm"] + losses["mtp"])
-    assert available_decoders(model) == ("nezha", "mtp", "beam", "hf-beam", "hf-beam-constrained")
+    assert available_decoders(model) == ("nezha", "mtp", "beam", "hf-beam", "hf-beam-constrained", "nezha-rescore")
     save_checkpoint(model, tmp_path / "ck")
     loaded = load_checkpoint(tmp_path / "ck")
     again = loaded(batch)
