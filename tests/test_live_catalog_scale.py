@@ -75,10 +75,10 @@ def test_push_swaps_whole_catalogs_and_leaves_no_staging_keys(store: RedisCatalo
     assert set(seen) <= {3000, 2000} and seen
     assert redis_items(store) == dict(zip(second.item_ids, second.packed.tolist(), strict=True))
     assert store.client.hlen(store.id2item) == store.client.hlen(store.item_meta) == 2000
-    assert store.client.keys(f"{store.prefix}:staging:*") == []
+    assert store.client.keys(f"{store.tag}:staging:*") == []
     assert store.client.ttl(store.item2id) == -1  # the staging TTL does not follow the keys into place
     assert store.read_feed(version - 1, None)[-1].op == "reset"
-    assert store.push(first, if_empty=True) is None and store.client.keys(f"{store.prefix}:staging:*") == []
+    assert store.push(first, if_empty=True) is None and store.client.keys(f"{store.tag}:staging:*") == []
 
 
 def test_chunked_snapshots_are_exact_while_changes_land(redis_server: RedisServer,  # noqa: F811

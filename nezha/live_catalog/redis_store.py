@@ -1,6 +1,8 @@
 """The live catalog in Redis: the source of truth for serving, read and written atomically.
 
-Keys under one prefix P (default `nezha:catalog`):
+Keys under one prefix, hash-tagged: P is `{prefix}` (default `{nezha:catalog}`), so every key of a catalog is
+in one Redis Cluster slot and each script and pipeline below runs on one node (keys written before the tag,
+`nezha:catalog:*`, are not read: push the catalog again, docs/operations.md):
 
     P:item2id   hash  item id -> packed semantic ID (decimal string)
     P:id2item   hash  packed semantic ID -> item id; its keys are the set of valid IDs
@@ -36,14 +38,12 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from nezha.catalog import Catalog
+from nezha.live_catalog.connection import RedisDeployment, redact_url
 from nezha.live_catalog.errors import (
     CatalogStoreError,
     IdTakenError,
@@ -166,20 +166,6 @@ class RemoteState:
     run_id: str
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password (in the authority or a `password=` query option) replaced by ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
-    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
-                      safe="*/")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 class RedisCatalog:
     """Atomic reads and writes of one catalog in Redis. Thread-safe (redis-py pools connections).
 
@@ -188,18 +174,27 @@ class RedisCatalog:
     """
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, feed_maxlen: int = DEFAULT_FEED_MAXLEN,
-                 socket_timeout: float = 5.0) -> None:
+                 socket_timeout: float = 5.0, min_replicas: int | None = None,
+                 wait_timeout_ms: int | None = None) -> None:
+        """`url`: one server, Sentinel or Cluster (nezha/live_catalog/connection.py). `min_replicas`: replicas an
+        add/remove/push must reach before it returns (None: the URL's `min_replicas`, else 1 when the primary
+        has a replica online, 0 alone); `wait_timeout_ms`: how long it waits for them (None: the URL's, 1000)."""
         self.display_url = redact_url(url)
         self.prefix = prefix
         self.feed_maxlen = feed_maxlen
-        self.client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0,
-                                           socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
-        self.item2id, self.id2item = f"{prefix}:item2id", f"{prefix}:id2item"
-        self.version_key, self.meta, self.feed = f"{prefix}:version", f"{prefix}:meta", f"{prefix}:feed"
-        self.item_meta = f"{prefix}:itemmeta"  # item id -> JSON title/brand/categories
+        # Every key in the hash tag {prefix}: one Cluster slot, so each script and pipeline stays on one node.
+        self.tag = "{" + prefix + "}"
+        self.deployment = RedisDeployment(url, self.tag, socket_timeout)
+        target = self.deployment.target
+        self.min_replicas = target.min_replicas if min_replicas is None else min_replicas
+        self.wait_timeout_ms = target.wait_timeout_ms if wait_timeout_ms is None else wait_timeout_ms
+        self._auto_replicas = (0, 0.0)  # (replicas to wait for, monotonic time until which that holds)
+        self.client = self.deployment.client(decode_responses=True)
+        self.item2id, self.id2item = f"{self.tag}:item2id", f"{self.tag}:id2item"
+        self.version_key, self.meta, self.feed = f"{self.tag}:version", f"{self.tag}:meta", f"{self.tag}:feed"
+        self.item_meta = f"{self.tag}:itemmeta"  # item id -> JSON title/brand/categories
         # Snapshot chunks are read as bytes (item ids stay UTF-8, parsed by numpy, never one str per item).
-        self._raw = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0,
-                                         socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
+        self._raw = self.deployment.client(decode_responses=False)
         self._add = self.client.register_script(_ADD_LUA)
         self._remove = self.client.register_script(_REMOVE_LUA)
         self._swap = self.client.register_script(_SWAP_LUA)
@@ -208,6 +203,7 @@ class RedisCatalog:
     def close(self) -> None:
         self.client.close()
         self._raw.close()
+        self.deployment.close()
 
     def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
         return StoreUnavailableError(self.display_url, f"{type(exc).__name__}: {exc}", what)
@@ -226,7 +222,7 @@ class RedisCatalog:
         """
         item_meta = item_meta or {}
         epoch = uuid.uuid4().hex
-        staged = [f"{self.prefix}:staging:{epoch}:{name}" for name in ("item2id", "id2item", "itemmeta")]
+        staged = [f"{self.tag}:staging:{epoch}:{name}" for name in ("item2id", "id2item", "itemmeta")]
         meta = {"codebook_sizes": json.dumps(list(catalog.codebook_sizes)), "epoch": epoch, "source": source,
                 "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items)}
         packed = [str(p) for p in catalog.packed.tolist()]
