@@ -16,6 +16,7 @@ from nezha.live_catalog import (
     ItemNotFoundError,
     NoCatalogError,
     StoreUnavailableError,
+    WriteNotConfirmedError,
 )
 
 
@@ -80,9 +81,14 @@ class NoCatalog(ServiceError):
 
 
 class StoreUnavailable(ServiceError):
-    """Redis cannot be reached: the change was refused."""
+    """Redis cannot be reached, or a change was not confirmed (its replicas did not acknowledge it in time, or
+    a failover cut its connection): safe to retry after `retry_after_s`."""
 
     code = "store_unavailable"
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail, retryable=True)
+        self.retry_after_s = retry_after_s
 
 
 class EmbeddingUnavailable(ServiceError):
@@ -113,7 +119,7 @@ STORE_ERRORS: tuple[tuple[type[Exception], type[ServiceError]], ...] = (
     (CatalogConflictError, Conflict),
     (ItemNotFoundError, NotFound),
     (NoCatalogError, NoCatalog),
-    (StoreUnavailableError, StoreUnavailable),
+    (StoreUnavailableError, StoreUnavailable),  # WriteNotConfirmedError too: retryable, with Retry-After
 )
 STORE_ERROR_TYPES = tuple(store for store, _ in STORE_ERRORS)
 
@@ -123,4 +129,6 @@ def from_store_error(exc: Exception) -> ServiceError:
     name it."""
     error = next(service for store, service in STORE_ERRORS if isinstance(exc, store))
     extra = {"item_id": exc.item_id} if isinstance(exc, CatalogConflictError | ItemNotFoundError) else {}
+    if isinstance(exc, WriteNotConfirmedError):
+        extra = {"retry_after_s": exc.retry_after_s}
     return error(str(exc), **extra)

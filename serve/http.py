@@ -3,7 +3,8 @@
 The routes call the replica directly and return its results as the declared response models, which FastAPI
 enforces. The replica refuses a call by raising a typed error (serve/errors.py); `ERROR_STATUS` gives each
 its HTTP status, and every non-200 answer is the envelope of serve/errors.py, never a traceback. A 503
-`unavailable` (the replica is past its pending-request bound) is retryable and carries `Retry-After`.
+`unavailable` (the replica is past its pending-request bound) and a 503 `store_unavailable` (Redis unreachable, or
+a catalog change not confirmed during a failover) are retryable and carry `Retry-After`.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def create_api(cfg: ServeConfig, replica: Replica, metrics: HttpMetrics) -> Fast
             count(request, status)
         else:
             observe(request, status)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+        retry_after = getattr(exc, "retry_after_s", None)  # Unavailable, StoreUnavailable: retryable
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
         return JSONResponse(exc.body(), status_code=status, headers=headers)
 
     for error in ERROR_STATUS:

@@ -128,8 +128,8 @@ def test_a_typed_error_gets_its_status_and_envelope(api: tuple[TestClient, FakeR
     r = client.post("/v1/recommend", json={"history": ["I001"]})
     assert r.status_code == status == ERROR_STATUS[type(error)]
     assert r.json() == {"error": error.code, "detail": error.detail, **error.extra}
-    if isinstance(error, Unavailable):
-        assert r.headers["Retry-After"] == "3" and r.json()["retryable"] is True
+    if isinstance(error, Unavailable | StoreUnavailable):  # the retryable ones
+        assert r.headers["Retry-After"] == str(error.retry_after_s) and r.json()["retryable"] is True
     else:
         assert "Retry-After" not in r.headers
 

@@ -24,6 +24,7 @@ from nezha.live_catalog.errors import (
     ItemNotFoundError,
     NoCatalogError,
     StoreUnavailableError,
+    WriteNotConfirmedError,
 )
 from nezha.live_catalog.follower import CatalogFollower, FollowerHealth
 from nezha.live_catalog.item_table import ItemMap, ItemTable
@@ -54,6 +55,6 @@ __all__ = [
     "FeedEntry", "FollowerHealth", "IdTakenError", "InProcessStore", "InvalidItemError", "ItemExistsError",
     "ItemMap", "ItemNotFoundError", "ItemTable", "LocalCatalog", "MemoryMeta", "MetaSource", "NewItem",
     "NoCatalogError", "RedisCatalog", "RedisItemMeta", "RemoteState", "Snapshot", "StoreUnavailableError",
-    "add_new_items", "check_codes", "clean_meta", "codes_of", "load_item_metadata", "load_quantizer_for",
+    "WriteNotConfirmedError", "add_new_items", "check_codes", "clean_meta", "codes_of", "load_item_metadata", "load_quantizer_for",
     "redact_url",
 ]

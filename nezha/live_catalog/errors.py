@@ -22,6 +22,21 @@ class StoreUnavailableError(CatalogStoreError):
         return f"catalog store unavailable: Redis at {self.url} ({self.cause}); {self.consequence}"
 
 
+class WriteNotConfirmedError(StoreUnavailableError):
+    """A write whose outcome is not confirmed (503, retryable): fewer replicas than asked acknowledged it in time,
+    or the connection failed during a failover (no primary yet, the primary went away or was demoted).
+
+    Retrying is the remedy: a retry lands on the current primary. A retried add answered "already in the
+    catalog" with the same semantic ID, or a retried remove answered "not in the catalog", means the first
+    attempt had landed and was kept.
+    """
+
+    retry_after_s = 1
+
+    def __str__(self) -> str:
+        return f"catalog write not confirmed: Redis at {self.url} ({self.cause}); {self.consequence}"
+
+
 class NoCatalogError(CatalogStoreError):
     """Redis holds no catalog under the prefix (503 until `nezha catalog push`)."""
 
@@ -80,4 +95,4 @@ class InvalidItemError(CatalogStoreError, ValueError):
 
 
 __all__ = ["CatalogConflictError", "CatalogStoreError", "IdTakenError", "InvalidItemError", "ItemExistsError",
-           "ItemNotFoundError", "NoCatalogError", "StoreUnavailableError"]
+           "ItemNotFoundError", "NoCatalogError", "StoreUnavailableError", "WriteNotConfirmedError"]

@@ -43,7 +43,7 @@ import numpy as np
 import redis
 
 from nezha.catalog import Catalog
-from nezha.live_catalog.connection import RedisDeployment, redact_url
+from nezha.live_catalog.connection import TRANSIENT_ERRORS, RedisDeployment, online_replicas, redact_url
 from nezha.live_catalog.errors import (
     CatalogStoreError,
     IdTakenError,
@@ -51,6 +51,7 @@ from nezha.live_catalog.errors import (
     ItemNotFoundError,
     NoCatalogError,
     StoreUnavailableError,
+    WriteNotConfirmedError,
 )
 from nezha.live_catalog.item_table import ItemTable, StringColumn
 from nezha.live_catalog.metadata import ItemMeta, clean_meta
@@ -60,6 +61,7 @@ from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEn
 PUSH_CHUNK = 2_000
 SCAN_COUNT = 5_000
 STAGING_TTL_S = 3600  # staging keys of a push that died expire after this
+REPLICA_CHECK_S = 5.0  # how long a write trusts its look at the primary's replicas (INFO replication)
 
 # ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
 # write, so a rejected batch changes nothing; Redis runs the script atomically.
@@ -242,8 +244,8 @@ class RedisCatalog:
                         pipe.expire(key, STAGING_TTL_S)
                     pipe.execute()
             keys = [self.item2id, self.id2item, self.item_meta, self.meta, self.version_key, self.feed, *staged]
-            reply = self._swap(keys=keys, args=[int(if_empty), self.feed_maxlen, epoch,
-                                                *(x for pair in meta.items() for x in pair)])
+            reply = self._durable(self._swap, keys, [int(if_empty), self.feed_maxlen, epoch,
+                                                     *(x for pair in meta.items() for x in pair)], "push")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "the push was not applied") from None
         if reply[0] == "exists":
@@ -268,11 +270,7 @@ class RedisCatalog:
 
     def _run(self, script: Any, args: list[Any], what: str) -> int:
         keys = [self.item2id, self.id2item, self.version_key, self.feed, self.meta, self.item_meta]
-        try:
-            reply = script(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise self._unavailable(exc, f"the {what} was refused (if the connection dropped mid-request, "
-                                         "check the catalog version before retrying)") from None
+        reply = self._durable(script, keys, args, what)
         status = reply[0]
         if status == "ok":
             return int(reply[1])
@@ -285,6 +283,47 @@ class RedisCatalog:
         if status == "missing":
             raise ItemNotFoundError(reply[1])
         raise CatalogStoreError(f"unexpected reply from the {what} script: {reply!r}")
+
+    def _durable(self, script: Any, keys: list[str], args: list[Any], what: str) -> list[Any]:
+        """Run a write script and, on the same connection (WAIT counts that connection's writes), wait until
+        enough replicas have it; its reply. WriteNotConfirmedError when they do not acknowledge in time, or
+        when the connection fails (a failover: no primary yet, the old one gone or demoted)."""
+        try:
+            wanted = self._replicas_to_wait()
+            if wanted == 0:
+                return script(keys=keys, args=args)
+            with self.client.pipeline(transaction=False) as pipe:
+                script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", wanted, self.wait_timeout_ms)
+                reply, acked = pipe.execute()
+        except TRANSIENT_ERRORS as exc:
+            self._auto_replicas = (0, 0.0)  # look again at the (maybe new) primary's replicas next time
+            raise WriteNotConfirmedError(
+                self.display_url, f"{type(exc).__name__}: {exc}",
+                f"the {what} was refused or its connection dropped (a failover, or Redis down): retry it; a "
+                "retried add answered 'already in the catalog' with the same semantic ID, or a retried remove "
+                "answered 'not in the catalog', means the first attempt had landed") from None
+        if reply[0] == "ok" and int(acked) < wanted:
+            self._auto_replicas = (0, 0.0)
+            raise WriteNotConfirmedError(
+                self.display_url, f"{acked} of {wanted} replica(s) acknowledged version {reply[1]} within "
+                                  f"{self.wait_timeout_ms} ms",
+                f"the {what} is on the primary but not confirmed on a replica, so a failover now could lose it: "
+                "retry it (a retried add answered 'already in the catalog' with the same semantic ID, or a "
+                "retried remove answered 'not in the catalog', means it was kept)")
+        return reply
+
+    def _replicas_to_wait(self) -> int:
+        """min_replicas, or by default 1 while the primary has a replica online (0 alone), looked up at most
+        every REPLICA_CHECK_S and again after any write that was not confirmed."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        wanted, until = self._auto_replicas
+        now = time.monotonic()
+        if now >= until:
+            wanted = min(1, online_replicas(self.client.info("replication")))
+            self._auto_replicas = (wanted, now + REPLICA_CHECK_S)
+        return wanted
 
     # ---- reads -----------------------------------------------------------------------------------------
     def snapshot(self, count: int = SCAN_COUNT, attempts: int = 5) -> Snapshot | None:
