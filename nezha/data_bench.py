@@ -8,7 +8,11 @@ child's RSS and stops it above `memory_limit_gb`, recording the step it was in.
 
 Steps (today's code): items (read the catalog), read (interactions -> integer columns), filter
 (`k_core`-core), group (per-user sequences), split (leave-one-out), write (sequences.npz + split.npz).
-The semantic-ID steps (embedding, quantisation) are not part of this benchmark.
+With `--measure prepare` (or `steps,prepare`) each set is also prepared whole, `nezha prepare
+--embeddings FILE.npy` (random clustered float32 vectors, `embedding_dim` wide, written once beside the
+set) in one child: its wall time and peak RSS, prepare's own timings (load, embed, kmeans, collisions,
+split, write), and where the memory went: the child's RSS and peak at each of prepare's log lines
+(`trace`) and the RSS the parent saw every 5 s (`rss_timeline`, [seconds, GB]).
 
 `before` measures an older checkout (`git worktree add /tmp/before 87ca025`) on the same data, converted
 to the one form it reads (items.jsonl + interactions.csv): its load_dataset (items + read + group in
@@ -28,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nezha.config import ConfigError
 from nezha.synth import SynthConfig, synthesize
@@ -102,12 +108,38 @@ with step("write"):
 print(json.dumps({"sizes": split.sizes(), "users": len(ds.user_ids)}), flush=True)
 '''
 
+_PREPARE_CODE = _STEP_CODE + '''
+import logging
+
+T0 = time.perf_counter()
+
+class Trace(logging.Handler):  # RSS and peak at every log line of prepare: where the memory goes
+    def emit(self, record):
+        print(json.dumps({"trace": [round(time.perf_counter() - T0, 1), round(_status("VmRSS") / 2**30, 3),
+                                    round(_status("VmHWM") / 2**30, 3), record.getMessage()[:200]]}), flush=True)
+
+logging.getLogger("nezha").addHandler(Trace())  # prepare's lines, not its libraries' (faiss's loader)
+logging.getLogger("nezha").setLevel(logging.INFO)
+from nezha.prepare import PrepareConfig, prepare
+
+with step("prepare"):
+    result = prepare(PrepareConfig(dataset=ARGS["data"], out=str(OUT / "prepared"), embeddings=ARGS["embeddings"],
+                                   k_core=ARGS["k_core"], max_history=ARGS["max_history"]))
+summary = result.summary
+print(json.dumps({"timings": summary["timings"], "sizes": summary["split_sizes"], "users": summary["num_users"],
+                  "items": summary["num_items"],
+                  "raw_collision_rate": summary["semantic_ids"]["raw_collision_rate"]}), flush=True)
+'''
+
 _CONVERT_CODE = _STEP_CODE + '''
 from nezha.data.datasets import load_dataset, write_dataset
 
 with step("convert"):
     write_dataset(load_dataset(ARGS["data"]), OUT)
 '''
+
+
+MEASURES = ("steps", "prepare")
 
 
 def parse_count(text: str) -> int:
@@ -138,10 +170,18 @@ class DataBenchConfig:
         "help": "a checkout of older code to measure on the CSV form (git worktree add /tmp/before 87ca025)"})
     before_sizes: list[str] = field(default_factory=lambda: ["1M:100k", "10M:1M"], metadata={
         "help": "the sizes measured with --before"})
+    measure: list[str] = field(default_factory=lambda: ["steps"], metadata={
+        "help": "steps: prepare's data steps one by one; prepare: the whole `nezha prepare --embeddings` in one "
+                "child (random embeddings, embedding_dim wide); e.g. steps,prepare"})
+    embedding_dim: int = field(default=384, metadata={"help": "--measure prepare: width of the embeddings"})
     memory_limit_gb: float = field(default=16.0, metadata={"help": "a child above this RSS is stopped"})
     timeout_s: int = field(default=3600, metadata={"help": "a child running longer is stopped"})
 
     def __post_init__(self) -> None:
+        if not self.measure or set(self.measure) - set(MEASURES):
+            raise ConfigError(f"measure: choose from {', '.join(MEASURES)}, got {self.measure}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim: must be >= 1, got {self.embedding_dim}")
         for size in [*self.sizes, *self.before_sizes]:
             if size.count(":") != 1:
                 raise ConfigError(f"sizes: {size!r} is not interactions:items, e.g. 10M:1M")
@@ -164,6 +204,7 @@ def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[st
     result: dict[str, Any] = {"steps": {}, "status": "ok"}
     current = {"step": None}
     seen = {"max_rss_gb": 0.0}
+    timeline: list[list[float]] = []  # [seconds, highest RSS GB of each 5 s]
     stop = threading.Event()
 
     def watch() -> None:
@@ -174,6 +215,11 @@ def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[st
             except (OSError, StopIteration):
                 return
             seen["max_rss_gb"] = max(seen["max_rss_gb"], rss)
+            bucket = 5 * int((time.perf_counter() - started) // 5)
+            if timeline and timeline[-1][0] == bucket:
+                timeline[-1][1] = max(timeline[-1][1], round(rss, 3))
+            else:
+                timeline.append([bucket, round(rss, 3)])
             if rss > cfg.memory_limit_gb:
                 result["status"] = f"stopped: RSS above {cfg.memory_limit_gb} GB in step {current['step']}"
                 proc.kill()
@@ -193,6 +239,8 @@ def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[st
             log.info("  %s ...", record["start"])
         elif "step" in record:
             result["steps"][record.pop("step")] = record
+        elif "trace" in record:
+            result.setdefault("trace", []).append(record["trace"])
         else:
             result.update(record)
     proc.wait()
@@ -204,6 +252,8 @@ def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[st
         result["status"] = f"failed in step {current['step']}: {last}"
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["max_rss_gb_seen"] = round(seen["max_rss_gb"], 3)
+    if "trace" in result:  # a whole prepare: how its memory went
+        result["rss_timeline"] = timeline
     result["peak_rss_gb"] = max((s["peak_rss_gb"] for s in result["steps"].values()), default=None)
     result["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}
@@ -219,6 +269,29 @@ def _synthetic(cfg: DataBenchConfig, size: str) -> Path:
         log.info("writing the synthetic set %s", path)
         stats = synthesize(synth)
         stamp.write_text(json.dumps({"config": asdict(synth), "stats": stats}))
+    return path
+
+
+def _embeddings_file(cfg: DataBenchConfig, size: str) -> Path:
+    """Random clustered, L2-normalised float32 embeddings, one row per item (the synthetic catalog's order does
+    not matter: they are random), written in chunks to a .npy once per items x dim x seed."""
+    items = parse_count(size.split(":")[1])
+    path = Path(cfg.work_dir) / f"emb-{items}x{cfg.embedding_dim}-seed{cfg.seed}.npy"
+    if path.is_file():
+        return path
+    log.info("writing random embeddings %s", path)
+    rng = np.random.default_rng(cfg.seed)
+    topics = rng.standard_normal((max(1, items // 200), cfg.embedding_dim), dtype=np.float32)
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(items, cfg.embedding_dim))
+    for start in range(0, items, 65536):
+        rows = min(items, start + 65536) - start
+        x = topics[rng.integers(0, len(topics), rows)] + 0.3 * rng.standard_normal(
+            (rows, cfg.embedding_dim), dtype=np.float32)
+        out[start:start + rows] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.flush()
+    del out
+    tmp.replace(path)
     return path
 
 
@@ -238,7 +311,7 @@ def run_data_bench(cfg: DataBenchConfig) -> dict[str, Any]:
     for size in cfg.sizes:
         data = _synthetic(cfg, size)
         out = Path(cfg.work_dir) / "out"
-        plans = [("after", "parquet", data)]
+        plans = [("after", "parquet", data)] if "steps" in cfg.measure else []
         if size in cfg.before_sizes and (cfg.csv or cfg.before):
             csv = _csv_form(cfg, data)
             if cfg.csv:
@@ -253,6 +326,13 @@ def run_data_bench(cfg: DataBenchConfig) -> dict[str, Any]:
             runs.append({"size": size, "code": code, "input": fmt, **result})
             log.info("%s", format_run(runs[-1]))
             shutil.rmtree(out, ignore_errors=True)
+        if "prepare" in cfg.measure:
+            log.info("%s: the whole prepare with --embeddings", size)
+            result = _run_child(_PREPARE_CODE, {"root": str(REPO), "data": str(data), "out": str(out),
+                                                "embeddings": str(_embeddings_file(cfg, size)), **common}, cfg)
+            runs.append({"size": size, "code": "prepare", "input": "parquet+npy", **result})
+            log.info("%s", format_run(runs[-1]))
+            shutil.rmtree(out, ignore_errors=True)
     report = {"config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "memory_gb": round(
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}, "runs": runs}
     if cfg.json:
@@ -264,7 +344,17 @@ def run_data_bench(cfg: DataBenchConfig) -> dict[str, Any]:
 _STEPS = ("items", "read", "filter", "group", "split", "write")
 
 
+_PREPARE_STEPS = ("load", "embed", "kmeans", "collisions", "split", "write")
+
+
 def format_run(run: dict[str, Any]) -> str:
+    if run["code"] == "prepare":  # one child, prepare's own timings; the peak is the whole run's
+        timings = run.get("timings", {})
+        cells = [f"{name} {timings[name + '_s']:.1f} s" for name in _PREPARE_STEPS if name + "_s" in timings]
+        peak = f"{run['peak_rss_gb']:.2f}" if run["peak_rss_gb"] is not None else "-"
+        load = "/".join(f"{x:.1f}" for x in run["load_average"]["after"])
+        return (f"{run['size']:>9} prepare {run['input']}: {', '.join(cells) or '-'}; total {run['wall_s']:.1f} s, "
+                f"peak {peak} GB  load {load}  {run['status']}")
     cells = []
     for name in _STEPS:
         s = run["steps"].get(name)

@@ -82,3 +82,23 @@ def test_data_bench_measures_every_step_in_a_child_per_size(tmp_path):
     # a child above the memory limit is stopped, and the step it was in recorded
     small = DataBenchConfig(**{**cfg.__dict__, "csv": False, "before": None, "memory_limit_gb": 0.01, "json": None})
     assert run_data_bench(small)["runs"][0]["status"].startswith("stopped: RSS above 0.01 GB in step")
+
+
+def test_data_bench_runs_the_whole_prepare_with_embeddings_in_one_child(tmp_path):
+    from nezha.data_bench import DataBenchConfig, format_data_table, run_data_bench
+
+    cfg = DataBenchConfig(sizes=["5k:1k"], measure=["prepare"], embedding_dim=16, work_dir=str(tmp_path / "work"),
+                          json=None)
+    report = run_data_bench(cfg)
+    [run] = report["runs"]  # no separate data-step run: measure is prepare only
+    assert run["code"] == "prepare" and run["status"] == "ok", run["status"]
+    assert {"load_s", "kmeans_s", "collisions_s", "split_s", "write_s"} <= set(run["timings"])
+    assert run["items"] == 1000 and run["sizes"]["train"] > 0
+    assert run["peak_rss_gb"] > 0.05 and run["rss_timeline"]
+    # the memory trace: one entry per log line of prepare's own loggers, ending with its summary line
+    assert run["trace"][-1][3].startswith("prepared ") and all(e[2] >= e[1] > 0 for e in run["trace"])
+    emb = np.load(tmp_path / "work" / "emb-1000x16-seed0.npy", mmap_mode="r")
+    assert emb.shape == (1000, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert "5k:1k prepare" in format_data_table(report)
+    with pytest.raises(ConfigError, match="measure: choose from"):
+        DataBenchConfig(measure=["everything"])
