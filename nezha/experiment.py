@@ -13,6 +13,8 @@ then scored on every test user. Layout of `out`:
     curves.png            validation NDCG@10 per epoch, one line per run
 
 Prepared datasets are shared between experiments under `prepared_root` (`nezha prepare` caches by content).
+A finished run whose method now lists an evaluation row it lacks is not trained again: its best checkpoint
+scores just the missing rows (so a new decoder can join a finished grid).
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from nezha.catalog import Catalog
 from nezha.config import ConfigError, from_dict
+from nezha.data.split import Examples
 from nezha.evaluation import LATENCY_ROUNDS, latency_rounds, rank_examples, sweep_widths
 from nezha.metrics import metrics_from_ranks, paired_difference, target_ranks
 from nezha.model.checkpoint import load_checkpoint
+from nezha.model.model import NezhaModel
 from nezha.prepare import PrepareConfig, prepare
 from nezha.prepared import load_prepared
 from nezha.training import TrainConfig, train
@@ -164,20 +169,7 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     catalog, split, _ = load_prepared(prepared)
     examples = split.test.subset(cfg.eval_users)
     model = load_checkpoint(trained.best_checkpoint, train_cfg.device if train_cfg.device != "auto" else "cpu")
-    device = next(model.parameters()).device
-    verifier = catalog.verifier(device)
-    targets = catalog.packed[examples.targets]
-    rows: dict[str, Any] = {}
-    ranks_out: dict[str, np.ndarray] = {}
-    for row, e in method_evals(run.method, spec).items():
-        start = time.perf_counter()
-        with torch.inference_mode():
-            ranked, invalid = rank_examples(model, e["decoder"], catalog, verifier, examples, cfg.beam, cfg.topk,
-                                            verify=e["verify"])
-        ranks = target_ranks(ranked, targets)
-        ranks_out[row] = ranks.astype(np.int16)
-        rows[row] = {**e, **metrics_from_ranks(ranks), "invalid_rate": float(invalid.sum() / (len(examples) * cfg.beam)),
-                     "eval_seconds": time.perf_counter() - start}
+    rows, ranks_out = score_rows(cfg, model, catalog, examples, method_evals(run.method, spec))
     np.savez_compressed(run_dir / RANKS_FILE, **ranks_out)
     result = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed,
               "test_users": len(examples), "beam": cfg.beam, "rows": rows,
@@ -188,6 +180,68 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     (run_dir / (RESULT_FILE + ".tmp")).write_text(json.dumps(result, indent=2))
     os.replace(run_dir / (RESULT_FILE + ".tmp"), run_dir / RESULT_FILE)
     logging.getLogger().removeHandler(handler)
+    return result
+
+
+def score_rows(cfg: ExperimentConfig, model: NezhaModel, catalog: Catalog, examples: Examples,
+               evals: dict[str, dict[str, str]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """({row: metrics}, {row: int16 ranks}) of a checkpoint's evaluation rows on `examples`."""
+    device = next(model.parameters()).device
+    verifier = catalog.verifier(device)
+    targets = catalog.packed[examples.targets]
+    rows: dict[str, Any] = {}
+    ranks_out: dict[str, np.ndarray] = {}
+    for row, e in evals.items():
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ranked, invalid = rank_examples(model, e["decoder"], catalog, verifier, examples, cfg.beam, cfg.topk,
+                                            verify=e["verify"])
+        ranks = target_ranks(ranked, targets)
+        ranks_out[row] = ranks.astype(np.int16)
+        rows[row] = {**e, **metrics_from_ranks(ranks), "invalid_rate": float(invalid.sum() / (len(examples) * cfg.beam)),
+                     "eval_seconds": time.perf_counter() - start}
+    return rows, ranks_out
+
+
+def missing_rows(cfg: ExperimentConfig, result: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The evaluation rows the run's method lists today that its result.json does not have."""
+    evals = method_evals(result["method"], cfg.methods[result["method"]])
+    return {row: e for row, e in evals.items() if row not in result["rows"]}
+
+
+def add_missing_rows(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
+    """Score a finished run's missing evaluation rows with its best checkpoint, on the same test users and
+    beam as its other rows; ranks.npz, then result.json, are replaced whole (a crash in between leaves the
+    rows missing from result.json, so they are scored again next time)."""
+    run_dir = Path(cfg.out) / "runs" / run.name
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    missing = missing_rows(cfg, result)
+    if not missing:
+        return result
+    spec = cfg.methods[run.method]
+    catalog, split, _ = load_prepared(prepared_dir(cfg, run.dataset))
+    examples = split.test.subset(cfg.eval_users)
+    if (len(examples), cfg.beam) != (result["test_users"], result["beam"]):
+        raise ConfigError(f"{run.name}: its rows were scored on {result['test_users']} users at beam {result['beam']}, "
+                          f"this config asks for {len(examples)} users at beam {cfg.beam}; restore eval_users and "
+                          "beam, or delete the run's result.json to run it again")
+    checkpoint = run_dir / "train" / "best"
+    if not checkpoint.is_dir():
+        raise ConfigError(f"{run.name}: rows {sorted(missing)} are missing and {checkpoint} is gone; delete the "
+                          "run's result.json to train it again")
+    device = {**cfg.train, **spec.get("train", {})}.get("device", "auto")
+    model = load_checkpoint(checkpoint, device if device != "auto" else "cpu")
+    log.info("%s: scoring the missing rows %s with its best checkpoint", run.name, ", ".join(missing))
+    rows, new_ranks = score_rows(cfg, model, catalog, examples, missing)
+    with np.load(run_dir / RANKS_FILE) as stored:
+        ranks = {row: stored[row] for row in stored.files}
+    tmp = run_dir / "ranks.tmp.npz"  # ends in .npz: savez would add it to another name
+    np.savez_compressed(tmp, **{**ranks, **new_ranks})
+    os.replace(tmp, run_dir / RANKS_FILE)
+    result["rows"].update(rows)
+    result.setdefault("rows_added", []).append({"rows": sorted(rows), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    (run_dir / (RESULT_FILE + ".tmp")).write_text(json.dumps(result, indent=2))
+    os.replace(run_dir / (RESULT_FILE + ".tmp"), run_dir / RESULT_FILE)
     return result
 
 
@@ -206,6 +260,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     todo = [r for r in runs if not (out / "runs" / r.name / RESULT_FILE).is_file()]
     log.info("%d runs, %d finished before, %d to run (%d at a time)", len(runs), len(runs) - len(todo), len(todo),
              cfg.parallel)
+    for run in runs:
+        if run not in todo:
+            add_missing_rows(cfg, run)
     start = time.perf_counter()
     done = 0
     if cfg.parallel == 1:
