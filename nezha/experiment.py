@@ -37,7 +37,13 @@ from nezha.catalog import Catalog
 from nezha.config import ConfigError, from_dict
 from nezha.data.split import Examples
 from nezha.evaluation import LATENCY_ROUNDS, latency_rounds, rank_examples, sweep_widths
-from nezha.metrics import metrics_from_ranks, paired_difference, target_ranks
+from nezha.metrics import (
+    USER_COVERS,
+    metrics_from_ranks,
+    paired_difference,
+    seed_level_difference,
+    target_ranks,
+)
 from nezha.model.checkpoint import load_checkpoint
 from nezha.model.model import NezhaModel
 from nezha.prepare import PrepareConfig, prepare
@@ -384,16 +390,31 @@ def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _paired(ranks: dict[int, np.ndarray], base: dict[int, np.ndarray], resamples: int) -> dict[str, Any]:
-    """Row − baseline over the same test users, per-user metrics averaged over the seeds both have."""
+    """Row − baseline over the seeds both have: the user-level test (per-user metrics averaged over those
+    seeds) and, with two seeds or more, the seed-level ones (`seed_level_difference`). Each test carries
+    what it covers and its lower CI bound as % of the baseline's mean of that metric."""
     seeds = sorted(set(ranks) & set(base))
     if not seeds:
         return {}
     out: dict[str, Any] = {"seeds": seeds}
     for metric in ("hit@10", "ndcg@10"):
-        a = np.mean([per_user(ranks[s], metric) for s in seeds], axis=0)
-        b = np.mean([per_user(base[s], metric) for s in seeds], axis=0)
-        out[metric] = paired_difference(a, b, resamples=resamples)
+        a = np.stack([per_user(ranks[s], metric) for s in seeds])
+        b = np.stack([per_user(base[s], metric) for s in seeds])
+        base_mean = float(b.mean())
+        out[metric] = {"covers": USER_COVERS,
+                       **_with_low_pct(paired_difference(a.mean(axis=0), b.mean(axis=0), resamples=resamples),
+                                       base_mean)}
+        if len(seeds) >= 2:
+            seed_level = seed_level_difference(a, b, resamples=resamples)
+            for test in ("t", "bootstrap"):
+                seed_level[test] = _with_low_pct(seed_level[test], base_mean)
+            out.setdefault("seed_level", {})[metric] = seed_level
     return out
+
+
+def _with_low_pct(test: dict[str, Any], base_mean: float) -> dict[str, Any]:
+    """The test plus its lower 95% bound as % of the baseline's mean (e.g. −2.0: rules out a loss above 2%)."""
+    return {**test, "ci_low_pct_of_baseline": 100 * test["ci_low"] / base_mean if base_mean else None}
 
 
 def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
@@ -407,9 +428,17 @@ def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
 
 def format_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['experiment']}", "",
-             f"{summary['runs']} runs; beam {summary['beam']}, top-10 over the test users; mean ± std over seeds. "
-             "Δ vs a baseline: paired over the same test users (per-user metric averaged over the seeds both rows "
-             "have), bootstrap 95% CI and two-sided sign-flip p-value; * = p < 0.05.", ""]
+             f"{summary['runs']} runs; beam {summary['beam']}, top-10 over the test users; mean ± std over seeds.",
+             "",
+             "Δ vs a baseline, each test labelled with what it covers (* = p < 0.05; \"low %\": the lower 95% bound "
+             "as % of the baseline's mean, e.g. −2.0 rules out a loss above 2%):",
+             "- **users**: paired over the same test users, the models fixed (per-user metric averaged over the "
+             "seeds both rows have); bootstrap CI over users, two-sided sign-flip p-value. Ignores seed-to-seed "
+             "variance.",
+             "- **seeds (t)**: paired over seeds, the mean of the per-seed differences with a t-based 95% CI "
+             "(S − 1 degrees of freedom) and the paired t-test p-value.",
+             "- **seeds + users (bootstrap)**: a two-level bootstrap, seeds resampled and then the users within "
+             "each drawn seed; 95% percentile CI.", ""]
     for dataset, rows in summary["datasets"].items():
         lines += [f"## {dataset}", "", "| row | seeds | H@5 | H@10 | N@5 | N@10 | invalid | best epoch | train min |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -424,14 +453,24 @@ def format_markdown(summary: dict[str, Any]) -> str:
             if not paired_rows:
                 continue
             lines += [f"Paired against {base} ({dataset}):", "",
-                      "| row | seeds paired | Δ H@10 [95% CI] | p | Δ N@10 [95% CI] | p |", "|---|---|---:|---:|---:|---:|"]
+                      "| row | seeds paired | test (covers) | Δ H@10 [95% CI] | p | low % | Δ N@10 [95% CI] | p | low % |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|"]
             for row, paired in paired_rows:
-                cells = []
-                for metric in ("hit@10", "ndcg@10"):
-                    d = paired[metric]
-                    cells += [f"{d['diff']:+.4f}{'*' if d['p_value'] < 0.05 else ''} [{d['ci_low']:+.4f}, "
-                              f"{d['ci_high']:+.4f}]", f"{d['p_value']:.3f}"]
-                lines.append(f"| {row} | {','.join(map(str, paired['seeds']))} | " + " | ".join(cells) + " |")
+                seeds = ",".join(map(str, paired["seeds"]))
+                tests = [("users", {m: paired[m] for m in ("hit@10", "ndcg@10")})]
+                if "seed_level" in paired:
+                    tests += [(label, {m: paired["seed_level"][m][key] for m in ("hit@10", "ndcg@10")})
+                              for label, key in (("seeds (t)", "t"), ("seeds + users (bootstrap)", "bootstrap"))]
+                for label, by_metric in tests:
+                    cells = []
+                    for metric in ("hit@10", "ndcg@10"):
+                        d = by_metric[metric]
+                        p = d.get("p_value")
+                        star = "*" if p is not None and p < 0.05 else ""
+                        low = d.get("ci_low_pct_of_baseline")
+                        cells += [f"{d['diff']:+.4f}{star} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
+                                  "–" if p is None else f"{p:.3f}", "–" if low is None else f"{low:+.1f}%"]
+                    lines.append(f"| {row} | {seeds} | {label} | " + " | ".join(cells) + " |")
             lines.append("")
     sweep = summary.get("width_sweep")
     if sweep:

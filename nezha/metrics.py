@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +75,54 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed
     low, high = np.percentile(np.concatenate(boots), [2.5, 97.5])
     return {"diff": observed, "ci_low": float(low), "ci_high": float(high),
             "p_value": (extreme + 1) / (resamples + 1), "users": n}
+
+
+USER_COVERS = ("test users: the trained models held fixed (each user's metric averaged over the seeds), "
+               "users resampled (bootstrap CI) or sign-flipped (p-value)")
+SEED_T_COVERS = ("seeds: the per-seed mean differences (each over all test users), a paired t-test over seeds "
+                 "with S − 1 degrees of freedom")
+SEED_BOOTSTRAP_COVERS = "seeds and users: two-level bootstrap, seeds resampled, then the users within each drawn seed"
+
+
+def seed_level_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0,
+                          user_pool: int = 1000, chunk: int = 100) -> dict[str, Any]:
+    """Row − baseline with the trained models as random draws: `a`, `b` are [S, U] per-user values of the
+    same S ≥ 2 seeds on the same U users (row s of both: models trained with seed s).
+
+    Returns the per-seed differences and two tests, each naming what it covers:
+    - "t": mean of the S per-seed differences, its t-based 95% CI and the paired t-test p-value;
+    - "bootstrap": a two-level bootstrap 95% CI: each of `resamples` draws picks S seeds with replacement
+      and, for each, one of `user_pool` user-level bootstrap means of that seed's differences (users
+      resampled with replacement), and averages them.
+    """
+    # Local: only the seed-level statistics need scipy (installed with sentence-transformers).
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 2 or a.shape[1] == 0:
+        raise ValueError(f"expected two equal [seeds >= 2, users >= 1] arrays, got shapes {a.shape} and {b.shape}")
+    diff = a - b
+    seeds, users = diff.shape
+    per_seed = diff.mean(axis=1)
+    mean = float(per_seed.mean())
+    se = float(per_seed.std(ddof=1)) / np.sqrt(seeds)
+    if se > 0:
+        half = float(stats.t.ppf(0.975, seeds - 1)) * se
+        p_value = float(2 * stats.t.sf(abs(mean) / se, seeds - 1))
+    else:  # every seed the same difference
+        half, p_value = 0.0, 1.0 if mean == 0 else 0.0
+    rng = np.random.default_rng(seed)
+    pool_size = min(resamples, user_pool)
+    pool = np.empty((seeds, pool_size))
+    for s in range(seeds):
+        for first in range(0, pool_size, chunk):
+            size = min(chunk, pool_size - first)
+            pool[s, first : first + size] = diff[s][rng.integers(0, users, size=(size, users))].mean(axis=1)
+    drawn_seeds = rng.integers(0, seeds, size=(resamples, seeds))
+    drawn_users = rng.integers(0, pool_size, size=(resamples, seeds))
+    low, high = np.percentile(pool[drawn_seeds, drawn_users].mean(axis=1), [2.5, 97.5])
+    return {"per_seed": per_seed.tolist(), "baseline_mean": float(b.mean()),
+            "t": {"covers": SEED_T_COVERS, "diff": mean, "ci_low": mean - half, "ci_high": mean + half,
+                  "p_value": p_value, "seeds": seeds},
+            "bootstrap": {"covers": SEED_BOOTSTRAP_COVERS, "diff": mean, "ci_low": float(low), "ci_high": float(high),
+                          "resamples": resamples, "user_pool": pool_size, "seeds": seeds, "users": users}}
