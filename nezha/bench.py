@@ -7,7 +7,9 @@ semantic IDs, and for each (batch, beam) setting the wall time of
   nezha    prefill + head (`nezha_decode`), the product,
   beam     our KV-cache beam search over the LM head, constrained by the same verifier,
   hf-beam  Hugging Face `generate(num_beams)`, unconstrained (what users know), and constrained,
-  mtp      prefill of the history + independent heads.
+  mtp      prefill of the history + independent heads,
+  nezha-rescore  ours, beyond the paper: nezha's cached prefill and head propose `rescore_candidates` IDs (3 x beam),
+           the LM ranks them in one more forward over the history's KV cache (`rescore_decode`).
 Each repeat runs every decoder once, in a rotating order, on the same fresh batch of histories, so load
 drift on the machine hits all decoders alike; GPU work is synchronised before and after every call.
 
@@ -39,6 +41,7 @@ from nezha.decoding import (
     mtp_decode,
     nezha_decode,
     prompt_for,
+    rescore_decode,
 )
 from nezha.decoding.graphs import GraphedDraftSearch
 from nezha.device import cpu_model, device_name, resolve_device
@@ -49,7 +52,7 @@ from nezha.verify import PrefixVerifier, random_packed_ids, unpack
 
 log = logging.getLogger(__name__)
 
-BENCH_DECODERS = ("prefill", "head", "nezha", "beam", "hf-beam", "hf-beam-constrained", "mtp")
+BENCH_DECODERS = ("prefill", "head", "nezha", "beam", "hf-beam", "hf-beam-constrained", "mtp", "nezha-rescore")
 # Rows every report needs: the ratios are relative to them.
 REQUIRED_DECODERS = ("prefill", "nezha")
 RATIOS = {  # name -> (numerator row, denominator row), both p50
@@ -59,6 +62,8 @@ RATIOS = {  # name -> (numerator row, denominator row), both p50
     "hf_over_nezha": ("hf-beam", "nezha"),
     "hf_constrained_over_nezha": ("hf-beam-constrained", "nezha"),
     "mtp_over_nezha": ("mtp", "nezha"),
+    "rescore_over_nezha": ("nezha-rescore", "nezha"),
+    "beam_over_rescore": ("beam", "nezha-rescore"),  # worth shipping only at >= 2 (batch 1)
     # CUDA only: the head replayed from a CUDA graph (nezha.decoding.graphs)
     "nezha_graph_over_prefill": ("nezha-graph", "prefill"),
     "hf_over_nezha_graph": ("hf-beam", "nezha-graph"),
@@ -80,6 +85,8 @@ class LatencyBenchConfig:
     catalog_items: int = field(default=12035, metadata={"help": "random catalog size (Amazon Beauty has 12035)"})
     decoders: list[str] = field(default_factory=lambda: list(BENCH_DECODERS))
     transition: str = "rnn"
+    rescore_candidates: int = field(default=0, metadata={
+        "help": "IDs the draft head proposes to nezha-rescore's LM ranking (0: 3 x beam)"})
     repeats: int = field(default=20, metadata={"help": "timed calls per decoder and setting"})
     warmup: int = field(default=3, metadata={"help": "untimed calls per decoder and setting first"})
     device: str = "auto"
@@ -101,8 +108,8 @@ class LatencyBenchConfig:
         for name in ("history", "codebook_size", "levels", "catalog_items", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.threads < 0:
-            raise ConfigError("warmup, threads: may not be negative")
+        if self.warmup < 0 or self.threads < 0 or self.rescore_candidates < 0:
+            raise ConfigError("warmup, threads, rescore_candidates: may not be negative")
         if not self.batch or not self.beam or min(self.batch) < 1 or min(self.beam) < 1:
             raise ConfigError(f"batch, beam: need positive values, got batch {self.batch}, beam {self.beam}")
         if self.catalog_items > self.codebook_size**self.levels:
@@ -176,8 +183,10 @@ def _make_inputs(model: NezhaModel, codes: np.ndarray, batch: int, history: int,
     return _Inputs(nezha_ids, nezha_mask, lm_ids, lm_mask, h0, contexts)
 
 
-def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int) -> dict[str, Callable[[_Inputs], object]]:
+def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int,
+                   rescore_candidates: int) -> dict[str, Callable[[_Inputs], object]]:
     graphed = GraphedDraftSearch(model.draft_head, verifier, beam)  # captured on its first (warm-up) call
+    candidates = rescore_candidates or None  # None: rescore_decode's default, 3 x beam
     return {
         "head-graph": lambda x: graphed(x.h0, x.contexts),
         "nezha-graph": lambda x: graphed(*model.draft_inputs(x.nezha_ids, x.nezha_mask)),
@@ -188,12 +197,14 @@ def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int) -> di
         "hf-beam": lambda x: hf_beam_decode(model, x.lm_ids, x.lm_mask, verifier, beam),
         "hf-beam-constrained": lambda x: hf_beam_decode(model, x.lm_ids, x.lm_mask, verifier, beam, constrained=True),
         "mtp": lambda x: mtp_decode(model, x.lm_ids, x.lm_mask, verifier, beam),
+        "nezha-rescore": lambda x: rescore_decode(model, x.nezha_ids, x.nezha_mask, verifier, beam,
+                                                  candidates=candidates),
     }
 
 
 def _bench_setting(model: NezhaModel, verifier: PrefixVerifier, codes: np.ndarray, cfg: LatencyBenchConfig,
                    batch: int, beam: int, rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
-    calls = _decoder_calls(model, verifier, beam)
+    calls = _decoder_calls(model, verifier, beam, cfg.rescore_candidates)
     names = list(cfg.decoders) + (list(GRAPH_DECODERS) if device.type == "cuda" and cfg.cuda_graph else [])
     times: dict[str, list[float]] = {name: [] for name in names}
     verifier_ms: list[float] = []

@@ -1,11 +1,13 @@
 """nezha-rescore: the draft head proposes, the LM head ranks from the prefill's KV cache (nezha/decoding/rescore.py)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from nezha.decoding import DECODERS, SELECTION_ORDER, available_decoders, decode, prompt_for, rescore_decode
-from nezha.decoding.rescore import lm_log_probs, prefill
+from nezha.decoding.rescore import _prefix_tree, lm_log_probs, prefill
 from nezha.model.checkpoint import create_model
 from nezha.model.model import ModelConfig
 from nezha.model.tokens import build_prompts, position_ids_from_mask
@@ -35,8 +37,11 @@ def _uncached_lm_scores(model, history: np.ndarray, candidates: np.ndarray) -> t
     return logp.gather(2, ids[:, -levels:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def test_cached_lm_scores_equal_a_full_uncached_forward_of_history_plus_id(setup):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the tree mask is a custom 4D mask: both must take it
+def test_cached_lm_scores_equal_a_full_uncached_forward_of_history_plus_id(setup, attention):
     model, verifier, histories, codes = setup
+    model = copy.deepcopy(model)
+    model.backbone.set_attn_implementation(attention)
     ids, mask = prompt_for(model, "nezha-rescore", histories, "cpu")
     rng = np.random.default_rng(1)
     picked = np.stack([codes[rng.choice(len(codes), 6, replace=False)] for _ in histories])  # [B, W, L]
@@ -47,6 +52,19 @@ def test_cached_lm_scores_equal_a_full_uncached_forward_of_history_plus_id(setup
     for b, history in enumerate(histories):
         expected = _uncached_lm_scores(model, history, picked[b])
         assert torch.allclose(cached[b], expected, atol=1e-4), (b, cached[b], expected)
+
+
+def test_candidates_sharing_a_prefix_share_its_node():
+    codes = torch.tensor([[[0, 1, 2], [0, 1, 0], [0, 2, 2], [1, 1, 1]],
+                          [[2, 0, 0], [2, 0, 0], [2, 0, 1], [2, 0, 2]]])
+    node, level, sees = _prefix_tree(codes, (3, 3, 3))
+    # level 0: user 0 has t_0 in {0, 1}, user 1 only 2 -> 2 nodes; level 1: {01, 02, 11} and {20} -> 3 nodes
+    assert level.tolist() == [0, 0, 1, 1, 1]
+    assert node[0].tolist() == [[0, 2], [0, 2], [0, 4], [1, 3]]  # ordered by packed value: 01 < 11 < 02
+    assert node[1].tolist() == [[0, 2]] * 4
+    assert sees[0].long().tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 1, 0, 1, 0],
+                                       [1, 0, 0, 0, 1]]
+    assert sees[1, 2].tolist() == [True, False, True, False, False] and sees[1, 3:].sum() == 2  # padding nodes
 
 
 def test_results_are_valid_sorted_and_a_batch_answers_as_single_users(setup):

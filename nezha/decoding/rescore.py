@@ -5,8 +5,9 @@ h_0..h_L: the draft head's beam search over them proposes W valid IDs per user (
 The LM then scores all W full IDs: log p(t_0 | history) from the LM head on h_0, the last history token
 (causal attention: the same state the lm objective reads at hidden[:, -L-1] of history + target), and
 log p(t_1..t_{L-1} | history, t_0, ...) from ONE forward of t_0..t_{L-2} for all B*W candidates over the
-history's cache (the placeholders cropped off, the cache repeated W times). Beam search needs L-1
-sequential forwards after its prefill; this needs one, however many candidates.
+history's cache (the placeholders cropped off; each user's candidates go in as one prefix tree, each distinct
+prefix once, under a tree attention mask). Beam search needs L-1 sequential forwards after its prefill; this
+needs one, however many candidates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from nezha.decoding.result import DecodeResult, check_verify_mode, finish
 from nezha.decoding.search import draft_beam_search
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import position_ids_from_mask
-from nezha.verify.codec import unpack
+from nezha.verify.codec import radix_weights, unpack
 from nezha.verify.verifier import PrefixVerifier
 
 CANDIDATES_PER_K = 3  # default W = 3 x topk
@@ -48,32 +49,70 @@ def prefill(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     return hidden[:, -levels - 1], hidden[:, -levels:], cache, attention_mask[:, :-levels]
 
 
+def _prefix_tree(codes: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct prefixes t_0..t_l (l < L-1) of each user's candidates as nodes of one tree.
+
+    codes: [B, W, L]. Returns (node [B, W, L-1]: the node of each candidate's length-(l+1) prefix; level [n]:
+    each node's level, nodes level-major, each level padded to the batch's most distinct prefixes; sees
+    [B, n, n]: node i sees node j when j is a prefix of i, or i itself).
+    """
+    batch, width, levels = codes.shape
+    device = codes.device
+    weights = torch.tensor(radix_weights(sizes)[:levels], device=device)
+    nodes, level_ids, first_node = [], [], 0
+    for level in range(levels - 1):
+        key = (codes[..., : level + 1] * weights[: level + 1]).sum(-1)  # packed prefix value, [B, W]
+        ordered, order = key.sort(dim=1)
+        new = torch.ones_like(ordered, dtype=torch.bool)
+        new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        rank = torch.empty_like(order).scatter_(1, order, new.long().cumsum(1) - 1)  # distinct index per candidate
+        distinct = int(new.sum(1).max())  # one host sync per level: the tree's width
+        nodes.append(rank + first_node)
+        level_ids.append(torch.full((distinct,), level, device=device))
+        first_node += distinct
+    node = torch.stack(nodes, dim=-1)
+    n = first_node
+    sees = torch.eye(n, dtype=torch.bool, device=device).repeat(batch, 1, 1)  # padding nodes see themselves only
+    later, earlier = torch.tril_indices(levels - 1, levels - 1, device=device)
+    users = torch.arange(batch, device=device)[:, None, None]
+    sees[users, node[..., later], node[..., earlier]] = True
+    return node, torch.cat(level_ids), sees
+
+
 def lm_log_probs(model: NezhaModel, h0: torch.Tensor, cache: DynamicCache, history_mask: torch.Tensor,
                  codes: torch.Tensor) -> torch.Tensor:
     """[B, W] log p(ID | history) under the LM head for codes [B, W, L], in one forward over `cache`.
 
-    `cache` holds the history of B users (as `prefill` leaves it) and is consumed: it is repeated W times
-    and extended by the candidates' tokens.
+    The B x W candidates are not W copies of the history's cache: each user's distinct prefixes
+    t_0..t_l (l < L-1) go in once, as one row with a tree mask (a token sees the history and its own
+    prefix), each at the position it would have after the history, so candidates that share t_0 share its
+    forward. `cache` (as `prefill` leaves it) is consumed: the forward appends to it.
     """
     layout = model.layout
     batch, width, levels = codes.shape
-    offsets = torch.tensor([layout.code_offset(level) for level in range(levels)], device=codes.device)
-    tokens = (codes + offsets).reshape(batch * width, levels)
+    device = codes.device
+    offsets = torch.tensor([layout.code_offset(level) for level in range(levels)], device=device)
+    tokens = codes + offsets  # [B, W, L]
     lm_head = model.backbone.get_output_embeddings()
     # Normalised over the whole vocabulary, as beam search and the lm objective's cross-entropy are.
-    first = torch.log_softmax(lm_head(h0).float(), dim=-1)  # [B, V]
-    score = first.gather(1, tokens.reshape(batch, width, levels)[..., 0])  # [B, W]
+    score = torch.log_softmax(lm_head(h0).float(), dim=-1).gather(1, tokens[..., 0])  # log p(t_0 | history)
     if levels == 1:
         return score
-    cache.batch_repeat_interleave(width)  # row b * W + w is user b's history
-    mask = history_mask.repeat_interleave(width, dim=0)
-    last = position_ids_from_mask(mask)[:, -1:]
-    feed = tokens[:, :-1]  # t_0..t_{L-2}
-    positions = last + torch.arange(1, levels, device=codes.device)
-    out = model.backbone(input_ids=feed, attention_mask=torch.cat([mask, mask.new_ones(feed.shape)], dim=1),
-                         position_ids=positions, past_key_values=cache, use_cache=True)
-    rest = torch.log_softmax(out.logits.float(), dim=-1).gather(2, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return score + rest.sum(-1).reshape(batch, width)
+    node, level, tree = _prefix_tree(codes, layout.sizes)
+    n = level.numel()
+    users = torch.arange(batch, device=device)[:, None, None]
+    feed = torch.full((batch, n), layout.pad, dtype=tokens.dtype, device=device)
+    feed[users, node] = tokens[..., :-1]  # a node's last token; candidates sharing it write the same value
+    sees = torch.cat([history_mask.bool()[:, None, :].expand(batch, n, -1), tree], dim=-1)
+    dtype = lm_head.weight.dtype
+    # Additive 4D mask: used as given by the eager and SDPA attention alike.
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+    positions = position_ids_from_mask(history_mask)[:, -1:] + 1 + level  # [B, n]
+    out = model.backbone(input_ids=feed, attention_mask=mask[:, None], position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, n, V]
+    rest = logp[users, node, tokens[..., 1:]]  # [B, W, L-1]: log p(t_{l+1} | history, t_0..t_l)
+    return score + rest.sum(-1)
 
 
 @torch.inference_mode()
