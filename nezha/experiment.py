@@ -352,6 +352,30 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"runs/*/{RESULT_FILE}"))]
 
 
+def load_experiment_dir(path: str | Path) -> ExperimentConfig:
+    """The config of an experiment directory (a grid's `out`, or its copy under results/ made by
+    experiments/collect.sh) from its experiment.json, with `out` pointed at `path`."""
+    path = Path(path)
+    source = path / "experiment.json"
+    if not source.is_file():
+        raise ConfigError(f"{path}: no experiment.json; give a `nezha experiment` out directory or its copy in results/")
+    values = json.loads(source.read_text())
+    if "baseline" in values:  # grids run before `baselines` took a list wrote one name under this key
+        values.setdefault("baselines", [values["baseline"]])
+        del values["baseline"]
+    values["out"] = str(path)
+    return from_dict(ExperimentConfig, values, source=str(source))
+
+
+def summarize_dir(path: str | Path) -> dict[str, Any]:
+    """Recompute summary.json, results.md and curves.png of an experiment directory from its files alone:
+    experiment.json, runs/*/result.json + ranks.npz and width_sweep.json (no checkpoint, no dataset)."""
+    cfg = load_experiment_dir(path)
+    if not load_results(cfg.out):
+        raise ConfigError(f"{path}: no runs/*/{RESULT_FILE}; collect them with experiments/collect.sh first")
+    return summarize(cfg)
+
+
 def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
     """summary.json, results.md and curves.png from every finished run under `cfg.out`."""
     out = Path(cfg.out)
@@ -379,7 +403,7 @@ def summarize(cfg: ExperimentConfig) -> dict[str, Any]:
                 base = ranks.get((dataset, baseline))
                 if row != baseline and base:
                     entry["vs_" + baseline] = _paired(ranks[(dataset, row)], base, cfg.resamples)
-    summary = {"experiment": str(out), "beam": cfg.beam, "baselines": cfg.baselines, "runs": len(results),
+    summary = {"experiment": out.name, "beam": cfg.beam, "baselines": cfg.baselines, "runs": len(results),
                "datasets": table}
     if (out / SWEEP_FILE).is_file():
         summary["width_sweep"] = json.loads((out / SWEEP_FILE).read_text())
