@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nezha.decoding import DECODERS, SELECTION_ORDER, available_decoders, decode, prompt_for, rescore_decode
-from nezha.decoding.rescore import _prefix_tree, lm_log_probs, prefill
+from nezha.decoding.rescore import _prefix_tree, lm_log_probs, prefill, rank_candidates, score_candidates
 from nezha.model.checkpoint import create_model
 from nezha.model.model import ModelConfig
 from nezha.model.tokens import build_prompts, position_ids_from_mask
@@ -91,6 +91,20 @@ def test_as_many_candidates_as_k_reranks_the_nezha_top_k(setup):
     draft_only = rescore_decode(model, ids, mask, verifier, beam=5, topk=5, candidates=5, mix=0.0)
     assert torch.equal(draft_only.ids, nezha.ids)
     assert torch.allclose(draft_only.scores, nezha.scores, atol=1e-5)
+
+
+def test_one_scoring_pass_ranks_for_every_mix(setup):
+    model, verifier, histories, _ = setup
+    ids, mask = prompt_for(model, "nezha-rescore", histories, "cpu")
+    scored = score_candidates(model, ids, mask, verifier, beam=4, topk=4)
+    assert scored.ids.shape == scored.lm.shape == scored.draft.shape == (3, 12)  # 3 x topk candidates
+    orders = set()
+    for mix in (0.0, 0.3, 0.7, 1.0):
+        ranked = rank_candidates(scored, verifier, "prefix", 4, mix)
+        direct = rescore_decode(model, ids, mask, verifier, beam=4, topk=4, mix=mix)
+        assert torch.equal(ranked.ids, direct.ids) and torch.allclose(ranked.scores, direct.scores)
+        orders.add(tuple(ranked.ids.flatten().tolist()))
+    assert len(orders) > 1  # the mix matters: the two heads disagree on a random-init model
 
 
 def test_every_valid_id_as_a_candidate_gives_exhaustive_beam_search(setup):

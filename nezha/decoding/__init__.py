@@ -13,10 +13,10 @@ from nezha.decoding.registry import (
     decoder_available,
     prompt_for,
 )
-from nezha.decoding.rescore import rescore_decode
+from nezha.decoding.rescore import rank_candidates, rescore_decode, score_candidates
 from nezha.decoding.result import VERIFY_MODES, DecodeResult
 from nezha.decoding.search import beam_step, draft_beam_search
 
 __all__ = ["DECODERS", "SELECTION_ORDER", "VERIFY_MODES", "DecodeResult", "Decoder", "available_decoders",
            "beam_decode", "beam_step", "decode", "decoder_available", "draft_beam_search", "hf_beam_decode",
-           "mtp_decode", "nezha_decode", "prompt_for", "rescore_decode"]
+           "mtp_decode", "nezha_decode", "prompt_for", "rank_candidates", "rescore_decode", "score_candidates"]

@@ -12,6 +12,8 @@ needs one, however many candidates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
@@ -115,17 +117,21 @@ def lm_log_probs(model: NezhaModel, h0: torch.Tensor, cache: DynamicCache, histo
     return score + rest.sum(-1)
 
 
-@torch.inference_mode()
-def rescore_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   verifier: PrefixVerifier, beam: int, topk: int | None = None, verify: str = "prefix",
-                   candidates: int | None = None, mix: float = 1.0,
-                   graphs: DraftGraphs | None = None) -> DecodeResult:
-    """The draft head proposes `candidates` IDs (default 3 x topk; its beam is max(beam, candidates)), the LM
-    ranks them by mix * log p_LM + (1 - mix) * log p_draft (mix 1: the LM alone); the best `topk` come back.
+@dataclass
+class Candidates:
+    """What the draft head proposed for each user and both heads' scores of it (rank with `rank_candidates`)."""
 
-    The prompt is NEZHA's (history + placeholders). verify="prefix": only valid IDs are proposed; "end" and
-    "none": the head proposes freely and the finished IDs are checked (dropped for "end"), as elsewhere.
-    """
+    ids: torch.Tensor  # [B, W] packed IDs in draft order; -1 where fewer than W survived
+    lm: torch.Tensor  # [B, W] log p(ID | history) under the LM head
+    draft: torch.Tensor  # [B, W] log p(ID | history) under the draft head; -inf where ids == -1
+
+
+@torch.inference_mode()
+def score_candidates(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     verifier: PrefixVerifier, beam: int, topk: int | None = None, verify: str = "prefix",
+                     candidates: int | None = None, graphs: DraftGraphs | None = None) -> Candidates:
+    """The draft head's `candidates` best IDs (default 3 x topk; its beam is max(beam, candidates)), scored
+    by the LM too. verify="prefix": only valid IDs are proposed; otherwise the head proposes freely."""
     check_verify_mode(verify)
     _require_joint(model)
     topk = beam if topk is None else topk
@@ -139,9 +145,27 @@ def rescore_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: t
         proposed = graphs.search(model.draft_head, h0, contexts, verifier, search_width, width, draft_verify)
     else:
         proposed = draft_beam_search(model.draft_head, h0, contexts, verifier, search_width, width, draft_verify)
-    alive = proposed.ids >= 0  # fewer than W survive when the catalog is small
     codes = unpack(proposed.ids.clamp(min=0), model.layout.sizes)
     lm = lm_log_probs(model, h0, cache, history_mask, codes)
-    scores = lm if mix == 1.0 else mix * lm + (1.0 - mix) * proposed.scores
-    scores = scores.masked_fill(~alive, float("-inf"))
-    return finish(proposed.ids, scores, verifier, verify, topk)
+    return Candidates(proposed.ids, lm, proposed.scores)
+
+
+def rank_candidates(scored: Candidates, verifier: PrefixVerifier, verify: str, topk: int,
+                    mix: float = 1.0) -> DecodeResult:
+    """The best `topk` by mix * log p_LM + (1 - mix) * log p_draft (mix 1: the LM alone), finished as every
+    decoder's (invalid IDs counted, and dropped unless verify="none"). One `score_candidates` pass serves any
+    number of mix values: that is how to choose mix on validation."""
+    scores = scored.lm if mix == 1.0 else mix * scored.lm + (1.0 - mix) * scored.draft
+    scores = scores.masked_fill(scored.ids < 0, float("-inf"))  # fewer than W survive when the catalog is small
+    return finish(scored.ids, scores, verifier, verify, topk)
+
+
+def rescore_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   verifier: PrefixVerifier, beam: int, topk: int | None = None, verify: str = "prefix",
+                   candidates: int | None = None, mix: float = 1.0,
+                   graphs: DraftGraphs | None = None) -> DecodeResult:
+    """Draft-then-rescore on NEZHA's prompt (history + placeholders): `score_candidates`, then
+    `rank_candidates`; the best `topk` (default `beam`) of the `candidates` (default 3 x topk) come back."""
+    topk = beam if topk is None else topk
+    scored = score_candidates(model, input_ids, attention_mask, verifier, beam, topk, verify, candidates, graphs)
+    return rank_candidates(scored, verifier, verify, topk, mix)
