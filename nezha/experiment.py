@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -182,11 +183,26 @@ def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
               "selected_by": train_cfg.select_by, "best_validation": trained.best_metrics,
               "validations": trained.history, "steps": trained.steps, "train_seconds": train_seconds,
               "examples_per_second": trained.examples_per_second, "train_config": asdict(train_cfg),
-              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "code": code_version(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     (run_dir / (RESULT_FILE + ".tmp")).write_text(json.dumps(result, indent=2))
     os.replace(run_dir / (RESULT_FILE + ".tmp"), run_dir / RESULT_FILE)
     logging.getLogger().removeHandler(handler)
     return result
+
+
+def code_version() -> dict[str, Any]:
+    """Which code scored a run: the git commit of this package's checkout and whether tracked files differed
+    from it ({} outside a git checkout)."""
+    try:
+        return {"commit": _git("rev-parse", "HEAD"),
+                "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _git(*args: str) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
 
 def score_rows(cfg: ExperimentConfig, model: NezhaModel, catalog: Catalog, examples: Examples,
@@ -245,7 +261,8 @@ def add_missing_rows(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     np.savez_compressed(tmp, **{**ranks, **new_ranks})
     os.replace(tmp, run_dir / RANKS_FILE)
     result["rows"].update(rows)
-    result.setdefault("rows_added", []).append({"rows": sorted(rows), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    result.setdefault("rows_added", []).append({"rows": sorted(rows), "code": code_version(),
+                                                "at": time.strftime("%Y-%m-%d %H:%M:%S")})
     (run_dir / (RESULT_FILE + ".tmp")).write_text(json.dumps(result, indent=2))
     os.replace(run_dir / (RESULT_FILE + ".tmp"), run_dir / RESULT_FILE)
     return result

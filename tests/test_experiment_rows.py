@@ -43,6 +43,7 @@ def test_a_finished_run_is_scored_for_just_its_missing_rows(tmp_path: Path) -> N
     assert weights.stat().st_mtime_ns == trained_at  # not trained again
     assert after["finished_at"] == before["finished_at"] and after["rows"]["nezha"] == before["rows"]["nezha"]
     assert [a["rows"] for a in after["rows_added"]] == [["nezha-noverify"]]
+    assert len(before["code"]["commit"]) == 40  # which code trained the run (this checkout's commit)
     with np.load(run_dir / "ranks.npz") as stored:
         assert sorted(stored.files) == ["nezha", "nezha-noverify"]
         np.testing.assert_array_equal(stored["nezha"], nezha_ranks)
