@@ -1,6 +1,8 @@
 """The live catalog's large-catalog paths against a real redis-server, at test sizes: chunked push and swap,
 chunked snapshots that stay exact while changes land, a follower that overruns the feed and resyncs once,
-HEXISTS-based new-item IDs, and the compact maps (checked against a dict model by hypothesis)."""
+the snapshot blob (written by push, read with the feed since its version, republished by a follower when
+the feed no longer reaches back to it), HEXISTS-based new-item IDs, and the compact maps (checked against a
+dict model by hypothesis)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from redis_fixtures import RedisServer, redis_server  # noqa: F401
 
 import nezha.live_catalog.item_table as item_table
+import nezha.live_catalog.redis_store as redis_store
 from nezha.catalog import Catalog
 from nezha.live_catalog import (
     CatalogFollower,
@@ -81,8 +84,9 @@ def test_push_swaps_whole_catalogs_and_leaves_no_staging_keys(store: RedisCatalo
     assert store.push(first, if_empty=True) is None and store.client.keys(f"{store.tag}:staging:*") == []
 
 
+@pytest.mark.parametrize("use_blob", [True, False])
 def test_chunked_snapshots_are_exact_while_changes_land(redis_server: RedisServer,  # noqa: F811
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch, use_blob: bool) -> None:
     store = RedisCatalog(redis_server.url)  # the default feed: it holds what lands during a read
     catalog = synthetic_catalog(1500)
     store.push(catalog)
@@ -114,13 +118,80 @@ def test_chunked_snapshots_are_exact_while_changes_land(redis_server: RedisServe
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        snapshots = [store.snapshot(count=50) for _ in range(4)]
+        snapshots = [store.snapshot(count=50, use_blob=use_blob) for _ in range(4)]
     finally:
         stop.set()
         writer.join()
     assert replays, "no change landed during a snapshot: the test did not exercise the replay"
     for snapshot in snapshots:
         assert snapshot is not None and dict(snapshot.table.pairs()) == history[snapshot.version]
+        assert snapshot.blob_version == (base_version if use_blob else None)
+
+
+def test_a_replica_starts_from_the_blob_and_follows_the_feed(redis_server: RedisServer,  # noqa: F811
+                                                             store: RedisCatalog,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_store, "BLOB_ROWS", 700)  # several blob keys, the last one partial
+    catalog = synthetic_catalog(2000)
+    version = store.push(catalog)
+    assert store.blob_state() == (store.remote_state().epoch, version)
+    assert len(store.client.keys(f"{store.blob_key}:*")) == 3
+    odd = [("é-ü/☃", 5), ("x" * 200, 9)]  # ids of other lengths and multi-byte UTF-8
+    free = [p for p in range(int(np.prod(SIZES))) if p not in set(catalog.packed.tolist())]
+    store.remove([catalog.item_ids[0]])
+    store.add([(item, free[k]) for item, k in odd])
+    reader = RedisCatalog(redis_server.url, feed_maxlen=50)
+    monkeypatch.setattr(reader, "_read_snapshot", lambda count: pytest.fail("scanned instead of reading the blob"))
+    follower = CatalogFollower(reader, LocalCatalog({}, SIZES), block_ms=100, max_backoff_s=0.2)
+    follower.sync_once()
+    assert local_items(follower.local) == redis_items(store) and follower.local.version == version + 2
+    follower.start()
+    try:
+        last = store.add([("AFTER", free[20])])
+        assert follower.local.wait_for(last, timeout=10.0)
+        assert local_items(follower.local) == redis_items(store)
+        assert follower.health.resyncs == 1
+    finally:
+        follower.stop()
+        follower.join(timeout=5)
+    # a second push replaces the blob and leaves none of the first one's keys
+    second = synthetic_catalog(800, seed=3, prefix="B")
+    version = store.push(second)
+    assert store.blob_state()[1] == version and len(store.client.keys(f"{store.blob_key}:*")) == 2
+    snapshot = store.snapshot()
+    assert snapshot is not None and snapshot.blob_version == version
+    assert dict(snapshot.table.pairs()) == dict(zip(second.item_ids, second.packed.tolist(), strict=True))
+
+
+def test_a_blob_older_than_the_feed_is_scanned_past_and_republished(redis_server: RedisServer,  # noqa: F811
+                                                                    store: RedisCatalog) -> None:
+    catalog = synthetic_catalog(1000)
+    pushed = store.push(catalog)
+    free = iter(p for p in range(int(np.prod(SIZES))) if p not in set(catalog.packed.tolist()))
+    for n in range(120):  # more changes than the 50-entry feed holds: the blob is out of its reach
+        store.add([(f"LATE-{n}", next(free))])
+    snapshot = store.snapshot()
+    assert snapshot is not None and snapshot.blob_version is None  # scanned
+    assert dict(snapshot.table.pairs()) == redis_items(store)
+    follower = CatalogFollower(RedisCatalog(redis_server.url, feed_maxlen=50), LocalCatalog({}, SIZES),
+                               block_ms=100, max_backoff_s=0.2)
+    follower.sync_once()  # scans too, then publishes its copy as the blob
+    assert follower._publisher is not None
+    follower._publisher.join(timeout=10)
+    now = store.remote_state()
+    assert store.blob_state() == (now.epoch, now.version) and now.version == pushed + 120
+    store.remove(["LATE-3"])
+    snapshot = store.snapshot()
+    assert snapshot is not None and snapshot.blob_version == now.version  # the new blob plus one feed entry
+    assert dict(snapshot.table.pairs()) == redis_items(store)
+    # publishing refuses what would not help: an older or equal version, another epoch, a concurrent publisher
+    assert store.publish_snapshot(snapshot.table, now.version, now.epoch) == "older"
+    assert store.publish_snapshot(snapshot.table, now.version + 1, "another-epoch") == "stale"
+    store.client.set(f"{store.blob_key}:lock", "someone", ex=60)
+    assert store.publish_snapshot(snapshot.table, now.version + 1, now.epoch) == "busy"
+    assert store.blob_state()[1] == now.version
+    assert not [k for k in store.client.keys(f"{store.blob_key}:*")
+                if k != f"{store.blob_key}:lock" and store.client.ttl(k) != -1]  # no staged keys left behind
 
 
 def test_a_follower_that_overruns_the_feed_resyncs_once_and_catches_up(redis_server: RedisServer,  # noqa: F811
@@ -225,6 +296,9 @@ def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops:
         holder = {p: i for i, p in by_item.items()}
         assert len(items) == len(by_item)
         assert items.packed_ids().tolist() == sorted(holder)
+        packed, ids = items.as_table().sorted_rows()  # what a published blob holds
+        assert packed.tolist() == sorted(holder) and [ids.text(r) for r in range(len(ids))] == \
+            [holder[p] for p in sorted(holder)]
         for n in range(41):
             assert items.packed_of(f"i{n}-é") == by_item.get(f"i{n}-é")
         for p in range(61):

@@ -5,6 +5,10 @@ update (typically milliseconds after the write; when it is behind, reads are lar
 and resyncs from a full snapshot whenever it cannot trust the
 feed: a gap in versions (feed trimmed past it), a `reset` entry (a push), a lower remote version or a new
 epoch (data lost or replaced), or a Redis restart (new run_id).
+
+A snapshot starts from Redis's snapshot blob when the feed still reaches back to it (redis_store.py). When
+its copy is more than half a feed ahead of that blob (or there is none), a follower publishes its copy as
+the new blob from a background thread, at most every BLOB_CHECK_S, so the next replica starts from it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 from nezha.live_catalog.errors import CatalogStoreError, NoCatalogError, StoreUnavailableError
-from nezha.live_catalog.local import LocalCatalog
+from nezha.live_catalog.local import CatalogView, LocalCatalog
 from nezha.live_catalog.redis_store import RedisCatalog, RedisItemMeta, Snapshot
 from nezha.live_catalog.store import FeedEntry
 
 log = logging.getLogger(__name__)
+
+BLOB_CHECK_S = 10.0  # how often a follower may look at (and republish) the snapshot blob
 
 
 @dataclass
@@ -51,6 +57,9 @@ class CatalogFollower(threading.Thread):
         self._epoch: str | None = None
         self._run_id: str | None = None
         self._need_resync = True
+        self._blob_version: int | None = None  # the snapshot blob's version as last seen (None: none usable)
+        self._next_blob_check = 0.0
+        self._publisher: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -106,6 +115,7 @@ class CatalogFollower(threading.Thread):
             batch.append(entry)
         self.local.apply(batch)
         self._ok(batch[-1].version)
+        self._maybe_publish()
 
     def _check_remote(self) -> bool:
         """Compare Redis's version/epoch/run_id with ours; resync if they disagree. False: nothing to follow."""
@@ -146,6 +156,41 @@ class CatalogFollower(threading.Thread):
         self._need_resync = False
         self.health.resyncs += 1
         self._ok(snapshot.version)
+        self._blob_version, self._next_blob_check = snapshot.blob_version, 0.0
+        self._maybe_publish()
+
+    def _maybe_publish(self) -> None:
+        """Publish this copy as the snapshot blob when Redis's is more than half a feed behind it (or missing)."""
+        ahead = max(1, self.store.feed_maxlen // 2)
+        if self._blob_version is not None and self.local.version - self._blob_version <= ahead:
+            return
+        now = time.monotonic()
+        if now < self._next_blob_check or (self._publisher is not None and self._publisher.is_alive()):
+            return
+        self._next_blob_check = now + BLOB_CHECK_S
+        epoch, version = self.store.blob_state()  # another replica may have published meanwhile
+        if epoch == self._epoch and version is not None:
+            self._blob_version = version
+            if self.local.version - version <= ahead:
+                return
+        self._publisher = threading.Thread(target=self._publish, args=(self.local.view(), self._epoch),
+                                           name="nezha-catalog-blob", daemon=True)
+        self._publisher.start()
+
+    def _publish(self, view: CatalogView, epoch: str | None) -> None:
+        """In its own thread: the view as one table (O(N)), written as the blob (short commands only)."""
+        try:
+            start = time.perf_counter()
+            status = self.store.publish_snapshot(view.items.as_table(), view.version, epoch or "")
+        except StoreUnavailableError as exc:
+            self._log.info("snapshot blob not published: %s", exc)
+            return
+        except Exception:  # never let a blob take the follower down
+            self._log.exception("snapshot blob publish failed")
+            return
+        if status == "ok":
+            self._blob_version = view.version
+        self._log.info("snapshot blob of version %d: %s (%.1f s)", view.version, status, time.perf_counter() - start)
 
     def _ok(self, remote_version: int) -> None:
         h = self.health

@@ -49,11 +49,37 @@ def _segment_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndar
     return np.repeat(starts, lengths) + inside, inside
 
 
+def _hash_equal_lengths(buffer: np.ndarray, start: int, rows: int, length: int) -> np.ndarray:
+    """The polynomial part of hash_strings for `rows` strings of `length` bytes laid end to end from `start`
+    (the common case of item ids of one length: a [rows, length] product, no per-byte index arrays)."""
+    out = np.zeros(rows, dtype=np.uint64)
+    powers = _powers(length)
+    step = max(1, (_GATHER_BYTES << 3) // length)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        block = buffer[start + lo * length:start + hi * length].reshape(hi - lo, length)
+        for j in range(length):  # a column at a time: numpy reduces a short last axis slowly
+            out[lo:hi] += (block[:, j].astype(np.uint64) + np.uint64(1)) * powers[j]
+    return out
+
+
+def _mix(out: np.ndarray, lengths: np.ndarray | int) -> np.ndarray:
+    out ^= np.uint64(lengths * int(_MIX_2) % (1 << 64)) if isinstance(lengths, int) \
+        else lengths.astype(np.uint64) * _MIX_2
+    out ^= out >> np.uint64(33)
+    out *= _MIX_1
+    out ^= out >> np.uint64(29)
+    return out
+
+
 def hash_strings(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """uint64 hash of each string buffer[starts[i]:starts[i]+lengths[i]] (a polynomial hash, then mixed)."""
     out = np.zeros(starts.size, dtype=np.uint64)
     if starts.size == 0:
         return out
+    length = int(lengths[0])
+    if length > 0 and (lengths == length).all() and (np.diff(starts) == length).all():  # contiguous, one length
+        return _mix(_hash_equal_lengths(buffer, int(starts[0]), starts.size, length), length)
     powers = _powers(int(lengths.max()) if lengths.size else 1)
     bounds = np.searchsorted(np.cumsum(lengths), np.arange(_GATHER_BYTES, int(lengths.sum()), _GATHER_BYTES))
     for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), starts.size], strict=True):
@@ -65,11 +91,7 @@ def hash_strings(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) ->
         firsts = (np.cumsum(lengths[lo:hi]) - lengths[lo:hi])[nonempty]
         if firsts.size:
             out[lo:hi][nonempty] = np.add.reduceat(weighted, firsts)
-    out ^= lengths.astype(np.uint64) * _MIX_2
-    out ^= out >> np.uint64(33)
-    out *= _MIX_1
-    out ^= out >> np.uint64(29)
-    return out
+    return _mix(out, lengths)
 
 
 def _hash_one(text: bytes) -> int:
@@ -166,9 +188,13 @@ class ItemTable:
         """The table of rows (ids[r], packed[r]); of rows sharing a packed ID only the first is live."""
         packed = np.asarray(packed, dtype=np.int64)
         dtype = _row_dtype(packed.size)
-        unique, first = np.unique(packed, return_index=True)
-        hashes = ids.hashes(first.astype(np.int64))
-        order = np.argsort(hashes, kind="stable")
+        if packed.size and bool((packed[1:] > packed[:-1]).all()):  # already sorted and unique (a snapshot blob)
+            unique, first = packed, np.arange(packed.size, dtype=np.int64)
+            hashes = ids.hashes() if len(ids) == packed.size else ids.hashes(first)
+        else:
+            unique, first = np.unique(packed, return_index=True)
+            hashes = ids.hashes(first.astype(np.int64))
+        order = np.argsort(hashes)  # rows of equal hashes are all compared on lookup: any order does
         return cls(ids, packed, unique, first.astype(dtype), hashes[order], first[order].astype(dtype))
 
     @classmethod
@@ -260,6 +286,13 @@ class ItemTable:
             by_hash_row = np.insert(by_hash_row.astype(dtype), positions, new_rows[order].astype(dtype))
         table = ItemTable(ids, row_packed, by_packed, by_packed_row, by_hash, by_hash_row)
         return table.compacted() if len(ids) > 2 * max(len(table), 1024) else table
+
+    def sorted_rows(self) -> tuple[np.ndarray, StringColumn]:
+        """(the sorted packed IDs, the item id of each in that order): the live rows, nothing else."""
+        rows = self.by_packed_row.astype(np.int64)
+        if rows.size == len(self.ids) and bool((rows == np.arange(rows.size)).all()):
+            return self.by_packed, self.ids
+        return self.by_packed, self.ids.gathered(rows)
 
     def compacted(self) -> ItemTable:
         """The same items with the removed rows' strings dropped (rows renumbered in packed-ID order)."""
@@ -356,6 +389,15 @@ class ItemMap:
         if len(added_ids) + len(removed) > self.fold_at:
             after = after.folded()
         return after, touched[now & ~before], touched[before & ~now]
+
+    def as_table(self) -> ItemTable:
+        """This version as one table (O(N) when changes are layered on it: what a published snapshot holds)."""
+        base = self.base if isinstance(self.base, ItemTable) else self.base.as_table()
+        if not self.added_ids and not self.removed:
+            return base
+        gone = set(self.removed) | {p for p in self.added_ids if base.has_packed(p)}
+        return base.merged(np.fromiter(gone, dtype=np.int64, count=len(gone)),
+                           [(item, p) for p, item in self.added_ids.items()])
 
     def folded(self) -> ItemMap:
         """The same catalog with this layer folded into its base (merged into a new table at the bottom)."""

@@ -22,20 +22,27 @@ No command blocks Redis for long at millions of items:
   - `push` writes the new maps into staging keys (P:staging:<epoch>:*, expiring if the push dies) in
     pipelined chunks of PUSH_CHUNK fields, then one Lua script UNLINKs the live keys (freed in the
     background), RENAMEs the staged ones into place, bumps the version and adds the `reset` entry;
-  - `snapshot` reads id2item in HSCAN chunks (a Lua script returns each chunk as three strings), then
-    replays the feed entries written while it read: the chunks hold every pair that did not change, the
-    feed what did, so the result is exactly the catalog at the last chunk's version;
+  - a push also writes a snapshot blob: the (packed ID, item id) pairs sorted by packed ID, in string keys
+    P:blob:<id>:<k> of BLOB_ROWS rows each (int64 IDs, uint32 id lengths, the ids' UTF-8), described by
+    the hash P:blob (id, epoch, version, chunks, rows). `snapshot` reads it with pipelined GETs and replays
+    the feed from its version; a replica whose snapshot replayed more than half the feed (or had to scan)
+    publishes a newer blob from its copy (`publish_snapshot`), so the blob stays within the feed's reach;
+  - without a usable blob (none, another epoch, or older than the feed), `snapshot` reads id2item in HSCAN
+    chunks (a Lua script returns each chunk as three strings), then replays the feed entries written while
+    it read: the chunks hold every pair that did not change, the feed what did, so the result is exactly
+    the catalog at the last chunk's version;
   - existence checks are HEXISTS (`id_in_use`) or inside the scripts, never HKEYS.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +68,11 @@ from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEn
 PUSH_CHUNK = 2_000
 SCAN_COUNT = 5_000
 STAGING_TTL_S = 3600  # staging keys of a push that died expire after this
+# Rows per snapshot blob key (~1 MB with 10-character ids: one short SET / GET each), and blob keys per
+# pipelined round trip when reading.
+BLOB_ROWS = 50_000
+BLOB_READ_AHEAD = 16
+PUBLISH_LOCK_S = 300  # one replica publishes a blob at a time; a lock left by a dead one expires
 REPLICA_CHECK_S = 5.0  # how long a write trusts its look at the primary's replicas (INFO replication)
 
 # ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
@@ -132,6 +144,51 @@ redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], version .. '-0', 'op', 'rese
 return {'ok', tostring(version)}
 """
 
+# KEYS[1] = the blob hash, KEYS[2] = meta. ARGV: id, epoch, version, chunks, rows of the staged blob
+# P:blob:<id>:<k>. Installs it unless the catalog moved to another epoch or a blob at least as new is there;
+# the old blob's keys are UNLINKed (a few hundred short keys), the new ones made permanent.
+_PUBLISH_LUA = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[2] then return 'stale' end
+local old = redis.call('HMGET', KEYS[1], 'id', 'epoch', 'version', 'chunks')
+if old[2] == ARGV[2] and old[3] and tonumber(old[3]) >= tonumber(ARGV[3]) then return 'older' end
+local chunks = tonumber(ARGV[4])
+for k = 0, chunks - 1 do
+  if redis.call('EXISTS', KEYS[1] .. ':' .. ARGV[1] .. ':' .. k) == 0 then return 'nostage' end
+end
+if old[1] and old[4] then
+  for k = 0, tonumber(old[4]) - 1 do redis.call('UNLINK', KEYS[1] .. ':' .. old[1] .. ':' .. k) end
+end
+for k = 0, chunks - 1 do redis.call('PERSIST', KEYS[1] .. ':' .. ARGV[1] .. ':' .. k) end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'epoch', ARGV[2], 'version', ARGV[3], 'chunks', ARGV[4],
+           'rows', ARGV[5])
+return 'ok'
+"""
+
+# Drops a lock only if it is still ours.
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def blob_chunks(packed: np.ndarray, ids: StringColumn, rows: int | None = None) -> Iterator[bytes]:
+    """The snapshot blob's keys' values for sorted packed IDs and their item ids: per `rows` (BLOB_ROWS) rows,
+    the row count (int64), the IDs (int64), the ids' byte lengths (uint32) and the ids' UTF-8, little-endian."""
+    rows = rows or BLOB_ROWS
+    for lo in range(0, packed.size, rows):
+        hi = min(lo + rows, packed.size)
+        start, end = int(ids.offsets[lo]), int(ids.offsets[hi])
+        yield (np.array([hi - lo], dtype="<i8").tobytes() + packed[lo:hi].astype("<i8").tobytes()
+               + np.diff(ids.offsets[lo:hi + 1]).astype("<u4").tobytes() + ids.buffer[start:end].tobytes())
+
+
+def _blob_parts(data: bytes) -> tuple[np.ndarray, np.ndarray, memoryview]:
+    """(packed IDs, id lengths, ids' UTF-8) of one blob key's value (views, no copy)."""
+    rows = int(np.frombuffer(data, dtype="<i8", count=1)[0])
+    return (np.frombuffer(data, dtype="<i8", count=rows, offset=8),
+            np.frombuffer(data, dtype="<u4", count=rows, offset=8 + 8 * rows), memoryview(data)[8 + 12 * rows:])
+
+
 # One HSCAN step of id2item: {next cursor, packed IDs (comma-separated), item id byte lengths (comma-
 # separated), the item ids concatenated, version, epoch}, the version and epoch read atomically with it.
 _SCAN_LUA = """
@@ -157,6 +214,7 @@ class Snapshot:
     table: ItemTable  # (item id, packed ID) pairs
     epoch: str
     run_id: str
+    blob_version: int | None = None  # the version of the blob it was read from (None: scanned)
 
 
 @dataclass(frozen=True)
@@ -228,9 +286,12 @@ class RedisCatalog:
         meta = {"codebook_sizes": json.dumps(list(catalog.codebook_sizes)), "epoch": epoch, "source": source,
                 "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items)}
         packed = [str(p) for p in catalog.packed.tolist()]
+        order = np.argsort(catalog.packed, kind="stable")
+        blob_ids = StringColumn.of(catalog.item_ids[i] for i in order.tolist())
         try:
             if if_empty and self.client.exists(self.version_key):
                 return None
+            blob_chunks_staged = self._stage_blob(np.asarray(catalog.packed, dtype=np.int64)[order], blob_ids, epoch)
             with self.client.pipeline(transaction=False) as pipe:
                 for start in range(0, catalog.num_items, chunk):
                     items = catalog.item_ids[start:start + chunk]
@@ -249,10 +310,109 @@ class RedisCatalog:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "the push was not applied") from None
         if reply[0] == "exists":
+            self._drop_blob(epoch, blob_chunks_staged)
             return None
         if reply[0] != "ok":
             raise CatalogStoreError(f"the push's staged keys vanished before the swap ({reply[1]}): retry it")
+        try:
+            self._install_blob(epoch, epoch, int(reply[1]), blob_chunks_staged, catalog.num_items)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the push is in; replicas scan until one publishes a blob
         return int(reply[1])
+
+    # ---- the snapshot blob -----------------------------------------------------------------------------
+    @property
+    def blob_key(self) -> str:
+        return f"{self.tag}:blob"
+
+    def _blob_chunk_key(self, blob_id: str, k: int) -> str:
+        return f"{self.blob_key}:{blob_id}:{k}"
+
+    @functools.cached_property
+    def _publish(self) -> Any:
+        return self.client.register_script(_PUBLISH_LUA)
+
+    @functools.cached_property
+    def _unlock(self) -> Any:
+        return self.client.register_script(_UNLOCK_LUA)
+
+    def _stage_blob(self, packed: np.ndarray, ids: StringColumn, blob_id: str) -> int:
+        """Write the blob's keys (expiring until installed); returns how many."""
+        chunks = 0
+        with self._raw.pipeline(transaction=False) as pipe:
+            for data in blob_chunks(packed, ids):
+                pipe.set(self._blob_chunk_key(blob_id, chunks), data, ex=STAGING_TTL_S)
+                chunks += 1
+                if chunks % BLOB_READ_AHEAD == 0:
+                    pipe.execute()
+            pipe.execute()
+        return chunks
+
+    def _drop_blob(self, blob_id: str, chunks: int) -> None:
+        with self._raw.pipeline(transaction=False) as pipe:
+            for k in range(chunks):
+                pipe.unlink(self._blob_chunk_key(blob_id, k))
+            pipe.execute()
+
+    def _install_blob(self, blob_id: str, epoch: str, version: int, chunks: int, rows: int) -> str:
+        """Install staged blob keys as the blob of `version` (see _PUBLISH_LUA); drops them when not installed."""
+        status = self._publish(keys=[self.blob_key, self.meta], args=[blob_id, epoch, version, chunks, rows])
+        if status != "ok":
+            self._drop_blob(blob_id, chunks)
+        return str(status)
+
+    def blob_state(self) -> tuple[str | None, int | None]:
+        """(epoch, version) of the snapshot blob in Redis ((None, None): there is none)."""
+        try:
+            epoch, version = self.client.hmget(self.blob_key, ["epoch", "version"])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable(exc, "cannot read the snapshot blob") from None
+        return epoch, None if version is None else int(version)
+
+    def publish_snapshot(self, table: ItemTable, version: int, epoch: str) -> str:
+        """Write `table` (the catalog at `version` of `epoch`, e.g. a replica's copy) as the snapshot blob.
+        Returns ok, busy (another replica is publishing), older (a blob at least as new is there) or stale
+        (the catalog was pushed since). Only short commands: BLOB_ROWS rows per SET, a small install script."""
+        token = uuid.uuid4().hex
+        lock = f"{self.blob_key}:lock"
+        try:
+            if not self.client.set(lock, token, nx=True, ex=PUBLISH_LOCK_S):
+                return "busy"
+            try:
+                current_epoch, current = self.blob_state()
+                if current_epoch == epoch and current is not None and current >= version:
+                    return "older"
+                packed, ids = table.sorted_rows()
+                chunks = self._stage_blob(packed, ids, token)
+                return self._install_blob(token, epoch, version, chunks, len(table))
+            finally:
+                self._unlock(keys=[lock], args=[token])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable(exc, "the snapshot blob was not published") from None
+
+    def _read_blob(self, epoch: str) -> tuple[int, ItemTable] | None:
+        """(version, table) of the snapshot blob of `epoch`; None when there is none or it was replaced while
+        being read."""
+        info = self.client.hgetall(self.blob_key)
+        if info.get("epoch") != epoch or "chunks" not in info:
+            return None
+        chunks = int(info["chunks"])
+        packed, lengths, texts = [], [], []
+        with self._raw.pipeline(transaction=False) as pipe:
+            for lo in range(0, chunks, BLOB_READ_AHEAD):
+                for k in range(lo, min(chunks, lo + BLOB_READ_AHEAD)):
+                    pipe.get(self._blob_chunk_key(info["id"], k))
+                for data in pipe.execute():
+                    if data is None:
+                        return None  # a newer blob replaced it while we read
+                    chunk_packed, chunk_lengths, chunk_text = _blob_parts(data)
+                    packed.append(chunk_packed)
+                    lengths.append(chunk_lengths)
+                    texts.append(chunk_text)
+        ids = StringColumn.from_encoded(b"".join(texts), np.concatenate(lengths).astype(np.int64) if lengths
+                                        else np.empty(0, dtype=np.int64))
+        table = ItemTable.build(ids, np.concatenate(packed) if packed else np.empty(0, dtype=np.int64))
+        return int(info["version"]), table
 
     def add(self, items: Sequence[tuple[str, int]], meta: Mapping[str, ItemMeta] | None = None) -> int:
         """Add (item id, packed ID) pairs with their metadata, all or none; returns the new version."""
@@ -326,21 +486,43 @@ class RedisCatalog:
         return wanted
 
     # ---- reads -----------------------------------------------------------------------------------------
-    def snapshot(self, count: int = SCAN_COUNT, attempts: int = 5) -> Snapshot | None:
-        """The whole catalog at one version, read in HSCAN chunks of `count`, or None when there is none.
+    def snapshot(self, count: int = SCAN_COUNT, attempts: int = 5, use_blob: bool = True) -> Snapshot | None:
+        """The whole catalog at one version, or None when there is none: the snapshot blob plus the feed
+        since its version when the feed still reaches back to it, else HSCAN chunks of `count`.
 
         Changes made while it reads are replayed from the feed; a push meanwhile, or a feed trimmed past the
         read's start, starts it again (up to `attempts` times).
         """
         for _ in range(attempts):
             try:
-                snapshot = self._read_snapshot(count)
+                snapshot = (self._snapshot_from_blob() if use_blob else None) or self._read_snapshot(count)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise self._unavailable(exc, "cannot read the catalog") from None
             if snapshot is not None or self.remote_state().version is None:
                 return snapshot
         raise CatalogStoreError(f"the catalog at {self.display_url} changed under {attempts} snapshot reads in "
                                 "a row (pushes, or a feed trimmed faster than a read): raise feed_maxlen")
+
+    def _snapshot_from_blob(self) -> Snapshot | None:
+        """The snapshot from the blob and the feed after it; None when there is no usable blob."""
+        state = self.remote_state()
+        sizes = self.codebook_sizes()
+        if state.version is None or sizes is None or state.epoch is None:
+            return None
+        blob = self._read_blob(state.epoch)
+        if blob is None:
+            return None
+        blob_version, table = blob
+        now = self.remote_state()
+        if now.epoch != state.epoch or now.version is None or now.version < blob_version:
+            return None
+        if now.version > blob_version:
+            replayed = self._replay(table, blob_version, now.version, state.epoch)
+            if replayed is None:
+                return None  # the feed no longer reaches back to the blob
+            table = replayed
+        return Snapshot(version=now.version, codebook_sizes=sizes, table=table, epoch=state.epoch,
+                        run_id=now.run_id, blob_version=blob_version)
 
     def _read_snapshot(self, count: int) -> Snapshot | None:
         """The snapshot, or None when there is no catalog or it must be read again."""
