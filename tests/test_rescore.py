@@ -107,9 +107,13 @@ def test_one_scoring_pass_ranks_for_every_mix(setup):
     assert len(orders) > 1  # the mix matters: the two heads disagree on a random-init model
 
 
-def test_every_valid_id_as_a_candidate_gives_exhaustive_beam_search(setup):
+@pytest.mark.parametrize("placeholders", [True, False])  # False: the NEZHA-2 ablation's history-only prompt
+def test_every_valid_id_as_a_candidate_gives_exhaustive_beam_search(setup, placeholders):
     """With the whole catalog proposed, the LM ranking is the exact LM ranking: beam search at full width."""
     model, verifier, histories, codes = setup
+    if not placeholders:
+        model = create_model(ModelConfig(backbone="tiny", codebook_sizes=SIZES, objectives=["joint"],
+                                         placeholders=False), seed=3).eval()
     full = int(np.prod(SIZES))
     ids, mask = prompt_for(model, "nezha-rescore", histories, "cpu")
     rescored = rescore_decode(model, ids, mask, verifier, beam=full, topk=10, candidates=full)
