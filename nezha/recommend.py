@@ -228,7 +228,7 @@ def check_checkpoint(cfg: RecommendConfig) -> None:
     """Fail before any data is read or actor started: the checkpoint must exist and have the decoder's head."""
     objectives = ModelConfig(**read_meta(cfg.checkpoint)["model"]).objectives
     if DECODERS[cfg.decoder].missing(objectives):
-        raise ValueError(f"decoder: {DECODERS[cfg.decoder].missing_heads_error(objectives, str(cfg.checkpoint))}")
+        raise ValueError(DECODERS[cfg.decoder].missing_heads_error(objectives, str(cfg.checkpoint)))
 
 
 class OfflineRecommender:
