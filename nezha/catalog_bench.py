@@ -66,6 +66,9 @@ class CatalogBenchConfig:
                                                           "push, longest Redis block, cold start, RSS, apply lag"})
     rate: int = field(default=1000, metadata={"help": "with redis: catalog changes per second streamed"})
     stream_s: float = field(default=30.0, metadata={"help": "with redis: seconds of streamed changes"})
+    decode_backbone: str = field(default="", metadata={
+        "help": "with redis: time NEZHA decodes (batch 1 and 32) in the replica, idle and during the stream, "
+                "with this random-init preset (e.g. small; empty: not timed)"})
     json: str | None = field(default=None, metadata={"help": "write the report here"})
 
     def __post_init__(self) -> None:
@@ -307,13 +310,14 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
 def bench_catalog(cfg: CatalogBenchConfig) -> dict[str, Any]:
     """`run_catalog_bench` from a config (the CLI's entry)."""
     values = asdict(cfg)
-    for key in ("redis", "rate", "stream_s"):
+    for key in ("redis", "rate", "stream_s", "decode_backbone"):
         values.pop(key)
     values["shapes"] = [parse_shape(s) for s in cfg.shapes]
     values["json_path"] = values.pop("json")
     report = run_catalog_bench(**values)
     if cfg.redis:  # a real redis-server on a free port and a replica process per size (nezha.live_catalog_bench)
-        report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s) for n in cfg.sizes]
+        report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s, cfg.decode_backbone)
+                           for n in cfg.sizes]
         if cfg.json:
             Path(cfg.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

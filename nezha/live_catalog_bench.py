@@ -11,6 +11,9 @@ For each size, on a fresh redis-server (no persistence, a free loopback port) an
               an old one, alternately) while the replica follows: apply lag = when the replica's copy reached
               the version - when the writer had its answer, p50/p99 (one clock: same machine), and resyncs;
   add_by_text `add_new_items` of one item by text (its nearest free ID), a random quantizer.
+  decode      with --decode-backbone (a random-init preset): in the replica process, NEZHA decodes of
+              random histories at batch 1 and 32 (beam 10, one torch thread, the replica's current view)
+              timed while the follower is idle and again while the stream lands: p50/p99 of each.
 With --local-only, no Redis: a replica's copy built from the arrays a snapshot yields (ItemTable) and
 changed through LocalCatalog.apply, in this process: build time, RSS growth, bytes per item of the maps
 and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99). This
@@ -33,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -173,8 +177,49 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def replica_main(url: str, sizes: Sequence[int]) -> None:
-    """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times)."""
+class _Decodes:
+    """NEZHA decodes against a replica's current catalog view, as a serving replica runs them (one thread)."""
+
+    batches = (1, 32)
+
+    def __init__(self, backbone: str, sizes: Sequence[int], local: LocalCatalog, beam: int = 10) -> None:
+        import torch
+
+        from nezha.model.checkpoint import create_model
+        from nezha.model.model import ModelConfig
+
+        torch.set_num_threads(1)
+        self.model = create_model(ModelConfig(backbone=backbone, codebook_sizes=list(sizes),
+                                              objectives=["nezha", "lm", "mtp"]), seed=0).eval()
+        self.local, self.beam = local, beam
+        self.rng = np.random.default_rng(3)
+        self.known = local.view().items.packed_ids()  # history items (a later removal does not matter)
+        self.times: dict[int, list[float]] = {b: [] for b in self.batches}
+
+    def one(self, batch: int) -> None:
+        import torch
+
+        from nezha.decoding import decode
+
+        view = self.local.view()
+        histories = [self.local.codes(self.rng.choice(self.known, size=20)) for _ in range(batch)]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            decode(self.model, "nezha", histories, view.verifier, beam=self.beam)
+        self.times[batch].append(time.perf_counter() - start)
+
+    def run(self, until: Any, least: int = 20) -> dict[str, Any]:
+        """Alternate batch sizes until `until` is set (and at least `least` of each); p50/p99 (ms) per batch."""
+        self.times = {b: [] for b in self.batches}
+        while not until.is_set() or min(len(t) for t in self.times.values()) < least:
+            for batch in self.batches:
+                self.one(batch)
+        return {f"batch{b}": {"p50_ms": _pct(t, 50), "p99_ms": _pct(t, 99), "n": len(t)} for b, t in self.times.items()}
+
+
+def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "") -> None:
+    """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times).
+    With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream."""
     baseline = _rss_mb()
     applied: list[tuple[int, float]] = []
     start = time.perf_counter()
@@ -198,19 +243,37 @@ def replica_main(url: str, sizes: Sequence[int]) -> None:
                       "rss_growth_mb": round(_rss_mb() - baseline), "rss_mb": round(_rss_mb()),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
     follower.start()
+    decodes: dict[str, Any] = {}
+    if decode_backbone:
+        decoder = _Decodes(decode_backbone, sizes, local)
+        for batch in decoder.batches:  # warm-up: first-call allocations
+            decoder.one(batch)
+        done = threading.Event()
+        done.set()
+        decodes["decode_idle"] = decoder.run(done)
+        print(json.dumps(decodes), flush=True)  # the stream starts once the idle figures are in
+        done.clear()
+        streaming = threading.Thread(target=lambda: decodes.update(decode_streaming=decoder.run(done)))
+        streaming.start()
     target = int(sys.stdin.readline())  # the last version written: follow until it is applied (or 120 s)
+    if decode_backbone:
+        done.set()
+        streaming.join()
     local.wait_for(target, timeout=120)
     follower.stop()
-    print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs}), flush=True)
+    print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs, **decodes}), flush=True)
 
 
-def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float) -> dict[str, Any]:
+def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
+                 decode_backbone: str = "") -> dict[str, Any]:
     replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
-                                "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]))", url,
-                                json.dumps(list(catalog.codebook_sizes))],
+                                "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])", url,
+                                json.dumps(list(catalog.codebook_sizes)), decode_backbone],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert replica.stdin is not None and replica.stdout is not None
     ready = json.loads(replica.stdout.readline())
+    if decode_backbone:
+        ready.update(json.loads(replica.stdout.readline()))  # idle decode figures
     store = RedisCatalog(url, socket_timeout=60)
     rng = np.random.default_rng(1)
     space = int(np.prod(catalog.codebook_sizes))
@@ -245,7 +308,8 @@ def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float)
             lags.append(times[at] - t)
     return {**ready, "changes": n, "changes_per_s": round(achieved), "lag_p50_ms": _pct(lags, 50),
             "lag_p99_ms": _pct(lags, 99), "lag_max_ms": _pct(lags, 100), "unapplied": n - len(lags),
-            "resyncs_during_stream": record["resyncs"] - 1}
+            "resyncs_during_stream": record["resyncs"] - 1,
+            **({"decode_streaming": record["decode_streaming"]} if "decode_streaming" in record else {})}
 
 
 def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str, Any]:
@@ -320,7 +384,7 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float) -> dict[str, Any]:
+def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "load_before": _load()}
     catalog = synthetic_catalog(n, sizes)
     with tempfile.TemporaryDirectory() as directory:
@@ -328,7 +392,7 @@ def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float) -> dict[
         try:
             row.update(bench_push(url, catalog))
             log.info("%d items: push %s", n, row)
-            row.update(bench_stream(url, catalog, rate, seconds))
+            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone))
             row.update(bench_add_by_text(url, sizes))
         finally:
             proc.kill()
@@ -345,13 +409,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--label", default="")
     parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone")
+    parser.add_argument("--decode-backbone", default="", help="time decodes in the replica with this random-init "
+                                                              "preset (e.g. small), idle and during the stream")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows.append({"load_before": _load(), **bench_local_copy(n, sizes), "load_after": _load()}
-                    if args.local_only else bench_size(n, sizes, args.rate, args.seconds))
+                    if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone))
         print(json.dumps(rows[-1]), flush=True)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
