@@ -1,4 +1,5 @@
-"""A real redis-server on a free loopback port, which tests may kill and restart (never the machine's own Redis).
+"""A real redis-server on a free loopback port, which tests may kill and restart (never the machine's own Redis);
+a primary + replica + three Sentinels (`SentinelSet`), and a three-master Redis Cluster (`RedisClusterSet`).
 
 It runs with an append-only file in a temp dir and `appendfsync always`, the durability the service
 documents: an acknowledged catalog write survives a kill -9 and restart. Optionally with a password and/or
@@ -13,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,10 @@ def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 class RedisServer:
     def __init__(self, data_dir: Path, persistent: bool = True, password: str | None = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.password = password
+        self.extra_args = list(extra_args)  # e.g. --replicaof, --cluster-enabled
         self.tls_files = write_tls_files(data_dir / "tls") if tls else None
         self.dir = data_dir
         self.persistent = persistent
@@ -88,7 +90,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
-             *(["--requirepass", self.password] if self.password else []), *self._tls_args()],
+             *(["--requirepass", self.password] if self.password else []), *self._tls_args(), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(**self._client_options(), socket_connect_timeout=0.5)
@@ -132,3 +134,146 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+class SentinelSet:
+    """A primary, a replica and three Sentinels (quorum 2) monitoring them as service `name`, all on loopback.
+
+    Sentinel marks a primary down after `down_after_ms` without an answer and promotes the replica; the test
+    kills the primary with `kill_primary` (kill -9) and reads who is primary now with `primary_port`.
+    """
+
+    def __init__(self, data_dir: Path, name: str = "nezha", down_after_ms: int = 500,
+                 failover_timeout_ms: int = 2000) -> None:
+        self.name, self.dir = name, data_dir
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        # No wait before a full sync (Redis waits 5 s for more replicas by default): a replica syncs at once.
+        fast_sync = ["--repl-diskless-sync-delay", "0"]
+        self.primary = RedisServer(data_dir / "primary", extra_args=fast_sync)
+        self.replica: RedisServer | None = None
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.servers: list[RedisServer] = [self.primary]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.name}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.primary.start()
+        self.replica = RedisServer(self.dir / "replica", extra_args=["--replicaof", "127.0.0.1", str(self.primary.port),
+                                                                     "--repl-diskless-sync-delay", "0"])
+        self.replica.start()
+        self.servers.append(self.replica)
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self.dir / f"sentinel-{i}" / "sentinel.conf"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {conf.parent}\nlogfile {conf.parent}/sentinel.log\n"
+                            f"sentinel monitor {self.name} 127.0.0.1 {self.primary.port} 2\n"
+                            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+                            f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
+                            f"sentinel parallel-syncs {self.name} 1\n")
+            self.sentinels.append(subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Sentinels did not see the primary and its replica; see {self.dir}")
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        """Every Sentinel knows the primary, the replica and the other two Sentinels; the replica is in sync."""
+        try:
+            for port in self.sentinel_ports:
+                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as s:
+                    master = s.sentinel_master(self.name)
+                    if int(master["num-slaves"]) < 1 or int(master["num-other-sentinels"]) < 2:
+                        return False
+            assert self.replica is not None
+            return self.replica.client().info("replication").get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
+
+    def primary_port(self) -> int | None:
+        """The primary's port as a majority of the Sentinels names it now (None: no majority)."""
+        seen = []
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as s:
+                    seen.append(int(s.sentinel_get_master_addr_by_name(self.name)[1]))
+            except (redis.RedisError, TypeError):
+                continue
+        best = max(set(seen), key=seen.count, default=None)
+        return best if best is not None and seen.count(best) >= 2 else None
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def kill_primary(self) -> RedisServer:
+        """kill -9 the current primary; returns it."""
+        port = self.primary_port()
+        assert port is not None
+        victim = self.server_on(port)
+        victim.kill()
+        return victim
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        for server in self.servers:
+            server.kill()
+
+
+@pytest.fixture
+def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    deployment = SentinelSet(tmp_path / "sentinel")
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+class RedisClusterSet:
+    """A Redis Cluster of `masters` primaries (no replicas) on loopback, created with `redis-cli --cluster create`."""
+
+    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+        self.nodes = [RedisServer(data_dir / f"node-{i}", persistent=False,
+                                  extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
+                                              str(data_dir / f"node-{i}" / "nodes.conf"),
+                                              "--cluster-node-timeout", "2000"]) for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while any(n.client().cluster("info").get("cluster_state") != "ok" for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
+    cluster = RedisClusterSet(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -4,7 +4,11 @@ It blocks on the Redis change feed (XREAD BLOCK from its version), applies what 
 update (typically milliseconds after the write; when it is behind, reads are larger, so it catches up),
 and resyncs from a full snapshot whenever it cannot trust the
 feed: a gap in versions (feed trimmed past it), a `reset` entry (a push), a lower remote version or a new
-epoch (data lost or replaced), or a Redis restart (new run_id).
+epoch (data lost or replaced), or a Redis restart (new run_id). A failover can fork the history: a promoted
+replica that lacked the last changes is behind this copy on the same epoch, or goes on with other changes
+under the same version numbers. Each add/remove entry names the change before it (`prev`), so both show up
+as a fork: counted in `health.forks`, logged with the resync, and the copy replaced by the store's state,
+never a mix of the two histories.
 
 A snapshot starts from Redis's snapshot blob when the feed still reaches back to it (redis_store.py). When
 its copy is more than half a feed ahead of that blob (or there is none), a follower publishes its copy as
@@ -35,6 +39,7 @@ class FollowerHealth:
     since: float = field(default_factory=time.time)
     last_ok: float | None = None
     resyncs: int = 0
+    forks: int = 0  # resyncs because the store's history forked from the one applied here (a failover lost changes)
     remote_version: int | None = None
 
 
@@ -57,6 +62,7 @@ class CatalogFollower(threading.Thread):
         self._epoch: str | None = None
         self._run_id: str | None = None
         self._need_resync = True
+        self._head: str | None = None  # token of the last change applied (None: not looked up since the resync)
         self._blob_version: int | None = None  # the snapshot blob's version as last seen (None: none usable)
         self._next_blob_check = 0.0
         self._publisher: threading.Thread | None = None
@@ -99,6 +105,8 @@ class CatalogFollower(threading.Thread):
             if not self._check_remote():
                 self._stop_event.wait(self.max_backoff_s)
                 return
+        if self._head is None and self.local.version > 0:
+            self._head = self._head_at(self.local.version)
         entries = self.store.read_feed(self.local.version, self.block_ms)
         if not entries:
             self._check_remote()
@@ -112,8 +120,16 @@ class CatalogFollower(threading.Thread):
                     f"feed does not continue version {expected - 1} (next entry {entry.version}, epoch {entry.epoch})"
                 self._resync(reason)
                 return
+            last = batch[-1].token if batch else self._head
+            if entry.prev is not None and last is not None and entry.prev != last:
+                # Same version numbers, another history (a promoted replica lost changes, then took new ones):
+                # nothing of it is applied on top of ours; the snapshot replaces the copy as a whole.
+                self._fork(f"feed entry {entry.version} follows change {entry.prev or '(a push)'}, not {last or '(a push)'} "
+                           "that this copy applied")
+                return
             batch.append(entry)
         self.local.apply(batch)
+        self._head = batch[-1].token
         self._ok(batch[-1].version)
         self._maybe_publish()
 
@@ -125,8 +141,16 @@ class CatalogFollower(threading.Thread):
             return False
         if self._need_resync:
             self._resync("start")
+        elif state.epoch == self._epoch and state.version < self.local.version:
+            self._fork(f"the store's version {state.version} is behind this copy's {self.local.version} on the "
+                       "same push (a replica promoted without the last changes)")
         elif state.run_id != self._run_id:
-            self._resync("Redis restarted")  # persisted or not, a snapshot is the only safe starting point
+            head = self._head_at(self.local.version) if self._head is not None else None
+            if head is not None and head != self._head:
+                self._fork(f"after a Redis restart or failover, version {self.local.version} is another change than "
+                           "the one this copy applied")
+            else:
+                self._resync("Redis restarted")  # persisted or not, a snapshot is the only safe starting point
         elif state.epoch != self._epoch or state.version < self.local.version:
             self._resync(f"remote version {state.version} / epoch {state.epoch} does not continue ours "
                          f"({self.local.version} / {self._epoch})")
@@ -135,6 +159,16 @@ class CatalogFollower(threading.Thread):
         else:
             self._ok(state.version)
         return self.health.problem is None
+
+    def _head_at(self, version: int) -> str | None:
+        """The token of the store's change `version` (None: no longer in the feed)."""
+        entries = self.store.read_feed(version - 1, None, count=1)
+        return entries[0].token if entries and entries[0].version == version else None
+
+    def _fork(self, reason: str) -> None:
+        """The store's history is not the one applied here: resync to the store's state (one log line), counted."""
+        self.health.forks += 1
+        self._resync(f"history forked: {reason}")
 
     def _resync(self, reason: str = "start") -> None:
         snapshot = self.store.snapshot()
@@ -153,6 +187,7 @@ class CatalogFollower(threading.Thread):
         # Metadata is read from Redis for the answered items; a fresh cache, since a push may change it.
         self.local.replace(snapshot.table, snapshot.version, source="redis", meta=RedisItemMeta(self.store))
         self._epoch, self._run_id = snapshot.epoch, snapshot.run_id
+        self._head = None  # looked up at the snapshot's version by the next step
         self._need_resync = False
         self.health.resyncs += 1
         self._ok(snapshot.version)

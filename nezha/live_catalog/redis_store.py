@@ -9,7 +9,8 @@ in one Redis Cluster slot and each script and pipeline below runs on one node (k
     P:version   int   bumped by every change (INCR, or SET under WATCH for a full push)
     P:meta      hash  codebook_sizes (JSON), epoch (random per push), source, pushed_at
     P:itemmeta  hash  item id -> JSON {title, brand, categories}
-    P:feed      stream one entry per change, entry ID `<version>-0`, fields op (add|remove|reset), epoch
+    P:feed      stream one entry per change, entry ID `<version>-0`, fields op (add|remove|reset), epoch, id and
+                prev (add/remove: a random token of the change and the previous change's, P:meta `head`),
                 and items (JSON [[item_id, packed, meta JSON], ...]; removals [[item_id, packed], ...]);
                 capped with MAXLEN ~ feed_maxlen
 
@@ -75,18 +76,20 @@ BLOB_READ_AHEAD = 16
 PUBLISH_LOCK_S = 300  # one replica publishes a blob at a time; a lock left by a dead one expires
 REPLICA_CHECK_S = 5.0  # how long a write trusts its look at the primary's replicas (INFO replication)
 
-# ARGV[1] = feed maxlen, then item id / packed ID / metadata JSON triples. All checks happen before any
-# write, so a rejected batch changes nothing; Redis runs the script atomically.
+# ARGV[1] = feed maxlen, ARGV[2] = this change's token, then item id / packed ID / metadata JSON triples. All
+# checks happen before any write, so a rejected batch changes nothing; Redis runs the script atomically. Each
+# feed entry carries its token (`id`) and the previous change's (`prev`, kept in meta `head`): a follower
+# checks that chain, so a history that forked under it (a failover lost changes it applied) cannot go unseen.
 _ADD_LUA = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'nocatalog'} end
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   if current then return {'exists', ARGV[i], current} end
   local holder = redis.call('HGET', KEYS[2], ARGV[i + 1])
   if holder then return {'taken', ARGV[i], ARGV[i + 1], holder} end
 end
 local changes = {}
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i])
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 2])
@@ -94,19 +97,21 @@ for i = 2, #ARGV, 3 do
 end
 local version = redis.call('INCR', KEYS[3])
 local epoch = redis.call('HGET', KEYS[5], 'epoch') or ''
+local prev = redis.call('HGET', KEYS[5], 'head') or ''
+redis.call('HSET', KEYS[5], 'head', ARGV[2])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'add', 'epoch', epoch,
-           'items', cjson.encode(changes))
+           'id', ARGV[2], 'prev', prev, 'items', cjson.encode(changes))
 return {'ok', tostring(version)}
 """
 
-# ARGV[1] = feed maxlen, then item ids.
+# ARGV[1] = feed maxlen, ARGV[2] = this change's token, then item ids.
 _REMOVE_LUA = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'nocatalog'} end
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return {'missing', ARGV[i]} end
 end
 local changes = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = redis.call('HGET', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[2], id)
@@ -115,8 +120,10 @@ for i = 2, #ARGV do
 end
 local version = redis.call('INCR', KEYS[3])
 local epoch = redis.call('HGET', KEYS[5], 'epoch') or ''
+local prev = redis.call('HGET', KEYS[5], 'head') or ''
+redis.call('HSET', KEYS[5], 'head', ARGV[2])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'remove', 'epoch', epoch,
-           'items', cjson.encode(changes))
+           'id', ARGV[2], 'prev', prev, 'items', cjson.encode(changes))
 return {'ok', tostring(version)}
 """
 
@@ -418,7 +425,7 @@ class RedisCatalog:
         """Add (item id, packed ID) pairs with their metadata, all or none; returns the new version."""
         check_unique([i for i, _ in items], "item id")
         check_unique([p for _, p in items], "semantic ID")
-        args: list[Any] = [self.feed_maxlen]
+        args: list[Any] = [self.feed_maxlen, uuid.uuid4().hex]
         for item_id, packed in items:
             args += [item_id, str(int(packed)), json.dumps(clean_meta((meta or {}).get(item_id)))]
         return self._run(self._add, args, "add")
@@ -426,7 +433,7 @@ class RedisCatalog:
     def remove(self, item_ids: Sequence[str]) -> int:
         """Remove items, all or none; returns the new version."""
         check_unique(list(item_ids), "item id")
-        return self._run(self._remove, [self.feed_maxlen, *item_ids], "remove")
+        return self._run(self._remove, [self.feed_maxlen, uuid.uuid4().hex, *item_ids], "remove")
 
     def _run(self, script: Any, args: list[Any], what: str) -> int:
         keys = [self.item2id, self.id2item, self.version_key, self.feed, self.meta, self.item_meta]
@@ -596,7 +603,7 @@ class RedisCatalog:
                 items = [(str(c[0]), int(c[1])) for c in changes]
                 meta = {str(c[0]): json.loads(c[2]) for c in changes if len(c) > 2}
                 entries.append(FeedEntry(int(entry_id.split("-")[0]), fields.get("op", ""), items,
-                                         fields.get("epoch", ""), meta))
+                                         fields.get("epoch", ""), meta, fields.get("id", ""), fields.get("prev")))
         return entries
 
     def id_in_use(self, packed: int) -> bool:

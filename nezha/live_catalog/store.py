@@ -48,6 +48,8 @@ class FeedEntry:
     items: list[tuple[str, int]]
     epoch: str = ""  # the push this change builds on; a follower on another epoch must resync
     meta: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # added items' title/brand/categories
+    token: str = ""  # this change's random id ("" for a push's reset, or entries written before tokens)
+    prev: str | None = None  # the token of the change before it (None: not recorded)
 
 
 def check_unique(values: Sequence[Any], what: str) -> None:

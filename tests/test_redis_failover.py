@@ -1,0 +1,276 @@
+"""The live catalog through a Redis failover: catalog URLs, writes confirmed by a replica (WAIT), a follower
+that meets a forked history, and a primary killed under a stream of admin changes while Sentinel promotes its
+replica (real redis-server and redis-server --sentinel processes on loopback, tests/redis_fixtures.py).
+
+The failover test prints one `FAILOVER ...` line with its figures (run with `-s`; docs/operations.md quotes them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redis.crc import key_slot
+from redis_fixtures import RedisServer, SentinelSet, sentinel_set  # noqa: F401
+
+from nezha.catalog import Catalog
+from nezha.config import ConfigError
+from nezha.live_catalog import (
+    CatalogFollower,
+    ItemExistsError,
+    ItemNotFoundError,
+    LocalCatalog,
+    RedisCatalog,
+    WriteNotConfirmedError,
+    redact_url,
+)
+from nezha.live_catalog.connection import parse_redis_url
+from serve.errors import StoreUnavailable, from_store_error
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_prepared: Path) -> Catalog:
+    return Catalog.load(tiny_prepared / "catalog")
+
+
+def free_ids(catalog: Catalog, n: int) -> list[int]:
+    used = set(catalog.packed.tolist())
+    return [p for p in range(int(np.prod(catalog.codebook_sizes))) if p not in used][:n]
+
+
+def test_catalog_urls_parse_and_a_malformed_one_is_one_clear_line() -> None:
+    sentinel = parse_redis_url("redis+sentinel://u:pw@10.0.0.1:26379,10.0.0.2/mymaster?db=2&sentinel_password=s2")
+    assert (sentinel.kind, sentinel.hosts, sentinel.service, sentinel.db, sentinel.username, sentinel.password) == \
+        ("sentinel", (("10.0.0.1", 26379), ("10.0.0.2", 26379)), "mymaster", 2, "u", "pw")
+    cluster = parse_redis_url("rediss+cluster://h1:7000,h2:7001?ssl_ca_certs=/ca.pem&min_replicas=1&wait_timeout_ms=250")
+    assert (cluster.kind, cluster.tls, cluster.hosts, cluster.min_replicas, cluster.wait_timeout_ms) == \
+        ("cluster", True, (("h1", 7000), ("h2", 7001)), 1, 250)
+    single = parse_redis_url("redis://:pw@127.0.0.1:6390/0?min_replicas=0")
+    assert single.kind == "single" and single.min_replicas == 0 and "min_replicas" not in single.url
+    assert redact_url("redis+sentinel://u:pw@h1:1,h2:2/svc?sentinel_password=s2") == \
+        "redis+sentinel://u:***@h1:1,h2:2/svc?sentinel_password=***"
+    for url, says in [("http://h:1", "scheme"), ("redis+sentinel://h:26379", "service"),
+                      ("redis+sentinel://h:x/svc", "host:port"), ("redis+cluster://h:1/2", "database 0"),
+                      ("redis+cluster://:secret@h:1?bogus=1", "unknown option"),
+                      ("redis://h:1/0?min_replicas=one", "min_replicas")]:
+        with pytest.raises(ConfigError, match=says) as caught:
+            RedisCatalog(url)
+        assert "\n" not in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_keys_of_one_catalog_share_a_hash_tag(catalog: Catalog, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    try:
+        store = RedisCatalog(server.url, prefix="shop:catalog")
+        store.push(catalog)
+        store.add([("TAGGED", free_ids(catalog, 1)[0])])
+        keys = server.client().keys("*")
+        assert keys and all(k.startswith("{shop:catalog}:") for k in keys), keys
+        assert len({key_slot(k.encode()) for k in keys}) == 1
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Two servers, each its own primary for now."""
+    a, b = RedisServer(tmp_path / "a"), RedisServer(tmp_path / "b")
+    a.start()
+    b.start()
+    yield a, b
+    a.kill()
+    b.kill()
+
+
+def copy_of(source: RedisServer, target: RedisServer) -> None:
+    """`target` becomes a replica of `source`, syncs, and is promoted again: a copy as of now."""
+    source.client().config_set("repl-diskless-sync-delay", 0)
+    target.client().execute_command("REPLICAOF", "127.0.0.1", source.port)
+    assert wait_until(lambda: target.client().info("replication").get("master_link_status") == "up")
+    assert wait_until(lambda: target.client().info("replication").get("slave_repl_offset")
+                      == source.client().info("replication").get("master_repl_offset"))
+    target.client().execute_command("REPLICAOF", "NO", "ONE")
+
+
+def demote(old: RedisServer, new: RedisServer, version: int) -> None:
+    """`old` becomes a replica of `new` (what Sentinel does to a primary that comes back) and holds `version`."""
+    new.client().config_set("repl-diskless-sync-delay", 0)
+    old.client().execute_command("REPLICAOF", "127.0.0.1", new.port)
+    store = RedisCatalog(old.url)
+    assert wait_until(lambda: old.client().info("replication").get("master_link_status") == "up"
+                      and store.remote_state().version == version)
+
+
+@pytest.mark.parametrize("after", ["behind", "went-on"])
+def test_a_follower_that_meets_a_forked_history_resyncs_to_the_store(pair: tuple[RedisServer, RedisServer],
+                                                                      catalog: Catalog, after: str) -> None:
+    """The follower applied a change (LOST) that the promoted replica never had: whether the new primary is
+    behind it or went on under the same version numbers, it resyncs to the store's state, counts a fork, and
+    never serves LOST together with the new history."""
+    a, b = pair
+    lost, kept, more = free_ids(catalog, 3)
+    RedisCatalog(a.url).push(catalog)
+    follower = CatalogFollower(RedisCatalog(a.url), LocalCatalog.from_catalog(catalog), block_ms=50)
+    follower.sync_once()
+    copy_of(a, b)  # b: the replica, up to date as of version 1
+    assert RedisCatalog(a.url).add([("LOST", lost)]) == 2  # acknowledged by a alone
+    follower._step()
+    assert follower.local.version == 2 and follower.local.lookup(["LOST"])[1] == []
+    new_primary = RedisCatalog(b.url)
+    if after == "went-on":
+        assert new_primary.add([("KEPT", kept)]) == 2 and new_primary.add([("MORE", more)]) == 3
+    demote(a, b, 3 if after == "went-on" else 1)  # the follower still reads a, now a replica of b
+    follower._step()
+    if after == "behind":
+        follower._step()  # an empty feed read first, then the version check
+    assert follower.health.forks == 1
+    expected = 3 if after == "went-on" else 1
+    assert follower.local.version == expected
+    assert follower.local.lookup(["LOST"])[1] == ["LOST"]
+    if after == "went-on":
+        assert follower.local.lookup(["KEPT", "MORE"])[1] == []
+
+
+def test_a_write_no_replica_acknowledges_is_a_retryable_error(tmp_path: Path, catalog: Catalog) -> None:
+    primary = RedisServer(tmp_path / "p", extra_args=["--repl-diskless-sync-delay", "0"])
+    primary.start()
+    replica = RedisServer(tmp_path / "r", extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica.start()
+    try:
+        assert wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up")
+        store = RedisCatalog(primary.url + "?wait_timeout_ms=300")
+        store.push(catalog)
+        first, second = free_ids(catalog, 2)
+        assert store.add([("CONFIRMED", first)]) == 2  # the replica acknowledged it
+        assert replica.proc is not None
+        os.kill(replica.proc.pid, signal.SIGSTOP)  # connected, but acknowledges nothing
+        try:
+            with pytest.raises(WriteNotConfirmedError, match="0 of 1 replica") as caught:
+                store.add([("UNCONFIRMED", second)])
+            service = from_store_error(caught.value)
+            assert isinstance(service, StoreUnavailable) and service.retry_after_s >= 1
+            assert service.body()["retryable"] is True
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        # The retry finds the first attempt kept (the primary did not fail over): said as a conflict on the same ID.
+        with pytest.raises(ItemExistsError) as exists:
+            store.add([("UNCONFIRMED", second)])
+        assert exists.value.packed == second
+        assert RedisCatalog(primary.url + "?min_replicas=0").remove(["UNCONFIRMED"]) == 4
+    finally:
+        replica.kill()
+        primary.kill()
+
+
+class Writer(threading.Thread):
+    """Admin changes one after another (adds, and removes of earlier adds), each retried on the retryable error
+    until answered; records what was answered and when."""
+
+    def __init__(self, url: str, ids: list[int], pause_s: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.store = RedisCatalog(url)
+        self.ids, self.pause_s = ids, pause_s
+        self.present: dict[str, int] = {}  # what the answers say the catalog holds (of this writer's items)
+        self.sent = self.ok = self.ok_after_retry = self.retryable = self.landed_before = 0
+        self.ok_times: list[float] = []
+        self.refused_times: list[float] = []
+        self.stop_event = threading.Event()
+
+    def change(self, apply: Callable[[], int], landed: type[Exception]) -> None:
+        self.sent += 1
+        refused = False
+        while True:
+            try:
+                apply()
+                self.ok += 1
+                self.ok_after_retry += refused
+                self.ok_times.append(time.monotonic())
+                return
+            except WriteNotConfirmedError:
+                self.retryable += 1
+                self.refused_times.append(time.monotonic())
+                refused = True
+                time.sleep(0.1)
+            except landed:
+                assert refused, "a conflict on a change that was never refused"
+                self.landed_before += 1  # the refused attempt had been applied and kept
+                return
+
+    def run(self) -> None:
+        for n, packed in enumerate(self.ids):
+            if self.stop_event.is_set():
+                return
+            item = f"FO-{n}"
+            self.change(lambda item=item, packed=packed: self.store.add([(item, packed)]), ItemExistsError)
+            self.present[item] = packed
+            if n % 3 == 2:  # remove an earlier add
+                gone = f"FO-{n - 2}"
+                self.change(lambda gone=gone: self.store.remove([gone]), ItemNotFoundError)
+                del self.present[gone]
+            time.sleep(self.pause_s)
+
+
+@pytest.mark.slow
+def test_a_primary_killed_under_admin_writes_loses_no_acknowledged_change(sentinel_set: SentinelSet,  # noqa: F811
+                                                                          catalog: Catalog) -> None:
+    url = sentinel_set.url
+    RedisCatalog(url).push(catalog)
+    followers = [CatalogFollower(RedisCatalog(url), LocalCatalog.from_catalog(catalog), block_ms=100,
+                                 max_backoff_s=0.2) for _ in range(2)]
+    for f in followers:
+        f.sync_once()
+        f.start()
+    writer = Writer(url, free_ids(catalog, 150))
+    writer.start()
+    try:
+        assert wait_until(lambda: writer.ok >= 30, timeout=30)
+        old_port = sentinel_set.kill_primary().port
+        killed_at = time.monotonic()  # the process is gone (waited for): nothing after this reached it
+        assert wait_until(lambda: any(t > killed_at for t in writer.ok_times), timeout=30), "writes never recovered"
+        recovered_at = min(t for t in writer.ok_times if t > killed_at)
+        new_port = sentinel_set.primary_port()
+        assert new_port is not None and new_port != old_port
+        # A change written on the new primary, then every follower serving it.
+        marker = writer.sent
+        assert wait_until(lambda: writer.sent >= marker + 30 or not writer.is_alive(), timeout=30)
+        version = RedisCatalog(url).remote_state().version
+        assert version is not None
+        assert wait_until(lambda: all(f.local.version >= version for f in followers), timeout=30)
+        converged_at = time.monotonic()
+        writer.stop_event.set()
+        writer.join(timeout=60)
+        assert not writer.is_alive()
+        final = RedisCatalog(url).snapshot()
+        assert final is not None
+        items = dict(final.table.pairs())
+        ours = {i: p for i, p in items.items() if i.startswith("FO-")}
+        assert ours == writer.present  # every answered change is there, and nothing else of the writer's
+        assert wait_until(lambda: all(f.local.version == final.version for f in followers), timeout=30)
+        for f in followers:
+            assert dict(f.local.view().item_to_id) == items  # exactly the store's catalog, no mix
+        print(f"\nFAILOVER changes sent {writer.sent}, answered ok {writer.ok} ({writer.ok_after_retry} of them on a "
+              f"retry), answers retryable {writer.retryable} (retried changes found already applied: "
+              f"{writer.landed_before}), present afterwards "
+              f"{len(ours)} of {len(writer.present)} expected; kill -> writes ok again {recovered_at - killed_at:.2f} s; "
+              f"kill -> every follower serving a post-failover version {converged_at - killed_at:.2f} s; "
+              f"resyncs {[f.health.resyncs for f in followers]}, forks {[f.health.forks for f in followers]}")
+    finally:
+        writer.stop_event.set()
+        for f in followers:
+            f.stop()
