@@ -21,8 +21,6 @@ epoch; which ones they are changes with the order. Validation examples are read 
 
 from __future__ import annotations
 
-import functools
-import zipfile
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -34,50 +32,13 @@ import ray.data
 from nezha.data.split import Examples, Ragged
 from nezha.prepared import SPLIT_FILE, read_summary
 from nezha.training import BUCKET_BATCHES, ExampleBatch, length_buckets, steps_per_epoch
-
-CHUNK_ROWS = 8192  # training examples per read (one Ray Data block of ~1.5 MB at max_history 20)
-# Reading a chunk is a memory-mapped gather: a quarter of a CPU, so the reads fit beside CPU workers that
-# hold most of a small machine's cores.
-READ_CPUS = 0.25
+from train.stream_read import CHUNK_ROWS, READ_CPUS, read_chunks, split_arrays
 
 
 class DataIterator(Protocol):
     """What a worker gets from `ray.train.get_dataset_shard` (ray.data.DataIterator), as used here."""
 
     def iter_batches(self, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]: ...
-
-
-def npz_member(path: Path, name: str) -> np.ndarray:
-    """Array `name` of an uncompressed .npz file as a read-only memory map (nothing is read but its header)."""
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise ValueError(f"{path}: {name} is compressed, so it cannot be memory-mapped (np.savez, not savez_compressed)")
-    with path.open("rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # the local file header: its name and extra field lengths are at bytes 26-29
-        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if fortran or dtype.hasobject:
-        raise ValueError(f"{path}: {name} is not a plain C-ordered array")
-    if not int(np.prod(shape)):
-        return np.zeros(shape, dtype)  # np.memmap refuses empty arrays
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-
-
-@functools.lru_cache(maxsize=4)  # per process: a Ray Data worker reads many chunks of the same split
-def split_arrays(split_path: str) -> dict[str, np.ndarray]:
-    """The memory-mapped arrays of a prepared split.npz (format nezha-prepared/2)."""
-    path = Path(split_path)
-    with zipfile.ZipFile(path) as archive:
-        names = {n.removesuffix(".npy") for n in archive.namelist()}
-    if "values" not in names:
-        raise ValueError(f"{path} is an older split format (one array per part): streaming reads format "
-                         "nezha-prepared/2; run `nezha prepare` again")
-    return {name: npz_member(path, name) for name in sorted(names)}
 
 
 def count_examples(prepared: str | Path, part: str = "train") -> int:
@@ -91,30 +52,6 @@ def max_history(prepared: str | Path) -> int:
     if "max_history" not in config:
         raise ValueError(f"{prepared}/prepare.json does not say the split's max_history; run `nezha prepare` again")
     return int(config["max_history"])
-
-
-def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_examples: int,
-                seed: int) -> dict[str, np.ndarray]:
-    """Ray Data map function: chunk numbers -> their training examples, histories padded to `width`.
-
-    Chunk k of the stream is chunk order[k] of the split (a seeded permutation), so the blocks arrive in
-    a random order while each read stays sequential in the file."""
-    arrays = split_arrays(split_path)
-    order = chunk_order(num_examples, seed)
-    ids = np.concatenate([np.arange(c * CHUNK_ROWS, min(num_examples, (c + 1) * CHUNK_ROWS))
-                          for c in order[batch["id"]]])
-    starts, ends = np.asarray(arrays["train_starts"][ids]), np.asarray(arrays["train_ends"][ids])
-    lengths = ends - starts
-    columns = np.arange(width)
-    present = columns < lengths[:, None]
-    positions = np.where(present, starts[:, None] + columns, 0)
-    histories = np.where(present, arrays["values"][positions], 0)
-    return {"id": ids, "history": histories, "length": lengths, "target": np.asarray(arrays["train_targets"][ids])}
-
-
-@functools.lru_cache(maxsize=4)
-def chunk_order(num_examples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(-(-num_examples // CHUNK_ROWS))
 
 
 def train_dataset(prepared: str | Path, seed: int) -> ray.data.Dataset:
