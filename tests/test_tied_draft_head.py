@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from nezha.config import ConfigError
+from nezha.decoding import decode
 from nezha.export import ExportConfig, export_checkpoint
 from nezha.model.checkpoint import create_model, load_checkpoint, save_checkpoint
 from nezha.model.model import ModelConfig
 from nezha.model.tokens import build_prompts
 from nezha.training import TorchStepper, TrainConfig
+from nezha.verify import PrefixVerifier, pack
 
 SIZES = [5, 6, 7]
 TIED = dict(tie_draft_embeddings=True, tie_draft_heads=True)
@@ -83,6 +85,12 @@ def test_a_tied_checkpoint_and_its_export_round_trip(tmp_path):
     with torch.no_grad():
         model.backbone.get_input_embeddings().weight.normal_()  # not the seed's init: a real load is needed
     expected = _draft_logits(model)
+    rng = np.random.default_rng(1)
+    codes = np.unique(np.stack([rng.integers(0, size, 40) for size in SIZES], axis=1), axis=0)
+    verifier = PrefixVerifier(pack(codes, SIZES), SIZES)
+    histories = [codes[rng.integers(0, len(codes), n)] for n in (2, 5, 1)]
+    with torch.inference_mode():
+        decoded = decode(model, "nezha", histories, verifier, beam=4)
     save_checkpoint(model, tmp_path / "ckpt")
     exported = export_checkpoint(ExportConfig(checkpoint=str(tmp_path / "ckpt"), out=str(tmp_path / "hf")))
     for path in (tmp_path / "ckpt", exported):
@@ -92,6 +100,9 @@ def test_a_tied_checkpoint_and_its_export_round_trip(tmp_path):
         assert _shares_vocab_storage(loaded, 1, loaded.draft_head.code_embedding(1))
         for got, want in zip(_draft_logits(loaded), expected, strict=True):
             torch.testing.assert_close(got, want)
+        with torch.inference_mode():
+            again = decode(loaded, "nezha", histories, verifier, beam=4)
+        assert torch.equal(again.ids, decoded.ids)  # the NEZHA decoder runs on the tied head, the same way
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
