@@ -247,7 +247,9 @@ class RedisClusterSet:
         self.nodes = [RedisServer(data_dir / f"node-{i}", persistent=False,
                                   extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
                                               str(data_dir / f"node-{i}" / "nodes.conf"),
-                                              "--cluster-node-timeout", "2000"]) for i in range(masters)]
+                                              "--cluster-node-timeout", "2000",
+                                              # the bus port is port + 10000 unless given: free ports run past that
+                                              "--cluster-port", str(free_port())]) for i in range(masters)]
 
     @property
     def url(self) -> str:
