@@ -110,6 +110,8 @@ class EvalConfig:
     verify: str = "prefix"
     batch_size: int = 64
     max_users: int = field(default=0, metadata={"help": "score a random subset of users (0: all)"})
+    hf_max_users: int = field(default=0, metadata={
+        "help": "users the Hugging Face `generate` rows score (10-50x slower than ours; 0: as max_users)"})
     latency_requests: int = field(default=50, metadata={"help": "timed calls per setting (0: skip latency)"})
     latency_batch: int = 32
     device: str = "auto"
@@ -127,6 +129,9 @@ class EvalConfig:
         for name in ("beam", "batch_size", "latency_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_users", "hf_max_users", "latency_requests"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: may not be negative, got {getattr(self, name)}")
 
 
 def load_eval_inputs(cfg: EvalConfig) -> tuple[NezhaModel, Catalog, Split, list[np.ndarray], torch.device]:
@@ -144,23 +149,26 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model, catalog, split, sequences, device = load_eval_inputs(cfg)
     examples = split.valid if cfg.split == "valid" else split.test
     examples = examples.subset(cfg.max_users, cfg.seed)
-    targets = catalog.packed[examples.targets]
     verifier = catalog.verifier(device)
     report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "split": cfg.split, "users": len(examples),
                               "device": device_name(device), "config": asdict(cfg), "decoders": {}}
     for decoder in cfg.decoders:
+        scored = examples
+        if cfg.hf_max_users and decoder.startswith("hf-"):
+            scored = examples.subset(cfg.hf_max_users, cfg.seed)
+        targets = catalog.packed[scored.targets]
         if decoder == "popular":
             ranking = popularity_ranking(sequences, catalog.num_items)[: cfg.beam]
-            ranked = np.broadcast_to(catalog.packed[ranking], (len(examples), len(ranking)))
+            ranked = np.broadcast_to(catalog.packed[ranking], (len(scored), len(ranking)))
             entry: dict[str, Any] = {**hit_ndcg(ranked, targets), "invalid_rate": 0.0}
         elif not decoder_available(model, decoder):
             log.warning("skipping %s: the checkpoint serves %s", decoder, ", ".join(available_decoders(model)))
             continue
         else:
             start = time.perf_counter()
-            ranked, invalid = rank_examples(model, decoder, catalog, verifier, examples, cfg.beam,
+            ranked, invalid = rank_examples(model, decoder, catalog, verifier, scored, cfg.beam,
                                             batch_size=cfg.batch_size, verify=cfg.verify, progress=cfg.progress)
-            entry = {**hit_ndcg(ranked, targets), "invalid_rate": float(invalid.sum() / (len(examples) * cfg.beam)),
+            entry = {**hit_ndcg(ranked, targets), "invalid_rate": float(invalid.sum() / (len(scored) * cfg.beam)),
                      "quality_pass_seconds": time.perf_counter() - start}
             if cfg.latency_requests:
                 single = measure_latency(model, decoder, catalog, verifier, examples, cfg.beam, 1,
@@ -171,6 +179,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 entry["latency_ms"] = {"p50": single["p50"], "p99": single["p99"], "mean": single["mean"],
                                        "batch1": single, "batched": batched}
         entry["device"] = report["device"]
+        entry["users"] = len(scored)
         report["decoders"][decoder] = entry
         log.info("%s: hit@10 %.4f ndcg@10 %.4f", decoder, entry["hit@10"], entry["ndcg@10"])
     if cfg.json:
@@ -181,14 +190,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a report (one row per decoder)."""
-    header = f"{'decoder':<22}{'H@5':>8}{'H@10':>8}{'N@5':>8}{'N@10':>8}{'invalid':>9}{'b1 p50':>9}{'b1 p99':>9}{'batched/req':>12}"
+    header = f"{'decoder':<22}{'users':>7}{'H@5':>8}{'H@10':>8}{'N@5':>8}{'N@10':>8}{'invalid':>9}{'b1 p50':>9}{'b1 p99':>9}{'batched/req':>12}"
     lines = [f"split {report['split']}, {report['users']} users, device {report['device']}", header]
     for name, e in report["decoders"].items():
         lat = e.get("latency_ms", {})
         b1 = lat.get("batch1", {})
         batched = lat.get("batched", {})
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
-        lines.append(f"{name:<22}{e['hit@5']:>8.4f}{e['hit@10']:>8.4f}{e['ndcg@5']:>8.4f}{e['ndcg@10']:>8.4f}"
+        lines.append(f"{name:<22}{e.get('users', report['users']):>7}{e['hit@5']:>8.4f}{e['hit@10']:>8.4f}{e['ndcg@5']:>8.4f}{e['ndcg@10']:>8.4f}"
                      f"{e['invalid_rate']:>9.4f}{fmt(b1.get('p50')):>9}{fmt(b1.get('p99')):>9}"
                      f"{fmt(batched.get('per_request_mean')):>12}")
     lines.append("latency in ms; b1 = one request per call; batched/req = mean call time / batch size")

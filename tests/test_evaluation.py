@@ -25,6 +25,18 @@ def test_evaluate_writes_the_table_and_json(tiny_checkpoint, tmp_path):
     assert "nezha" in table and "popular" in table
 
 
+def test_hf_rows_score_fewer_users_when_asked(tiny_checkpoint):
+    report = evaluate(EvalConfig(checkpoint=str(tiny_checkpoint), beam=5, latency_requests=0, max_users=6,
+                                 hf_max_users=3, decoders=["nezha", "hf-beam-constrained", "popular"],
+                                 progress=False))
+    users = {name: entry["users"] for name, entry in report["decoders"].items()}
+    assert users == {"nezha": 6, "hf-beam-constrained": 3, "popular": 6}
+    assert report["users"] == 6
+    assert "hf-beam-constrained" in format_table(report)
+    with pytest.raises(ValueError, match="hf_max_users"):
+        EvalConfig(hf_max_users=-1)
+
+
 def test_evaluate_rejects_bad_arguments(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown decoder"):
         evaluate(EvalConfig(checkpoint=str(tiny_checkpoint), decoders=["greedy"]))

@@ -41,6 +41,8 @@ class QuickstartConfig:
     lr: float = 2e-3
     beam: int = 20
     eval_users: int = field(default=2000, metadata={"help": "test users scored (0: all)"})
+    hf_users: int = field(default=500, metadata={
+        "help": "test users the two HF `generate` rows score (10-50x slower than ours; 0: eval_users)"})
     latency_requests: int = 30
 
 
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> None:
                                batch_size=cfg.batch_size, lr=cfg.lr, eval_beam=cfg.beam))
     log.info("[3/3] evaluate on the test split")
     report = evaluate(EvalConfig(checkpoint=str(result.best_checkpoint), beam=cfg.beam, max_users=cfg.eval_users,
-                                 decoders=["nezha", "beam", "hf-beam-constrained", "hf-beam", "mtp", "popular"],
+                                 hf_max_users=cfg.hf_users,
+                                 decoders=["nezha", "nezha-rescore", "beam", "hf-beam-constrained", "hf-beam", "mtp",
+                                           "popular"],
                                  latency_requests=cfg.latency_requests, json=str(out / "eval.json")))
     print(SMOKE_TEST_NOTE)
     print(format_table(report))
