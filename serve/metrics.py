@@ -46,6 +46,9 @@ class DecoderMetrics:
         self.catalog_size = Gauge("nezha_catalog_size", "items in this replica's catalog copy")
         self.catalog_degraded = Gauge("nezha_catalog_degraded",
                                       "1 while this replica's copy may be stale (Redis unreachable or without a catalog)")
+        self.catalog_resyncs = Gauge("nezha_catalog_resyncs", "full resyncs of this replica's copy from Redis so far")
+        self.catalog_forks = Gauge("nezha_catalog_forks", "resyncs because Redis's history forked from this copy's "
+                                                          "(a failover lost changes the copy had applied)")
 
     def observe_batch(self, decoder: str, size: int, seconds: float, invalid: int) -> None:
         tags = {"decoder": decoder}
@@ -56,7 +59,9 @@ class DecoderMetrics:
         if invalid:
             self.invalid.inc(invalid, tags=tags)
 
-    def observe_catalog(self, version: int, size: int, degraded: bool) -> None:
+    def observe_catalog(self, version: int, size: int, degraded: bool, resyncs: int = 0, forks: int = 0) -> None:
         self.catalog_version.set(version)
         self.catalog_size.set(size)
         self.catalog_degraded.set(int(degraded))
+        self.catalog_resyncs.set(resyncs)
+        self.catalog_forks.set(forks)

@@ -299,7 +299,9 @@ class Recommender:
     def _observe_catalog(self) -> None:
         state = self.local.state()
         degraded = bool(self.follower.degraded()) if self.follower else False
-        self.metrics.observe_catalog(state["version"], state["size"], degraded)
+        health = self.follower.health if self.follower else None
+        self.metrics.observe_catalog(state["version"], state["size"], degraded,
+                                     resyncs=health.resyncs if health else 0, forks=health.forks if health else 0)
 
     def ready(self) -> dict[str, Any]:
         """Cheap (no Redis call): model loaded, catalog copy state, batching in force, why the copy may be stale."""
@@ -311,7 +313,8 @@ class Recommender:
                   "degraded": self.follower.degraded() if self.follower else []}
         if self.follower is not None:
             h = self.follower.health
-            status["follower"] = {"connected": h.connected, "resyncs": h.resyncs, "redis_version": h.remote_version,
+            status["follower"] = {"connected": h.connected, "resyncs": h.resyncs, "forks": h.forks,
+                                  "redis_version": h.remote_version,
                                   "last_ok_s_ago": None if h.last_ok is None else round(time.time() - h.last_ok, 3)}
         return status
 
