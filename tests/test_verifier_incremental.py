@@ -64,10 +64,16 @@ def histories(draw: st.DrawFn) -> tuple:
     return sizes, dense_limit, draw(st.lists(ids, max_size=40)), draw(st.lists(ops, max_size=14))
 
 
+@pytest.mark.parametrize("replay_at_most", [1 << 20, 0])  # the spare set replays changes; or is dropped and copied
 @settings(max_examples=200, deadline=None)
 @given(history=histories())
-def test_any_change_history_answers_like_a_verifier_built_from_scratch(history):
+def test_any_change_history_answers_like_a_verifier_built_from_scratch(history, replay_at_most):
     sizes, dense_limit, initial, ops = history
+    with mock.patch.object(verifier_module, "_REPLAY_AT_MOST", replay_at_most):
+        _check_history(sizes, dense_limit, initial, ops)
+
+
+def _check_history(sizes, dense_limit, initial, ops):
     verifier = PrefixVerifier(initial, sizes, dense_limit=dense_limit)
     current = set(initial)
     held: list[tuple[PrefixVerifier, set[int]]] = []

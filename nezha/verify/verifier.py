@@ -41,6 +41,10 @@ DEFAULT_DENSE_LIMIT = 1 << 24
 # Edits of a sorted array up to this many are spliced from slices (one copy, a Python step per edit);
 # larger batches go through numpy's masked insert/delete.
 _SLICED_EDITS = 2048
+# A change writing more dense-table entries than this (a build, a resync) is not kept for the spare set to
+# replay: copying the tables when they are next needed costs less than replaying millions of writes, and
+# the change's index arrays (17 bytes an entry) are not held until the next change.
+_REPLAY_AT_MOST = 1 << 20
 
 
 class SortedIds(Set):
@@ -503,5 +507,7 @@ class PrefixVerifier:
         else:
             target, self._spare = current.clone(), current  # both sets are read: copy
         target.write(deltas)
+        if self._spare is None or sum(d[0].numel() for d in deltas if d is not None) > _REPLAY_AT_MOST:
+            self._spare, deltas = None, []  # nothing to catch up, or a copy is cheaper than the replay
         self._dense, self._last = target, deltas
         return target
