@@ -80,7 +80,8 @@ class ServeConfig:
     max_batch_users: int = field(default=64, metadata={"help": "most users one POST /v1/recommend/batch may send"})
     max_body_bytes: int = field(default=65536, metadata={"help": "larger request bodies get 413"})
     redis_url: str | None = field(default=None, repr=False, metadata={
-        "help": f"redis:// or rediss:// URL of the live catalog (else ${REDIS_URL_ENV}; neither: in-process)"})
+        "help": f"URL of the live catalog: redis[s]://, redis[s]+sentinel://, redis[s]+cluster:// "
+                f"(else ${REDIS_URL_ENV}; neither: in-process)"})
     redis_prefix: str = DEFAULT_PREFIX
     feed_block_ms: int = field(default=500, metadata={"help": "follower's XREAD BLOCK timeout"})
     feed_maxlen: int = DEFAULT_FEED_MAXLEN

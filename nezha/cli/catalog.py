@@ -46,7 +46,7 @@ class CatalogStoreConfig:
     """Which catalog in Redis: the fields every `nezha catalog` action has."""
 
     redis_url: str | None = field(default=None, repr=False, metadata={
-        "help": f"redis:// or rediss:// URL (None: ${REDIS_URL_ENV})"})
+        "help": f"redis[s]://, redis[s]+sentinel:// or redis[s]+cluster:// URL (None: ${REDIS_URL_ENV})"})
     prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "key prefix"})
     feed_maxlen: int = field(default=DEFAULT_FEED_MAXLEN, metadata={"help": "change-feed cap"})
 

@@ -277,6 +277,12 @@ class RedisDeployment:
             self._router.close()
 
 
+def describe_error(exc: Exception) -> str:
+    """A redis-py error in one short line (a Sentinel's "no master found" carries the whole client's repr)."""
+    text = str(exc).split(" : <redis.")[0].replace("\n", " ")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def online_replicas(info: dict[str, Any]) -> int:
     """Replicas online of the primary whose `INFO replication` this is."""
     return sum(1 for key, value in info.items()

@@ -51,7 +51,13 @@ import numpy as np
 import redis
 
 from nezha.catalog import Catalog
-from nezha.live_catalog.connection import TRANSIENT_ERRORS, RedisDeployment, online_replicas, redact_url
+from nezha.live_catalog.connection import (
+    TRANSIENT_ERRORS,
+    RedisDeployment,
+    describe_error,
+    online_replicas,
+    redact_url,
+)
 from nezha.live_catalog.errors import (
     CatalogStoreError,
     IdTakenError,
@@ -273,7 +279,7 @@ class RedisCatalog:
         self.deployment.close()
 
     def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
-        return StoreUnavailableError(self.display_url, f"{type(exc).__name__}: {exc}", what)
+        return StoreUnavailableError(self.display_url, describe_error(exc), what)
 
     # ---- writes ----------------------------------------------------------------------------------------
     def push(self, catalog: Catalog, source: str = "", if_empty: bool = False,
@@ -466,7 +472,7 @@ class RedisCatalog:
         except TRANSIENT_ERRORS as exc:
             self._auto_replicas = (0, 0.0)  # look again at the (maybe new) primary's replicas next time
             raise WriteNotConfirmedError(
-                self.display_url, f"{type(exc).__name__}: {exc}",
+                self.display_url, describe_error(exc),
                 f"the {what} was refused or its connection dropped (a failover, or Redis down): retry it; a "
                 "retried add answered 'already in the catalog' with the same semantic ID, or a retried remove "
                 "answered 'not in the catalog', means the first attempt had landed") from None
