@@ -1,6 +1,7 @@
 """The live catalog: the item catalog that changes while the service runs.
 
     store.py         CatalogStore (the protocol both stores satisfy), FeedEntry, defaults
+    connection.py    Redis by URL: one server, Sentinel (redis+sentinel://) or Cluster (redis+cluster://)
     errors.py        the stores' errors, each worded once
     redis_store.py   RedisCatalog: the source of truth in Redis (maps, version, change feed), chunked push and
                      snapshot reads; RedisItemMeta: metadata of answered items read from Redis; redact_url
