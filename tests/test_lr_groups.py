@@ -46,3 +46,19 @@ def test_the_multipliers_scale_each_groups_step():
 def test_a_rate_must_be_positive(name):
     with pytest.raises(ConfigError, match=f"{name}: must be > 0"):
         TrainConfig(**{name: 0.0})
+
+
+def test_a_deepspeed_scheduler_that_would_drop_the_multipliers_is_refused():
+    from train.config import RayTrainConfig, build_deepspeed_config
+
+    with_scheduler = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto",
+                                                                    "warmup_max_lr": "auto"}}}
+    plain = RayTrainConfig(batch_size=16, dtype="float32", use_gpu=False)
+    assert "scheduler" in build_deepspeed_config(plain, 2, 100, with_scheduler)
+    paper = RayTrainConfig(batch_size=16, dtype="float32", use_gpu=False, embedding_lr_mult=100.0, head_lr_mult=10.0)
+    with pytest.raises(ConfigError, match="would drop embedding_lr_mult / head_lr_mult"):
+        build_deepspeed_config(paper, 2, 100, with_scheduler)
+    assert "scheduler" not in build_deepspeed_config(paper, 2, 100, None)  # transformers' schedule keeps them
+    tied = RayTrainConfig(batch_size=16, dtype="float32", use_gpu=False, tie_draft_heads=True, zero_stage=3)
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        build_deepspeed_config(tied, 2, 100, None)

@@ -117,15 +117,30 @@ def build_deepspeed_config(cfg: RayTrainConfig, world_size: int, total_steps: in
             offload_param=cfg.offload_param, use_gpu=bool(cfg.use_gpu), world_size=world_size,
             torch_adam=cfg.torch_adam, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         if user is None:
-            return generated
+            return check_model_fits(cfg, generated)
         optimizer_steps = optimizer_steps_of(cfg, total_steps)
         # DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR parameter names.
         schedule = {"warmup_num_steps": warmup_steps(optimizer_steps, cfg.warmup_ratio),
                     "total_num_steps": optimizer_steps,
                     "warmup_max_lr": cfg.lr, "warmup_min_lr": 0.0, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}
-        return merge_user_config(user, generated, schedule)
+        return check_model_fits(cfg, merge_user_config(user, generated, schedule))
     except ValueError as exc:  # DeepSpeedConfigError is one
         raise ConfigError(f"deepspeed_config: {exc}") from None
+
+
+def check_model_fits(cfg: RayTrainConfig, ds: dict[str, Any]) -> dict[str, Any]:
+    """`ds` unchanged, after refusing what it would silently break in the training config."""
+    if "scheduler" in ds and (cfg.embedding_lr_mult != 1 or cfg.head_lr_mult != 1):
+        # DeepSpeed's schedulers set one rate for every parameter group; transformers' schedule (used when
+        # the file has no scheduler) scales each group's own rate.
+        raise ConfigError("deepspeed_config: its scheduler section sets one learning rate for every parameter "
+                          "group, which would drop embedding_lr_mult / head_lr_mult; remove the section (the "
+                          "generated warm-up + cosine keeps them) or set both multipliers to 1")
+    if get_path(ds, "zero_optimization.stage") == 3 and (cfg.tie_draft_embeddings or cfg.tie_draft_heads):
+        # ZeRO-3 gathers a weight only inside its own module's forward; a tied head reads the embedding outside.
+        raise ConfigError("tie_draft_embeddings / tie_draft_heads do not work under ZeRO stage 3; use "
+                          "zero_stage 2 (or strategy ddp), or leave them false")
+    return ds
 
 
 def optimizer_steps_of(cfg: RayTrainConfig, total_steps: int) -> int:

@@ -15,7 +15,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from nezha.config import ConfigError
 from nezha.model.model import NezhaModel
 from nezha.training import Plan, Stepper, TorchStepper, param_groups, warmup_steps
 from train.config import RayTrainConfig, build_deepspeed_config, optimizer_steps_of
@@ -76,11 +75,6 @@ class DeepSpeedStepper:
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray's process group
         config = build_deepspeed_config(cfg, world_size, total_steps, user_config)
         self.partitioned = config.get("zero_optimization", {}).get("stage", 0) == 3
-        if self.partitioned and (cfg.tie_draft_embeddings or cfg.tie_draft_heads):
-            # ZeRO-3 gathers a weight only inside its own module's forward; the tied draft head reads the
-            # embedding matrix outside it.
-            raise ConfigError("tie_draft_embeddings / tie_draft_heads do not work under ZeRO stage 3; "
-                              "use zero_stage 2 (or ddp), or leave them false")
         self.validates = rank == 0 if validates is None else validates
         self.eval_model = model
         train_model = copy.deepcopy(model)
