@@ -129,7 +129,10 @@ class Recommender:
         if not self.decoders:
             raise ValueError(f"the checkpoint serves none of the configured decoders {cfg.decoders} "
                              f"(it has heads for {list(available_decoders(self.model))})")
-        self.local = LocalCatalog.from_catalog(catalog, self.device, load_item_metadata(cfg.checkpoint, catalog))
+        # With Redis the copy starts from Redis's snapshot; the checkpoint's own copy (its maps, verifier and
+        # a metadata dict per item: seconds and gigabytes at millions of items) only when Redis has none.
+        self.local = LocalCatalog({}, catalog.codebook_sizes, self.device) if cfg.redis_url else \
+            LocalCatalog.from_catalog(catalog, self.device, load_item_metadata(cfg.checkpoint, catalog))
         # On a GPU the draft head's search is launch-bound: replay it from CUDA graphs (one per batch bucket).
         self.graphs = DraftGraphs() if self.device.type == "cuda" else None
         self.metrics = DecoderMetrics()
@@ -143,6 +146,9 @@ class Recommender:
                                             self.local, block_ms=cfg.feed_block_ms,
                                             logger=logging.getLogger("ray.serve.nezha.catalog"))
             self.follower.sync_once()  # start from Redis's view when it is reachable
+            if self.local.source != "redis":  # unreachable or empty: serve the checkpoint's catalog meanwhile
+                own = LocalCatalog.from_catalog(catalog, self.device, load_item_metadata(cfg.checkpoint, catalog))
+                self.local.replace(own.view().items.table, own.version, "checkpoint", meta=own.view().meta)
             self.follower.start()
             log.info("catalog: Redis %s prefix %r (%s), version %d, %d items", redact_url(cfg.redis_url),
                      cfg.redis_prefix, self.local.source, self.local.version, len(self.local))
