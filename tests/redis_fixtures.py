@@ -241,15 +241,19 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 class RedisClusterSet:
-    """A Redis Cluster of `masters` primaries (no replicas) on loopback, created with `redis-cli --cluster create`."""
+    """A Redis Cluster of `masters` primaries, each with `replicas` replicas, on loopback, created with
+    `redis-cli --cluster create`."""
 
-    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+    def __init__(self, data_dir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+        self.replicas = replicas
         self.nodes = [RedisServer(data_dir / f"node-{i}", persistent=False,
                                   extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
                                               str(data_dir / f"node-{i}" / "nodes.conf"),
-                                              "--cluster-node-timeout", "2000",
+                                              "--cluster-node-timeout", str(node_timeout_ms),
+                                              "--repl-diskless-sync-delay", "0",
                                               # the bus port is port + 10000 unless given: free ports run past that
-                                              "--cluster-port", str(free_port())]) for i in range(masters)]
+                                              "--cluster-port", str(free_port())])
+                      for i in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -259,16 +263,45 @@ class RedisClusterSet:
         for node in self.nodes:
             node.start()
         subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=timeout)
         deadline = time.monotonic() + timeout
-        while any(n.client().cluster("info").get("cluster_state") != "ok" for n in self.nodes):
+        while any(n.client().cluster("info").get("cluster_state") != "ok" for n in self.live_nodes()) or \
+                not self._replicas_in_sync():
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
 
+    def live_nodes(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def _replicas_in_sync(self) -> bool:
+        infos = [n.client().info("replication") for n in self.live_nodes()]
+        return all(i.get("master_link_status") == "up" for i in infos if i.get("role") == "slave") and \
+            sum(i.get("role") == "slave" for i in infos) == self.replicas * len(self.nodes) // (1 + self.replicas)
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The node serving `key`'s slot now, as the live nodes' slot maps say."""
+        for node in self.live_nodes():
+            try:
+                port = _slot_owner(node.client(), key)
+            except redis.RedisError:
+                continue
+            return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no live node knows who serves {key!r}")
+
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def _slot_owner(client: redis.Redis, key: str) -> int:
+    """The port of the primary that `client`'s node says serves `key`'s slot (CLUSTER SLOTS)."""
+    slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+    for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+        if int(start) <= slot <= int(end):
+            return int(primary[1])
+    raise RuntimeError(f"slot {slot} has no primary")
 
 
 @pytest.fixture

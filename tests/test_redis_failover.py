@@ -30,7 +30,7 @@ from nezha.live_catalog import (
     WriteNotConfirmedError,
     redact_url,
 )
-from nezha.live_catalog.connection import parse_redis_url
+from nezha.live_catalog.connection import online_replicas, parse_redis_url
 from serve.errors import StoreUnavailable, from_store_error
 
 
@@ -354,3 +354,56 @@ def test_admin_writes_through_the_service_survive_a_failover(ray_session, tiny_c
                   f"last write -> both replicas serving its version {converged:.2f} s")
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+def test_a_cluster_primary_killed_under_admin_writes_loses_no_acknowledged_change(tmp_path: Path,
+                                                                                  catalog: Catalog) -> None:
+    """A Redis Cluster of 3 primaries with a replica each: the primary of the catalog's slot is killed under a
+    stream of changes; its replica takes the slot over and the writes and the follower move with it."""
+    from redis_fixtures import RedisClusterSet
+
+    cluster = RedisClusterSet(tmp_path / "cluster", replicas=1, node_timeout_ms=1000)
+    cluster.start()
+    try:
+        url = cluster.url
+        store = RedisCatalog(url)
+        store.push(catalog)
+        follower = CatalogFollower(RedisCatalog(url), LocalCatalog.from_catalog(catalog), block_ms=100,
+                                   max_backoff_s=0.2)
+        follower.sync_once()
+        follower.start()
+        writer = Writer(url, free_ids(catalog, 150))
+        writer.start()
+        try:
+            assert wait_until(lambda: writer.ok >= 30, timeout=30)
+            victim = cluster.primary_of(store.version_key)
+            assert online_replicas(victim.client().info("replication")) == 1  # so writes waited for it
+            victim.kill()
+            killed_at = time.monotonic()
+            assert wait_until(lambda: any(t > killed_at for t in writer.ok_times), timeout=30), "writes never recovered"
+            recovered_at = min(t for t in writer.ok_times if t > killed_at)
+            assert cluster.primary_of(store.version_key).port != victim.port
+            marker = writer.sent
+            assert wait_until(lambda: writer.sent >= marker + 30 or not writer.is_alive(), timeout=30)
+            version = RedisCatalog(url).remote_state().version
+            assert version is not None and wait_until(lambda: follower.local.version >= version, timeout=30)
+            converged_at = time.monotonic()
+            writer.stop_event.set()
+            writer.join(timeout=60)
+            final = RedisCatalog(url).snapshot()
+            assert final is not None
+            items = dict(final.table.pairs())
+            assert {i: p for i, p in items.items() if i.startswith("FO-")} == writer.present
+            assert wait_until(lambda: follower.local.version == final.version, timeout=30)
+            assert dict(follower.local.view().item_to_id) == items
+            print(f"\nFAILOVER-CLUSTER changes sent {writer.sent}, answered ok {writer.ok} ({writer.ok_after_retry} "
+                  f"on a retry), answers retryable {writer.retryable} (found already applied: {writer.landed_before}), "
+                  f"present afterwards {len(writer.present)} of {len(writer.present)}; kill -> writes ok again "
+                  f"{recovered_at - killed_at:.2f} s; kill -> follower serving a post-failover version "
+                  f"{converged_at - killed_at:.2f} s; resyncs {follower.health.resyncs}, forks {follower.health.forks}")
+        finally:
+            writer.stop_event.set()
+            follower.stop()
+    finally:
+        cluster.stop()
