@@ -112,7 +112,10 @@ def _first_of_runs(sorted_values: np.ndarray) -> np.ndarray:
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (numpy's unique is hash-based since 2.3: ~50x slower on 1M int64)."""
+    """Sorted distinct values (numpy's unique is hash-based since 2.3: ~50x slower on 1M int64); `values`
+    itself when it already is (a snapshot's IDs: no copy of millions at a replica's start)."""
+    if values.size < 2 or bool((values[1:] > values[:-1]).all()):
+        return values
     values = np.sort(values)
     return values[_first_of_runs(values)]
 
