@@ -95,7 +95,7 @@ def seed_level_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10000, 
       and, for each, one of `user_pool` user-level bootstrap means of that seed's differences (users
       resampled with replacement), and averages them.
     """
-    # Local: only the seed-level statistics need scipy (installed with sentence-transformers).
+    # Local: only the seed-level statistics need scipy.
     from scipy import stats
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
