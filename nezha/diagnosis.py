@@ -41,9 +41,9 @@ def level_scores(model: NezhaModel, catalog: Catalog, examples: Examples,
         targets = batch["targets"]
         per_head: dict[str, list[torch.Tensor]] = {}
         if model.draft_head is not None or model.mtp_head is not None:
-            h0, contexts = model.draft_inputs(batch["draft_input_ids"], batch["draft_mask"])
+            h0, contexts, memory = model.draft_prefill(batch["draft_input_ids"], batch["draft_mask"])
             if model.draft_head is not None:
-                per_head["nezha"] = model.draft_head.teacher_forced_logits(h0, contexts, targets)
+                per_head["nezha"] = model.draft_head.teacher_forced_logits(h0, contexts, targets, memory)
             if model.mtp_head is not None:
                 per_head["mtp"] = model.mtp_head.teacher_forced_logits(h0, None, targets)
         if "lm" in model.config.objectives:

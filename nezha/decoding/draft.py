@@ -18,14 +18,15 @@ def nezha_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: tor
     """The prompt ends with the placeholders (`build_prompts(..., with_placeholders=True)`), unless the
     model is the no-placeholder ablation (`model.prompt_has_placeholders` False): then the history alone.
 
-    With `graphs` and a model on a GPU, the head search is replayed from CUDA graphs (same result).
+    With `graphs` and a model on a GPU, the head search is replayed from CUDA graphs (same result), except
+    for a head that reads the history memory (transition "rnn-attn"): its search runs eagerly.
     """
     if model.draft_head is None:
         raise ValueError("this checkpoint has no draft head (train it with the nezha or joint objective)")
-    h0, contexts = model.draft_inputs(input_ids, attention_mask)
-    if graphs is not None and h0.is_cuda and contexts is not None:
+    h0, contexts, memory = model.draft_prefill(input_ids, attention_mask)
+    if graphs is not None and h0.is_cuda and contexts is not None and memory is None:
         return graphs.search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
-    return draft_beam_search(model.draft_head, h0, contexts, verifier, beam, topk, verify)
+    return draft_beam_search(model.draft_head, h0, contexts, verifier, beam, topk, verify, memory)
 
 
 @torch.inference_mode()

@@ -5,6 +5,10 @@ The search has static shapes for a given (batch, beam) and no host synchronisati
 once and replayed. A captured graph reads the verifier tables it saw at capture time: `GraphedDraftSearch`
 re-captures when it is called with other tables (a catalog change, or another snapshot's) and drops the old
 graph, so a replica holds one graph, and one set of tables, per shape bucket however often the catalog changes.
+
+A head that reads the prefill's history memory (transition "rnn-attn", whose memory length varies per batch)
+is not graphed: `nezha_decode` and `score_candidates` run its search eagerly, and `DraftGraphs.search`
+refuses it.
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ class DraftGraphs:
 
     def search(self, head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor | None, verifier: PrefixVerifier,
                beam: int, topk: int | None = None, verify: str = "prefix") -> DecodeResult:
+        if head.needs_memory:
+            raise ValueError(f"transition {head.transition_kind} reads the history memory, which CUDA graphs do "
+                             "not carry: use draft_beam_search (nezha_decode falls back to it)")
         batch = h0.shape[0]
         topk = beam if topk is None else topk
         bucket = 1 << (batch - 1).bit_length()

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from nezha.decoding.graphs import DraftGraphs
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
 from nezha.decoding.search import draft_beam_search
+from nezha.model.draft_head import Memory
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import position_ids_from_mask
 from nezha.verify.codec import radix_weights, unpack
@@ -39,16 +40,26 @@ def prefill(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Te
             ) -> tuple[torch.Tensor, torch.Tensor | None, DynamicCache, torch.Tensor]:
     """One cached forward of the draft prompt: (h_0 [B, H], placeholder states [B, L, H] or None, the KV
     cache of the history alone, the history's attention mask [B, P - L])."""
+    return prefill_with_memory(model, input_ids, attention_mask)[:4]
+
+
+def prefill_with_memory(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, DynamicCache, torch.Tensor, Memory | None]:
+    """`prefill` plus the draft head's history memory: (states [B, P - L, H], the history's mask) when the
+    head reads one (transition "rnn-attn"), else None."""
     cache = DynamicCache()
     out = model.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids_from_mask(attention_mask), past_key_values=cache,
                                     use_cache=True)
     hidden = out.last_hidden_state
+    levels = model.layout.levels if model.prompt_has_placeholders else 0
+    history = hidden[:, : hidden.shape[1] - levels]
+    history_mask = attention_mask[:, : hidden.shape[1] - levels]
+    memory = (history, history_mask) if model.draft_head is not None and model.draft_head.needs_memory else None
     if not model.prompt_has_placeholders:  # the NEZHA-2 ablation: the prompt is the history alone
-        return hidden[:, -1], None, cache, attention_mask
-    levels = model.layout.levels
+        return hidden[:, -1], None, cache, history_mask, memory
     cache.crop(-levels)  # drop <SP_1..SP_L>: the LM continues from the last history token
-    return hidden[:, -levels - 1], hidden[:, -levels:], cache, attention_mask[:, :-levels]
+    return hidden[:, -levels - 1], hidden[:, -levels:], cache, history_mask, memory
 
 
 def _prefix_tree(codes: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,13 +149,14 @@ def score_candidates(model: NezhaModel, input_ids: torch.Tensor, attention_mask:
     width = CANDIDATES_PER_K * topk if candidates is None else candidates
     if width < 1 or topk < 1:
         raise ValueError(f"candidates and topk must be at least 1, got {width} and {topk}")
-    h0, contexts, cache, history_mask = prefill(model, input_ids, attention_mask)
+    h0, contexts, cache, history_mask, memory = prefill_with_memory(model, input_ids, attention_mask)
     search_width = max(beam, width)
     draft_verify = "prefix" if verify == "prefix" else "none"
-    if graphs is not None and h0.is_cuda and contexts is not None:
+    if graphs is not None and h0.is_cuda and contexts is not None and memory is None:
         proposed = graphs.search(model.draft_head, h0, contexts, verifier, search_width, width, draft_verify)
-    else:
-        proposed = draft_beam_search(model.draft_head, h0, contexts, verifier, search_width, width, draft_verify)
+    else:  # a head with a history memory ("rnn-attn") searches eagerly: the graphs do not carry it
+        proposed = draft_beam_search(model.draft_head, h0, contexts, verifier, search_width, width, draft_verify,
+                                     memory)
     codes = unpack(proposed.ids.clamp(min=0), model.layout.sizes)
     lm = lm_log_probs(model, h0, cache, history_mask, codes)
     return Candidates(proposed.ids, lm, proposed.scores)

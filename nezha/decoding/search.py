@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
-from nezha.model.draft_head import DraftHead
+from nezha.model.draft_head import DraftHead, Memory
 from nezha.verify.verifier import PrefixVerifier
 
 
@@ -33,10 +33,11 @@ def beam_step(scores: torch.Tensor, logp: torch.Tensor, prefix: torch.Tensor, le
 
 def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor | None,
                       verifier: PrefixVerifier, beam: int, topk: int | None = None,
-                      verify: str = "prefix") -> DecodeResult:
+                      verify: str = "prefix", memory: Memory | None = None) -> DecodeResult:
     """Beam search of width `beam` over the head's L levels, batched over users and beams.
 
-    h0: [B, H]; contexts: [B, L, H] placeholder states (None for MTP). With verify="prefix", a branch
+    h0: [B, H]; contexts: [B, L, H] placeholder states (None for MTP); memory: the history states and mask
+    (`NezhaModel.draft_prefill`; transition "rnn-attn" only: all beams of a user read it at once). With verify="prefix", a branch
     whose prefix no valid item has is masked before top-k at every level, so every returned ID is valid;
     "end" checks only the finished IDs (the paper's text); "none" returns what the head produced.
     """
@@ -48,7 +49,7 @@ def draft_beam_search(head: DraftHead, h0: torch.Tensor, contexts: torch.Tensor 
     prefix = torch.zeros(batch, 1, dtype=torch.long, device=h0.device)
     for level in range(head.levels):
         context = None if contexts is None else contexts[:, level : level + 1]
-        logp = torch.log_softmax(head.logits(level, state, context).float(), dim=-1)  # [B, k, T]
+        logp = torch.log_softmax(head.logits(level, state, context, memory).float(), dim=-1)  # [B, k, T]
         scores, prefix, parent, code = beam_step(scores, logp, prefix, level, beam, verifier, verify)
         if level + 1 < head.levels:
             state = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))

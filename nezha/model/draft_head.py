@@ -7,6 +7,12 @@ token), s_{l+1} = Transition_l(s_l, E_l[t_l]). With transition "none" the levels
 
 Ours, beyond the paper: E_l and/or W_l may be the LM's own token embeddings of level l's codes (`VocabRows`,
 a view of the backbone's input embedding matrix) instead of the head's own weights.
+
+Ours, beyond the paper: transition "rnn-attn" is the RNN cell plus, at every level, a single-head
+cross-attention read over the prefill's last-layer states of the history (`memory`: states [B, P, H] and
+mask [B, P] of the draft prompt before the placeholders): logits_l = W_l(read(s_l) + h_{l+1} + a_l), with
+a_l = Attn_l(query = read(s_l) + h_{l+1}, keys/values = the history states). It lets the deep levels look
+at history items that share the chosen prefix, as the LM does when it scores t_0, t_1 in context.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRANSITIONS = ("rnn", "gru", "lstm", "mlp", "add", "none")
+TRANSITIONS = ("rnn", "gru", "lstm", "mlp", "add", "none", "rnn-attn")
+MEMORY_TRANSITIONS = ("rnn-attn",)  # read the prefill's history states (`memory`)
+
+Memory = tuple[torch.Tensor, torch.Tensor]  # (history states [B, P, H], attention mask [B, P]; 0 = padding)
 
 
 class Transition(nn.Module):
@@ -29,7 +38,7 @@ class Transition(nn.Module):
             raise ValueError(f"unknown transition {kind!r}; choose one of {TRANSITIONS}")
         self.kind = kind
         self.hidden = hidden
-        if kind == "rnn":
+        if kind in ("rnn", "rnn-attn"):
             self.cell: nn.Module = nn.RNNCell(hidden, hidden)
         elif kind == "gru":
             self.cell = nn.GRUCell(hidden, hidden)
@@ -52,6 +61,32 @@ class Transition(nn.Module):
             h, c = self.cell(flat_emb, (flat_state[:, : self.hidden], flat_state[:, self.hidden :]))
             return torch.cat([h, c], dim=-1).reshape(*lead, 2 * self.hidden)
         return self.cell(flat_emb, flat_state).reshape(*lead, self.hidden)
+
+
+class HistoryRead(nn.Module):
+    """Single-head cross-attention of a level's features over the history states (transition "rnn-attn").
+
+    The value projection starts at zero, so an untrained read adds nothing: training starts from the RNN head.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden, bias=False)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        self.value = nn.Linear(hidden, hidden, bias=False)
+        nn.init.zeros_(self.value.weight)
+        self.scale = hidden ** -0.5
+
+    def forward(self, query: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """query [B, ..., H] (e.g. [B, H] or [B, beam, H]: all beams of a user read its history at once)."""
+        states, mask = memory
+        batch, hidden = query.shape[0], query.shape[-1]
+        q = self.query(query).reshape(batch, -1, hidden)  # [B, n, H]
+        scores = torch.bmm(q, self.key(states).transpose(1, 2)) * self.scale  # [B, n, P]
+        # Left padding: padded positions get no weight (every prompt has at least one history token).
+        scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        read = torch.bmm(torch.softmax(scores.float(), dim=-1).to(q.dtype), self.value(states))
+        return read.reshape(query.shape)
 
 
 class VocabRows:
@@ -93,6 +128,13 @@ class DraftHead(nn.Module):
         self.embeddings = (nn.ModuleList(nn.Embedding(size, hidden) for size in self.sizes[:-1])
                            if uses_tokens and tied_embeddings is None else None)
         self.transitions = nn.ModuleList(Transition(transition, hidden) for _ in self.sizes[:-1])
+        self.reads = (nn.ModuleList(HistoryRead(hidden) for _ in self.sizes)
+                      if transition in MEMORY_TRANSITIONS else None)
+
+    @property
+    def needs_memory(self) -> bool:
+        """Whether logits read the prefill's history states (`memory`): transition "rnn-attn"."""
+        return self.reads is not None
 
     @property
     def levels(self) -> int:
@@ -118,11 +160,15 @@ class DraftHead(nn.Module):
             return torch.cat([h0, torch.zeros_like(h0)], dim=-1)
         return h0
 
-    def logits(self, level: int, state: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """[..., T_level] logits from the state [..., S] and the placeholder hidden state [..., H] (or None)."""
+    def logits(self, level: int, state: torch.Tensor, context: torch.Tensor | None,
+               memory: Memory | None = None) -> torch.Tensor:
+        """[..., T_level] logits from the state [B, ..., S], the placeholder hidden state [B, ..., H] (or None)
+        and, for transition "rnn-attn", the history `memory` (states [B, P, H], mask [B, P])."""
         features = state[..., : self.hidden]
         if context is not None:
             features = features + context.to(self.dtype)
+        if self.reads is not None and memory is not None:  # no memory: no read (NezhaModel insists on one)
+            features = features + self.reads[level](features, (memory[0].to(self.dtype), memory[1]))
         return F.linear(features, self.head_weight(level))
 
     def step(self, level: int, state: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -133,16 +179,17 @@ class DraftHead(nn.Module):
         return self.transitions[level](state, F.embedding(codes, embedding))
 
     def teacher_forced_logits(self, h0: torch.Tensor, contexts: torch.Tensor | None,
-                              targets: torch.Tensor) -> list[torch.Tensor]:
+                              targets: torch.Tensor, memory: Memory | None = None) -> list[torch.Tensor]:
         """Training: per-level logits [B, T_l] with the true previous codes fed to the transition.
 
-        h0: [B, H]; contexts: [B, L, H] (placeholder hidden states) or None; targets: [B, L] codes.
+        h0: [B, H]; contexts: [B, L, H] (placeholder hidden states) or None; targets: [B, L] codes;
+        memory: the history states and mask (needed by transition "rnn-attn" only).
         """
         state = self.init_state(h0)
         out = []
         for level in range(self.levels):
             context = None if contexts is None else contexts[:, level]
-            out.append(self.logits(level, state, context))
+            out.append(self.logits(level, state, context, memory))
             if level + 1 < self.levels:
                 state = self.step(level, state, targets[:, level])
         return out

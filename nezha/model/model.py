@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from nezha.config import ConfigError
-from nezha.model.draft_head import TRANSITIONS, DraftHead, VocabRows
+from nezha.model.draft_head import TRANSITIONS, DraftHead, Memory, VocabRows
 from nezha.model.tokens import TokenLayout, position_ids_from_mask
 
 OBJECTIVES = ("nezha", "lm", "mtp")
@@ -113,11 +113,24 @@ class NezhaModel(nn.Module):
         Without placeholders the prompt is the history alone: h_0 is its last state and there are no
         placeholder states (None).
         """
+        if self.draft_head is not None and self.draft_head.needs_memory:
+            raise ValueError(f"transition {self.config.transition} also reads the history states: use "
+                             "draft_prefill, which returns them")
+        h0, contexts, _ = self.draft_prefill(input_ids, attention_mask)
+        return h0, contexts
+
+    def draft_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, Memory | None]:
+        """`draft_inputs` plus the draft head's history memory: (history states [B, P, H], mask [B, P]) of the
+        prompt before the placeholders, only when the head reads it (transition "rnn-attn"), else None."""
         hidden = self.hidden_states(input_ids, attention_mask)
+        levels = self.layout.levels if self.prompt_has_placeholders else 0
+        memory = None
+        if self.draft_head is not None and self.draft_head.needs_memory:
+            memory = (hidden[:, : hidden.shape[1] - levels], attention_mask[:, : hidden.shape[1] - levels])
         if not self.prompt_has_placeholders:
-            return hidden[:, -1], None
-        levels = self.layout.levels
-        return hidden[:, -levels - 1], hidden[:, -levels:]
+            return hidden[:, -1], None, memory
+        return hidden[:, -levels - 1], hidden[:, -levels:], memory
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training forward = the losses (so DDP/DeepSpeed wrappers see one forward call)."""
@@ -132,9 +145,10 @@ class NezhaModel(nn.Module):
         targets = batch["targets"]
         out: dict[str, torch.Tensor] = {}
         if self.draft_head is not None or self.mtp_head is not None:
-            h0, contexts = self.draft_inputs(batch["draft_input_ids"], batch["draft_mask"])
+            h0, contexts, memory = self.draft_prefill(batch["draft_input_ids"], batch["draft_mask"])
             if self.draft_head is not None:
-                out["nezha"] = _level_ce(self.draft_head.teacher_forced_logits(h0, contexts, targets), targets)
+                logits = self.draft_head.teacher_forced_logits(h0, contexts, targets, memory)
+                out["nezha"] = _level_ce(logits, targets)
             if self.mtp_head is not None:
                 out["mtp"] = _level_ce(self.mtp_head.teacher_forced_logits(h0, None, targets), targets)
         if "lm" in self.config.objectives:
