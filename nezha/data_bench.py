@@ -208,7 +208,7 @@ def _run_child(code: str, args: dict[str, Any], cfg: DataBenchConfig) -> dict[st
     stop = threading.Event()
 
     def watch() -> None:
-        while not stop.wait(0.5):
+        while not stop.wait(0.1):  # often: a small child must not finish between two looks
             try:
                 with open(f"/proc/{proc.pid}/status") as f:
                     rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20

@@ -33,6 +33,21 @@ SEED = 3
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+def test_the_read_tasks_function_comes_from_a_module_without_torch():
+    """Every Ray Data read-task process imports the module of `read_chunks`: it must stay numpy-only (with
+    torch each read process took ~12 s and ~0.5 GB to start on the 2-core machine)."""
+    import subprocess
+
+    from train.data import read_chunks
+
+    # A fresh process unpickles the function as a read task does: what does that import?
+    code = ("import pickle, sys; fn = pickle.loads(sys.stdin.buffer.read()); "
+            "print(fn.__module__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=ray.cloudpickle.dumps(read_chunks), capture_output=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.decode().split()
+    assert out == ["train.stream_read", "False"]
+
+
 def test_split_arrays_are_memory_maps_of_what_split_load_reads(tiny_prepared):
     split = Split.load(tiny_prepared / SPLIT_FILE)
     arrays = split_arrays(str(tiny_prepared / SPLIT_FILE))
