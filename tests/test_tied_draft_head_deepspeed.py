@@ -28,7 +28,10 @@ def world_of_one(monkeypatch):
     use_interpreter_tools()
     yield
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # DeepSpeed created it; leave the process as it found it
+        # DeepSpeed created it; leave the process as it found it. DeepSpeed's own destroy also drops the groups it
+        # cached (a clone of the world): torch's alone left them stale for the next engine in this process.
+        import deepspeed.comm  # already loaded by the stepper
+        deepspeed.comm.destroy_process_group()
 
 
 def _config(**overrides) -> RayTrainConfig:

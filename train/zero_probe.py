@@ -102,7 +102,11 @@ def run_probe(cfg: ZeroProbeConfig) -> dict[str, object]:
             times.append(time.perf_counter() - start)
             tokens_seen += tokens
         losses.append(float(loss.detach()))
-    torch.distributed.destroy_process_group()  # DeepSpeed created it; leave the process as it found it
+    # DeepSpeed created it; leave the process as it found it. DeepSpeed's own destroy also drops the groups it
+    # cached (a clone of the world): torch's alone left them stale for the next engine in this process.
+    import deepspeed.comm  # already loaded by the stepper
+
+    deepspeed.comm.destroy_process_group()
     elapsed = sum(times)
     report: dict[str, object] = {
         "config": dataclasses.asdict(cfg),
