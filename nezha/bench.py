@@ -46,6 +46,7 @@ from nezha.decoding import (
 from nezha.decoding.graphs import GraphedDraftSearch
 from nezha.device import cpu_model, device_name, resolve_device
 from nezha.model.checkpoint import create_model
+from nezha.model.draft_head import Memory
 from nezha.model.model import ModelConfig, NezhaModel
 from nezha.timing import latency_stats, synchronize
 from nezha.verify import PrefixVerifier, random_packed_ids, unpack
@@ -172,6 +173,7 @@ class _Inputs:
     lm_mask: torch.Tensor
     h0: torch.Tensor
     contexts: torch.Tensor
+    memory: Memory | None  # the history states, for a head that reads them (transition "rnn-attn")
 
 
 def _make_inputs(model: NezhaModel, codes: np.ndarray, batch: int, history: int, rng: np.random.Generator,
@@ -179,8 +181,8 @@ def _make_inputs(model: NezhaModel, codes: np.ndarray, batch: int, history: int,
     histories = [codes[rng.choice(len(codes), history, replace=False)] for _ in range(batch)]
     nezha_ids, nezha_mask = prompt_for(model, "nezha", histories, device)
     lm_ids, lm_mask = prompt_for(model, "beam", histories, device)
-    h0, contexts = model.draft_inputs(nezha_ids, nezha_mask)
-    return _Inputs(nezha_ids, nezha_mask, lm_ids, lm_mask, h0, contexts)
+    h0, contexts, memory = model.draft_prefill(nezha_ids, nezha_mask)
+    return _Inputs(nezha_ids, nezha_mask, lm_ids, lm_mask, h0, contexts, memory)
 
 
 def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int,
@@ -190,8 +192,8 @@ def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int,
     return {
         "head-graph": lambda x: graphed(x.h0, x.contexts),
         "nezha-graph": lambda x: graphed(*model.draft_inputs(x.nezha_ids, x.nezha_mask)),
-        "prefill": lambda x: model.draft_inputs(x.nezha_ids, x.nezha_mask),
-        "head": lambda x: draft_beam_search(model.draft_head, x.h0, x.contexts, verifier, beam),
+        "prefill": lambda x: model.draft_prefill(x.nezha_ids, x.nezha_mask),
+        "head": lambda x: draft_beam_search(model.draft_head, x.h0, x.contexts, verifier, beam, memory=x.memory),
         "nezha": lambda x: nezha_decode(model, x.nezha_ids, x.nezha_mask, verifier, beam),
         "beam": lambda x: beam_decode(model, x.lm_ids, x.lm_mask, verifier, beam),
         "hf-beam": lambda x: hf_beam_decode(model, x.lm_ids, x.lm_mask, verifier, beam),
@@ -205,7 +207,9 @@ def _decoder_calls(model: NezhaModel, verifier: PrefixVerifier, beam: int,
 def _bench_setting(model: NezhaModel, verifier: PrefixVerifier, codes: np.ndarray, cfg: LatencyBenchConfig,
                    batch: int, beam: int, rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
     calls = _decoder_calls(model, verifier, beam, cfg.rescore_candidates)
-    names = list(cfg.decoders) + (list(GRAPH_DECODERS) if device.type == "cuda" and cfg.cuda_graph else [])
+    # The graphs do not carry a history memory: a head that reads one ("rnn-attn") is timed eagerly only.
+    graphable = device.type == "cuda" and cfg.cuda_graph and not model.draft_head.needs_memory
+    names = list(cfg.decoders) + (list(GRAPH_DECODERS) if graphable else [])
     times: dict[str, list[float]] = {name: [] for name in names}
     verifier_ms: list[float] = []
     gc.collect()

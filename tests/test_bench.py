@@ -59,6 +59,18 @@ def test_latency_cli_accepts_comma_lists(tmp_path, capsys):
     assert "batch 1, beam 3" in capsys.readouterr().out
 
 
+def test_latency_bench_times_the_attention_transition(tmp_path):
+    # rnn-attn's head also reads the history states: the prefill hands them on to the head and both decoders.
+    out = tmp_path / "attn.json"
+    assert main(["bench", "latency", "--backbone", "tiny", "--transition", "rnn-attn", "--batch", "2", "--beam", "3",
+                 "--history", "3", "--codebook-size", "8", "--catalog-items", "50",
+                 "--decoders", "prefill,head,nezha,nezha-rescore", "--repeats", "1", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["transition"] == "rnn-attn"
+    assert set(report["results"][0]["latency_ms"]) == {"prefill", "head", "nezha", "nezha-rescore"}
+
+
 def test_latency_config_rejects_what_cannot_run():
     with pytest.raises(ValueError, match="must include"):
         LatencyBenchConfig(decoders=["beam"])
