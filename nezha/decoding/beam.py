@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
 from nezha.decoding.search import beam_step
+from nezha.model.backbones import with_cache
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import position_ids_from_mask
 from nezha.verify.verifier import PrefixVerifier
@@ -36,7 +37,7 @@ def beam_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torc
     device = input_ids.device
     cache = DynamicCache()
     out = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), past_key_values=cache,
+                   position_ids=position_ids_from_mask(attention_mask), **with_cache(backbone, cache),
                    use_cache=True, logits_to_keep=1)
     last_logits = out.logits[:, -1:]  # [B, 1, V]: one beam per user
     mask = attention_mask
@@ -58,7 +59,7 @@ def beam_decode(model: NezhaModel, input_ids: torch.Tensor, attention_mask: torc
         mask = torch.cat([mask.index_select(0, rows), mask.new_ones(rows.numel(), 1)], dim=1)
         next_position = next_position.index_select(0, rows)
         out = backbone(input_ids=(code + offset).reshape(-1, 1), attention_mask=mask, position_ids=next_position,
-                       past_key_values=cache, use_cache=True)
+                       **with_cache(backbone, cache), use_cache=True)
         next_position = next_position + 1
         last_logits = out.logits[:, -1].reshape(batch, width, -1)
     return finish(prefix, scores, verifier, verify, topk)

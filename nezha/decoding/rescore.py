@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from nezha.decoding.graphs import DraftGraphs
 from nezha.decoding.result import DecodeResult, check_verify_mode, finish
 from nezha.decoding.search import draft_beam_search
+from nezha.model.backbones import with_cache
 from nezha.model.draft_head import Memory
 from nezha.model.model import NezhaModel
 from nezha.model.tokens import position_ids_from_mask
@@ -49,7 +50,8 @@ def prefill_with_memory(model: NezhaModel, input_ids: torch.Tensor, attention_ma
     head reads one (transition "rnn-attn"), else None."""
     cache = DynamicCache()
     out = model.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids_from_mask(attention_mask), past_key_values=cache,
+                                    position_ids=position_ids_from_mask(attention_mask),
+                                    **with_cache(model.backbone.base_model, cache),
                                     use_cache=True)
     hidden = out.last_hidden_state
     levels = model.layout.levels if model.prompt_has_placeholders else 0
@@ -122,7 +124,7 @@ def lm_log_probs(model: NezhaModel, h0: torch.Tensor, cache: DynamicCache, histo
     mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
     positions = position_ids_from_mask(history_mask)[:, -1:] + 1 + level  # [B, n]
     out = model.backbone(input_ids=feed, attention_mask=mask[:, None], position_ids=positions,
-                         past_key_values=cache, use_cache=True)
+                         **with_cache(model.backbone, cache), use_cache=True)
     logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, n, V]
     rest = logp[users, node, tokens[..., 1:]]  # [B, W, L-1]: log p(t_{l+1} | history, t_0..t_l)
     return score + rest.sum(-1)

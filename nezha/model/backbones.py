@@ -3,6 +3,7 @@ Hugging Face checkpoint directory (real weights; nothing is downloaded)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,11 @@ def backbone_from_config(config_dict: dict[str, Any], dtype: torch.dtype = torch
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands a KV cache to `module.forward`: `cache` where the installed
+    transformers names it so (the old `past_key_values` warns there and is going away), else `past_key_values`
+    (the releases before the rename, which pyproject still allows)."""
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return {name: cache}
