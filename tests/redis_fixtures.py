@@ -1,5 +1,6 @@
 """A real redis-server on a free loopback port, which tests may kill and restart (never the machine's own Redis);
-a primary + replica + three Sentinels (`SentinelSet`), and a three-master Redis Cluster (`RedisClusterSet`).
+a primary + replica + three Sentinels (`SentinelSet`), and a three-master Redis Cluster (`RedisClusterSet`), each
+also TLS only (`tls=True`: every node, Sentinel, replication link and cluster bus on TLS, one CA for all).
 
 It runs with an append-only file in a temp dir and `appendfsync always`, the durability the service
 documents: an acknowledged catalog write survives a kill -9 and restart. Optionally with a password and/or
@@ -64,11 +65,14 @@ def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 class RedisServer:
     def __init__(self, data_dir: Path, persistent: bool = True, password: str | None = None,
-                 tls: bool = False, extra_args: Sequence[str] = ()) -> None:
+                 tls: bool = False, extra_args: Sequence[str] = (),
+                 tls_files: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls_files` (ca, cert, key) shared by servers that talk TLS to each other (replication, cluster bus);
+        `tls=True` alone makes this server its own CA."""
         self.port = free_port()
         self.password = password
         self.extra_args = list(extra_args)  # e.g. --replicaof, --cluster-enabled
-        self.tls_files = write_tls_files(data_dir / "tls") if tls else None
+        self.tls_files = tls_files or (write_tls_files(data_dir / "tls") if tls else None)
         self.dir = data_dir
         self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
@@ -141,15 +145,18 @@ class SentinelSet:
 
     Sentinel marks a primary down after `down_after_ms` without an answer and promotes the replica; the test
     kills the primary with `kill_primary` (kill -9) and reads who is primary now with `primary_port`.
+    With `tls=True` the servers and the Sentinels listen on TLS only, replicate over TLS, and the Sentinels reach
+    the servers and each other over TLS.
     """
 
     def __init__(self, data_dir: Path, name: str = "nezha", down_after_ms: int = 500,
-                 failover_timeout_ms: int = 2000) -> None:
+                 failover_timeout_ms: int = 2000, tls: bool = False) -> None:
         self.name, self.dir = name, data_dir
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.tls_files = write_tls_files(data_dir / "tls") if tls else None
         # No wait before a full sync (Redis waits 5 s for more replicas by default): a replica syncs at once.
-        fast_sync = ["--repl-diskless-sync-delay", "0"]
-        self.primary = RedisServer(data_dir / "primary", extra_args=fast_sync)
+        self.server_args = ["--repl-diskless-sync-delay", "0", *(["--tls-replication", "yes"] if tls else [])]
+        self.primary = RedisServer(data_dir / "primary", extra_args=self.server_args, tls_files=self.tls_files)
         self.replica: RedisServer | None = None
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -157,19 +164,35 @@ class SentinelSet:
 
     @property
     def url(self) -> str:
+        """The URL as docs/operations.md writes it: `rediss+sentinel://...?ssl_ca_certs=` with TLS."""
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{self.name}"
+        if self.tls_files is None:
+            return f"redis+sentinel://{hosts}/{self.name}"
+        return f"rediss+sentinel://{hosts}/{self.name}?ssl_ca_certs={self.tls_files[0]}"
+
+    def sentinel_client(self, port: int) -> redis.Redis:
+        tls = {} if self.tls_files is None else {"ssl": True, "ssl_ca_certs": str(self.tls_files[0])}
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, decode_responses=True, **tls)
+
+    def _sentinel_listen(self, port: int) -> str:
+        """sentinel.conf lines: where it listens, and (TLS) over what it reaches the servers and the other Sentinels."""
+        if self.tls_files is None:
+            return f"port {port}\n"
+        ca, cert, key = self.tls_files
+        return (f"port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n"
+                "tls-auth-clients no\ntls-replication yes\n")
 
     def start(self, timeout: float = 20.0) -> None:
         self.primary.start()
-        self.replica = RedisServer(self.dir / "replica", extra_args=["--replicaof", "127.0.0.1", str(self.primary.port),
-                                                                     "--repl-diskless-sync-delay", "0"])
+        self.replica = RedisServer(self.dir / "replica", tls_files=self.tls_files,
+                                   extra_args=["--replicaof", "127.0.0.1", str(self.primary.port), *self.server_args])
         self.replica.start()
         self.servers.append(self.replica)
         for i, port in enumerate(self.sentinel_ports):
             conf = self.dir / f"sentinel-{i}" / "sentinel.conf"
             conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {conf.parent}\nlogfile {conf.parent}/sentinel.log\n"
+            conf.write_text(f"{self._sentinel_listen(port)}bind 127.0.0.1\ndir {conf.parent}\n"
+                            f"logfile {conf.parent}/sentinel.log\n"
                             f"sentinel monitor {self.name} 127.0.0.1 {self.primary.port} 2\n"
                             f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
                             f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
@@ -186,7 +209,7 @@ class SentinelSet:
         """Every Sentinel knows the primary, the replica and the other two Sentinels; the replica is in sync."""
         try:
             for port in self.sentinel_ports:
-                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as s:
+                with self.sentinel_client(port) as s:
                     master = s.sentinel_master(self.name)
                     if int(master["num-slaves"]) < 1 or int(master["num-other-sentinels"]) < 2:
                         return False
@@ -200,7 +223,7 @@ class SentinelSet:
         seen = []
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as s:
+                with self.sentinel_client(port) as s:
                     seen.append(int(s.sentinel_get_master_addr_by_name(self.name)[1]))
             except (redis.RedisError, TypeError):
                 continue
@@ -237,32 +260,50 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
         deployment.stop()
 
 
+@pytest.fixture
+def tls_sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    deployment = SentinelSet(tmp_path / "sentinel", tls=True)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 class RedisClusterSet:
     """A Redis Cluster of `masters` primaries, each with `replicas` replicas, on loopback, created with
-    `redis-cli --cluster create`."""
+    `redis-cli --cluster create`; with `tls=True` TLS only (clients, cluster bus, replication)."""
 
-    def __init__(self, data_dir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, data_dir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000,
+                 tls: bool = False) -> None:
         self.replicas = replicas
-        self.nodes = [RedisServer(data_dir / f"node-{i}", persistent=False,
+        self.tls_files = write_tls_files(data_dir / "tls") if tls else None
+        tls_args = ["--tls-cluster", "yes", "--tls-replication", "yes"] if tls else []
+        self.nodes = [RedisServer(data_dir / f"node-{i}", persistent=False, tls_files=self.tls_files,
                                   extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
                                               str(data_dir / f"node-{i}" / "nodes.conf"),
                                               "--cluster-node-timeout", str(node_timeout_ms),
                                               "--repl-diskless-sync-delay", "0",
                                               # the bus port is port + 10000 unless given: free ports run past that
-                                              "--cluster-port", str(free_port())])
+                                              "--cluster-port", str(free_port()), *tls_args])
                       for i in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """The URL as docs/operations.md writes it: `rediss+cluster://...?ssl_ca_certs=` with TLS."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        if self.tls_files is None:
+            return f"redis+cluster://{hosts}"
+        return f"rediss+cluster://{hosts}?ssl_ca_certs={self.tls_files[0]}"
 
     def start(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
-        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+        tls = [] if self.tls_files is None else ["--tls", "--cacert", str(self.tls_files[0])]
+        subprocess.run([REDIS_CLI, *tls, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"], check=True, capture_output=True,
                        timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -307,6 +348,16 @@ def _slot_owner(client: redis.Redis, key: str) -> int:
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
     cluster = RedisClusterSet(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
+    cluster = RedisClusterSet(tmp_path / "cluster", tls=True)
     try:
         cluster.start()
         yield cluster

@@ -1,6 +1,7 @@
 """The live catalog through a Redis failover: catalog URLs, writes confirmed by a replica (WAIT), a follower
-that meets a forked history, and a primary killed under a stream of admin changes while Sentinel promotes its
-replica (real redis-server and redis-server --sentinel processes on loopback, tests/redis_fixtures.py).
+that meets a forked history, a primary killed under a stream of admin changes while Sentinel promotes its
+replica, and the same deployment TLS only through a `rediss+sentinel://` URL (real redis-server and
+redis-server --sentinel processes on loopback, tests/redis_fixtures.py).
 
 The failover test prints one `FAILOVER ...` line with its figures (run with `-s`; docs/operations.md quotes them).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from redis.crc import key_slot
-from redis_fixtures import RedisServer, SentinelSet, sentinel_set  # noqa: F401
+from redis_fixtures import RedisServer, SentinelSet, sentinel_set, tls_sentinel_set  # noqa: F401
 
 from nezha.catalog import Catalog
 from nezha.config import ConfigError
@@ -274,6 +275,65 @@ def test_a_primary_killed_under_admin_writes_loses_no_acknowledged_change(sentin
         writer.stop_event.set()
         for f in followers:
             f.stop()
+
+
+@pytest.mark.slow
+def test_a_tls_sentinel_url_as_documented_confirms_writes_and_follows_a_failover(
+        tls_sentinel_set: SentinelSet, catalog: Catalog) -> None:  # noqa: F811
+    """`rediss+sentinel://s1,s2,s3/SERVICE?ssl_ca_certs=/ca.pem` as docs/operations.md writes it, against a primary,
+    a replica and three Sentinels that listen on TLS only (plain ports closed) and replicate and talk to each
+    other over TLS: push, add and remove confirmed by the replica (WAIT, min_replicas=1), a follower applying
+    them, and a failover that the store and the follower find through the Sentinels."""
+    url = tls_sentinel_set.url
+    assert url.startswith("rediss+sentinel://") and url.endswith(f"/nezha?ssl_ca_certs={tls_sentinel_set.tls_files[0]}")
+    replica = tls_sentinel_set.replica
+    assert replica is not None and replica.proc is not None
+    store = RedisCatalog(url + "&min_replicas=1&wait_timeout_ms=2000")
+    assert store.min_replicas == 1 and store.deployment.target.tls
+    assert store.push(catalog, source="tls-sentinel") == 1
+    follower = CatalogFollower(RedisCatalog(url), LocalCatalog.from_catalog(catalog), block_ms=100,
+                               max_backoff_s=0.2)
+    follower.sync_once()
+    follower.start()
+    on_replica = RedisCatalog(replica.url)  # the replica itself, read over TLS
+    try:
+        a, b, c, d = free_ids(catalog, 4)
+        assert store.add([("TLS-A", a), ("TLS-B", b)], {"TLS-A": {"title": "over TLS"}}) == 2
+        assert on_replica.remote_state().version == 2  # answered after WAIT: the replica has it already
+        assert store.remove(["TLS-B"]) == 3
+        assert on_replica.remote_state().version == 3
+        assert follower.local.wait_for(3, timeout=5.0)
+        assert follower.local.lookup(["TLS-A", "TLS-B"])[1] == ["TLS-B"]
+        assert follower.local.view().meta_of("TLS-A")["title"] == "over TLS"
+        # WAIT counts the replica's acknowledgements over its TLS link: a replica that sends none (stopped)
+        # leaves the write unconfirmed.
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(WriteNotConfirmedError, match="0 of 1 replica"):
+                RedisCatalog(url + "&min_replicas=1&wait_timeout_ms=200").add([("TLS-C", c)])
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: on_replica.remote_state().version == 4)
+        # Failover: the Sentinels promote the replica over TLS; a write finds the new primary through them.
+        primary = tls_sentinel_set.kill_primary()
+        assert wait_until(lambda: tls_sentinel_set.primary_port() == replica.port, timeout=20.0)
+        after = RedisCatalog(url)  # default min_replicas: 0 for the promoted primary alone
+        assert wait_until(lambda: _answered(lambda: after.add([("TLS-D", d)])), timeout=10.0)
+        assert primary.port != replica.port and after.remote_state().version == 5
+        assert follower.local.wait_for(5, timeout=10.0)
+        assert follower.local.lookup(["TLS-A", "TLS-C", "TLS-D"])[1] == []
+    finally:
+        follower.stop()
+        follower.join(timeout=5)
+
+
+def _answered(write: Callable[[], int]) -> bool:
+    """True once `write` is answered; False on the retryable error a failover in progress gives."""
+    try:
+        write()
+    except WriteNotConfirmedError:
+        return False
+    return True
 
 
 @pytest.mark.slow
