@@ -13,7 +13,9 @@ For each size, on a fresh redis-server (no persistence, a free loopback port) an
   add_by_text `add_new_items` of one item by text (its nearest free ID), a random quantizer.
   decode      with --decode-backbone (a random-init preset): in the replica process, NEZHA decodes of
               random histories at batch 1 and 32 (beam 10, one torch thread, the replica's current view)
-              timed while the follower is idle and again while the stream lands: p50/p99 of each.
+              timed while the follower is idle and again while the stream lands: p50/p99 of each. Like a
+              serving replica, the process first freezes its heap out of the cyclic GC (freeze_heap;
+              --no-gc-freeze: not, as before that existed).
 With --local-only, no Redis: a replica's copy built from the arrays a snapshot yields (ItemTable) and
 changed through LocalCatalog.apply, in this process: build time, RSS growth, bytes per item of the maps
 and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99). This
@@ -217,9 +219,19 @@ class _Decodes:
         return {f"batch{b}": {"p50_ms": _pct(t, 50), "p99_ms": _pct(t, 99), "n": len(t)} for b, t in self.times.items()}
 
 
-def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "") -> None:
+def _freeze_heap() -> None:
+    try:  # older checkouts this file also measures have no freeze_heap
+        from nezha.live_catalog import freeze_heap
+    except ImportError:
+        log.warning("this checkout has no freeze_heap: the heap is not frozen")
+        return
+    freeze_heap()
+
+
+def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_freeze: bool = True) -> None:
     """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times).
-    With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream."""
+    With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream.
+    `gc_freeze`: freeze the heap once loaded (after the decoder's warm-up), as serve/replica.py does."""
     baseline = _rss_mb()
     applied: list[tuple[int, float]] = []
     start = time.perf_counter()
@@ -248,6 +260,9 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "") -> N
         decoder = _Decodes(decode_backbone, sizes, local)
         for batch in decoder.batches:  # warm-up: first-call allocations
             decoder.one(batch)
+    if gc_freeze:
+        _freeze_heap()
+    if decode_backbone:
         done = threading.Event()
         done.set()
         decodes["decode_idle"] = decoder.run(done)
@@ -265,10 +280,11 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "") -> N
 
 
 def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
-                 decode_backbone: str = "") -> dict[str, Any]:
+                 decode_backbone: str = "", gc_freeze: bool = True) -> dict[str, Any]:
     replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
-                                "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])", url,
-                                json.dumps(list(catalog.codebook_sizes)), decode_backbone],
+                                "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
+                                "sys.argv[4] == '1')", url, json.dumps(list(catalog.codebook_sizes)), decode_backbone,
+                                "1" if gc_freeze else "0"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert replica.stdin is not None and replica.stdout is not None
     ready = json.loads(replica.stdout.readline())
@@ -384,15 +400,17 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "load_before": _load()}
+def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "",
+               gc_freeze: bool = True) -> dict[str, Any]:
+    row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "gc_freeze": gc_freeze,
+                           "load_before": _load()}
     catalog = synthetic_catalog(n, sizes)
     with tempfile.TemporaryDirectory() as directory:
         proc, url = _start_redis(Path(directory))
         try:
             row.update(bench_push(url, catalog))
             log.info("%d items: push %s", n, row)
-            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone))
+            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze))
             row.update(bench_add_by_text(url, sizes))
         finally:
             proc.kill()
@@ -411,13 +429,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone")
     parser.add_argument("--decode-backbone", default="", help="time decodes in the replica with this random-init "
                                                               "preset (e.g. small), idle and during the stream")
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="the replica process does not freeze its heap out of the cyclic GC")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows.append({"load_before": _load(), **bench_local_copy(n, sizes), "load_after": _load()}
-                    if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone))
+                    if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
+                                                       args.gc_freeze))
         print(json.dumps(rows[-1]), flush=True)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

@@ -51,6 +51,7 @@ from nezha.live_catalog import (
     RedisCatalog,
     StoreUnavailableError,
     codes_of,
+    freeze_heap,
     load_item_metadata,
     redact_url,
 )
@@ -166,8 +167,11 @@ class Recommender:
             view = self.local.view()
             decode(self.model, self.decoders[0], [self.local.codes(view.lookup(catalog.item_ids[:1])[0])],
                    view.verifier, beam=cfg.beam, graphs=self.graphs)
-        log.info("replica %s ready: %s on %s, decoders %s, max_history %d", self.replica, cfg.checkpoint,
-                 self.device, self.decoders, self.max_history)
+        # The model and catalog out of the cyclic GC's full collections, which the follower's allocations
+        # trigger and which hold the GIL for ~0.25 s at 1M items: a stall for the decodes then.
+        frozen = freeze_heap()
+        log.info("replica %s ready: %s on %s, decoders %s, max_history %d (%d objects frozen out of the GC)",
+                 self.replica, cfg.checkpoint, self.device, self.decoders, self.max_history, frozen)
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # called by Serve once per replica, after __init__
         return create_api(self.cfg, self, self.http_metrics)

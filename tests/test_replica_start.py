@@ -4,6 +4,7 @@ the checkpoint's catalog when Redis is unreachable or holds none. The Recommende
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,19 @@ def test_a_replica_without_redis_at_start_serves_the_checkpoints_catalog(tiny_ch
         assert replica.follower.degraded()
     finally:
         replica.follower.stop()
+
+
+def test_a_started_replica_has_frozen_its_model_out_of_the_gc(tiny_checkpoint: Path,
+                                                            redis_server: RedisServer) -> None:  # noqa: F811
+    """The follower's allocations trigger full collections; the model and catalog loaded at start must not be
+    walked by them (each one holds the GIL for ~0.25 s at 1M items: a stall for the decodes then)."""
+    RedisCatalog(redis_server.url).push(Catalog.load(tiny_checkpoint / "catalog"))
+    gc.unfreeze()  # whatever an earlier test froze
+    replica = start(tiny_checkpoint, redis_server.url)
+    try:
+        assert gc.get_freeze_count() > 0
+        model_id = id(replica.model)
+        assert all(id(o) != model_id for o in gc.get_objects())  # only the unfrozen generations
+    finally:
+        replica.follower.stop()
+        gc.unfreeze()

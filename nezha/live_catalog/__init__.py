@@ -9,7 +9,7 @@
     item_table.py    ItemTable / ItemMap: compact item id <-> packed ID maps (numpy arrays, no object per item)
     local.py         LocalCatalog: a replica's copy; CatalogView: that copy at one version (what a decode reads)
     metadata.py      item metadata (title, brand, categories) shown with recommendations; MetaSource, MemoryMeta
-    follower.py      CatalogFollower: the thread that keeps a LocalCatalog in step with Redis
+    follower.py      CatalogFollower: the thread that keeps a LocalCatalog in step with Redis; freeze_heap
     new_items.py     new items by explicit codes or by text (nearest free semantic ID)
 
 The fixed on-disk catalog format of a checkpoint is `nezha.catalog`; `nezha catalog push|status|add|remove`
@@ -27,7 +27,7 @@ from nezha.live_catalog.errors import (
     StoreUnavailableError,
     WriteNotConfirmedError,
 )
-from nezha.live_catalog.follower import CatalogFollower, FollowerHealth
+from nezha.live_catalog.follower import CatalogFollower, FollowerHealth, freeze_heap
 from nezha.live_catalog.item_table import ItemMap, ItemTable
 from nezha.live_catalog.local import CatalogView, LocalCatalog
 from nezha.live_catalog.memory_store import InProcessStore
@@ -56,6 +56,6 @@ __all__ = [
     "FeedEntry", "FollowerHealth", "IdTakenError", "InProcessStore", "InvalidItemError", "ItemExistsError",
     "ItemMap", "ItemNotFoundError", "ItemTable", "LocalCatalog", "MemoryMeta", "MetaSource", "NewItem",
     "NoCatalogError", "RedisCatalog", "RedisItemMeta", "RemoteState", "Snapshot", "StoreUnavailableError",
-    "WriteNotConfirmedError", "add_new_items", "check_codes", "clean_meta", "codes_of", "load_item_metadata", "load_quantizer_for",
+    "WriteNotConfirmedError", "add_new_items", "check_codes", "clean_meta", "codes_of", "freeze_heap", "load_item_metadata", "load_quantizer_for",
     "redact_url",
 ]

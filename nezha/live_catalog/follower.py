@@ -13,10 +13,16 @@ never a mix of the two histories.
 A snapshot starts from Redis's snapshot blob when the feed still reaches back to it (redis_store.py). When
 its copy is more than half a feed ahead of that blob (or there is none), a follower publishes its copy as
 the new blob from a background thread, at most every BLOB_CHECK_S, so the next replica starts from it.
+
+The follower's applies allocate Python objects steadily (feed entries, dicts), so they trigger the cyclic
+GC's full collections, which walk every object of the process (the model, torch, the catalog) while
+holding the GIL: ~0.25 s at 1M items with a `small` model, a stall for any decode then. A replica calls
+`freeze_heap()` once it has loaded its model and catalog, so those collections skip what was there.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -30,6 +36,15 @@ from nezha.live_catalog.store import FeedEntry
 log = logging.getLogger(__name__)
 
 BLOB_CHECK_S = 10.0  # how often a follower may look at (and republish) the snapshot blob
+
+
+def freeze_heap() -> int:
+    """Collect, then move every object alive now out of the cyclic GC's reach (`gc.freeze`); returns how many.
+    Call once the process's long-lived state is loaded. Refcounting still frees them; only garbage cycles among
+    them are never collected (the model and the catalog copy live as long as the process anyway)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 @dataclass
