@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from redis_fixtures import RedisServer, redis_server  # noqa: F401
+from redis_fixtures import RedisServer, redis_server, wait_until  # noqa: F401
 
 from nezha.catalog import Catalog
 from nezha.live_catalog import (
@@ -34,15 +34,6 @@ from nezha.live_catalog import (
 )
 from nezha.semantic_ids.quantizer import ResidualQuantizer, assign_new_item
 from nezha.verify.codec import pack
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

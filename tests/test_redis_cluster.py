@@ -5,27 +5,16 @@ tag, so they live on one node and its scripts run there as on a single server.""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from redis_fixtures import RedisClusterSet, redis_cluster, tls_redis_cluster  # noqa: F401
+from redis_fixtures import RedisClusterSet, redis_cluster, tls_redis_cluster, wait_until  # noqa: F401
 
 from nezha.catalog import Catalog
 from nezha.live_catalog import CatalogFollower, ItemExistsError, LocalCatalog, RedisCatalog
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.parametrize("deployment", ["redis_cluster", "tls_redis_cluster"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from redis.crc import key_slot
-from redis_fixtures import RedisServer, SentinelSet, sentinel_set, tls_sentinel_set  # noqa: F401
+from redis_fixtures import RedisServer, SentinelSet, sentinel_set, tls_sentinel_set, wait_until  # noqa: F401
 
 from nezha.catalog import Catalog
 from nezha.config import ConfigError
@@ -33,15 +33,6 @@ from nezha.live_catalog import (
 )
 from nezha.live_catalog.connection import online_replicas, parse_redis_url
 from serve.errors import StoreUnavailable, from_store_error
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
