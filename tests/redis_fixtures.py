@@ -250,24 +250,23 @@ class SentinelSet:
             server.kill()
 
 
-@pytest.fixture
-def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
-    deployment = SentinelSet(tmp_path / "sentinel")
+def running(deployment: Any) -> Iterator[Any]:
+    """Start a deployment (SentinelSet, RedisClusterSet), yield it, stop it whatever happened."""
     try:
         deployment.start()
         yield deployment
     finally:
         deployment.stop()
+
+
+@pytest.fixture
+def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    yield from running(SentinelSet(tmp_path / "sentinel"))
 
 
 @pytest.fixture
 def tls_sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
-    deployment = SentinelSet(tmp_path / "sentinel", tls=True)
-    try:
-        deployment.start()
-        yield deployment
-    finally:
-        deployment.stop()
+    yield from running(SentinelSet(tmp_path / "sentinel", tls=True))
 
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -347,22 +346,12 @@ def _slot_owner(client: redis.Redis, key: str) -> int:
 
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
-    cluster = RedisClusterSet(tmp_path / "cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(RedisClusterSet(tmp_path / "cluster"))
 
 
 @pytest.fixture
 def tls_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
-    cluster = RedisClusterSet(tmp_path / "cluster", tls=True)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(RedisClusterSet(tmp_path / "cluster", tls=True))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
