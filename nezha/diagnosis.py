@@ -8,13 +8,13 @@ terms: the LM's logits are restricted to level l's code tokens, as the constrain
 `hits_by_first_code_seen` splits test hits by whether the target's first-level code occurs anywhere in the
 user's history (a "familiar region" of the catalog or a new one).
 
-    python -m nezha.diagnosis --experiment runs/exp/games-v2 --dataset games --seed 0 --methods nezha beam
+    nezha diagnose --experiment runs/exp/games-v2 --dataset games --seed 0 --methods nezha,beam
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,26 @@ import torch
 import torch.nn.functional as F
 
 from nezha.catalog import Catalog
+from nezha.config import ConfigError
 from nezha.data.split import Examples
 from nezha.model.model import NezhaModel
 from nezha.training import make_batch
+
+
+@dataclass
+class DiagnoseConfig:
+    """Why one decoder loses to another: per-level teacher-forced scores and hits by first code seen."""
+
+    experiment: str = field(default="", metadata={"help": "an `nezha experiment` output directory"})
+    dataset: str = field(default="", metadata={"help": "the dataset key of that experiment"})
+    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: ["nezha", "beam"])
+    users: int = field(default=5000, metadata={"help": "test users for the level scores (0: all)"})
+    out: str | None = field(default=None, metadata={"help": "write the JSON report here (else stdout)"})
+
+    def __post_init__(self) -> None:
+        if not self.experiment or not self.dataset:
+            raise ConfigError("experiment and dataset: give an `nezha experiment` output directory and its dataset")
 
 
 @torch.inference_mode()
@@ -100,24 +117,3 @@ def diagnose(experiment: Path, dataset: str, seed: int, methods: list[str], user
             "hits_by_first_code": {row: hits_by_first_code_seen(stored[row], seen) for row in stored.files},
         }
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", required=True, type=Path, help="an `nezha experiment` output directory")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["nezha", "beam"])
-    parser.add_argument("--users", type=int, default=5000, help="test users for the level scores (0: all)")
-    parser.add_argument("--out", type=Path, help="write the JSON report here (else stdout)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    report = json.dumps(diagnose(args.experiment, args.dataset, args.seed, args.methods, args.users), indent=2)
-    if args.out:
-        args.out.write_text(report)
-    else:
-        print(report)
-
-
-if __name__ == "__main__":
-    main()

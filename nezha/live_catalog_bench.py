@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append({"load_before": _load(), **bench_local_copy(n, sizes), "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
                                                        args.gc_freeze))
-        print(json.dumps(rows[-1]), flush=True)
+        log.info("%s", json.dumps(rows[-1]))  # each size's row as it lands (the JSON file gets them all)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
               "rows": rows}
@@ -449,4 +449,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     main()

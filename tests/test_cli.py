@@ -14,7 +14,8 @@ def test_every_subcommand_module_registers_its_command():
 
 
 @pytest.mark.parametrize("argv", [["train", "--help"], ["experiment", "--help"], ["bench", "latency", "--help"],
-                                  ["catalog", "--help"], ["quickstart", "--help"]])
+                                  ["catalog", "--help"], ["quickstart", "--help"],
+                                  ["diagnose", "--help"]])
 def test_help_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)

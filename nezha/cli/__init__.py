@@ -11,7 +11,7 @@ import sys
 from nezha.config import ConfigError
 
 # Subcommand modules in the order `nezha --help` lists them; each is imported only to register it.
-SUBCOMMANDS = ("import_amazon", "synth", "prepare", "train", "evaluate", "recommend", "export", "experiment", "quickstart", "bench", "catalog")
+SUBCOMMANDS = ("import_amazon", "synth", "prepare", "train", "evaluate", "recommend", "export", "experiment", "diagnose", "quickstart", "bench", "catalog")
 
 
 def build_parser() -> argparse.ArgumentParser:
