@@ -57,6 +57,9 @@ class CatalogBenchConfig:
     reps: int = field(default=200, metadata={"help": "timed single changes (and snapshots) per measurement"})
     batch: int = field(default=1000, metadata={"help": "changes in one batched update"})
     batch_reps: int = field(default=20, metadata={"help": "timed batched updates"})
+    sustained: int = field(default=200_000, metadata={
+        "help": "changes of fresh IDs applied in batches of `batch`, to time the amortised cost of a change "
+                "(the verifier merges its pending changes every 65,536 IDs; 0: not measured)"})
     budget_s: float = field(default=60.0, metadata={"help": "stop a measurement after this many seconds"})
     device: str = "cpu"
     isolate: bool = field(default=True, metadata={"help": "each shape and size in a forked process (CPU only)"})
@@ -74,6 +77,8 @@ class CatalogBenchConfig:
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) < 1 or min(self.reps, self.batch, self.batch_reps) < 1:
             raise ConfigError("sizes, reps, batch, batch_reps: need positive values")
+        if self.sustained < 0:
+            raise ConfigError(f"sustained: must be >= 0, got {self.sustained}")
         for shape in self.shapes:
             parse_shape(shape)
 
@@ -194,7 +199,8 @@ class _Churn:
 
 
 def bench_one(verifier_cls: Callable[..., Any], sizes: Sequence[int], items: int, reps: int, batch: int,
-              batch_reps: int, budget_s: float, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
+              batch_reps: int, budget_s: float, device: torch.device, rng: np.random.Generator,
+              sustained: int = 0) -> dict[str, Any]:
     """Every measurement for one shape and catalog size."""
     space = math.prod(sizes)
     load_start = _load()
@@ -251,14 +257,34 @@ def bench_one(verifier_cls: Callable[..., Any], sizes: Sequence[int], items: int
     if rss_before is not None and changing.peak is not None:
         row["rss_peak_changing_bytes_per_item"] = (changing.peak - rss_before) / items
     row["snapshot_ms"] = _timed(lambda _rep: held.append(verifier.snapshot()), reps, budget_s, device)
+    held.clear()
+    if sustained:
+        row["sustained"] = _sustained(verifier, packed, space, sustained, half, budget_s, device, rng)
     row["load_average_1m"] = {"start": load_start, "end": _load()}
     return row
+
+
+def _sustained(verifier: Any, packed: np.ndarray, space: int, changes: int, half: int, budget_s: float,
+               device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
+    """Catalog churn as it comes (new listings in, other items out, no ID twice) in batches of 2 x `half`
+    changes: per-change cost amortised over every batch, the occasional merge of pending changes included."""
+    fresh = _Churn(packed, space, changes // 2, rng)  # the pools are never cycled: every ID is new to the verifier
+    batches = max(1, fresh.present.size // half)
+
+    def batched(_rep: int) -> None:
+        add, remove = fresh.take(half)
+        verifier.update(add=add, remove=remove)
+
+    stats = _timed(batched, batches, budget_s, device)
+    return {"changes": 2 * half * stats["n"], "batch": 2 * half, "batch_ms": stats,
+            "amortised_change_us": stats["mean"] * 1000.0 / (2 * half)}
 
 
 def run_catalog_bench(sizes: Sequence[int] = (100_000, 1_000_000, 10_000_000),
                       shapes: Sequence[Sequence[int]] = ((256, 256, 256), (256, 256, 256, 256)),
                       reps: int = 200, batch: int = 1000, batch_reps: int = 20, budget_s: float = 60.0,
                       device: str = "cpu", isolate: bool = True, threads: int = 1, seed: int = 0,
+                      sustained: int = 0,
                       json_path: str | None = None,
                       verifier_cls: Callable[..., Any] = PrefixVerifier) -> dict[str, Any]:
     """Build, change, batch and snapshot costs per (shape, size); `verifier_cls` lets the same bench time
@@ -273,14 +299,14 @@ def run_catalog_bench(sizes: Sequence[int] = (100_000, 1_000_000, 10_000_000),
         torch.set_num_threads(threads)
     try:
         return _run(sizes, shapes, reps, batch, batch_reps, budget_s, resolve_device(device), isolate, seed,
-                    json_path, verifier_cls)
+                    json_path, verifier_cls, sustained)
     finally:
         torch.set_num_threads(before)  # a process-wide setting: leave the caller's as it was
 
 
 def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch: int, batch_reps: int,
          budget_s: float, dev: torch.device, isolate: bool, seed: int, json_path: str | None,
-         verifier_cls: Callable[..., Any]) -> dict[str, Any]:
+         verifier_cls: Callable[..., Any], sustained: int) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": device_name(dev),
         "torch": torch.__version__,
@@ -290,7 +316,7 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
         # The machine may be shared: the 1-minute load average says how busy it was around each row.
         "load_average_1m": {"start": _load()},
         "config": {"sizes": list(sizes), "shapes": [list(s) for s in shapes], "reps": reps, "batch": batch,
-                   "batch_reps": batch_reps, "budget_s": budget_s, "device": str(dev), "seed": seed,
+                   "batch_reps": batch_reps, "sustained": sustained, "budget_s": budget_s, "device": str(dev), "seed": seed,
                    "isolated": isolate and dev.type == "cpu"},
         "results": [],
     }
@@ -299,7 +325,7 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
         for j, items in enumerate(sizes):
             rng = np.random.default_rng([seed, i, j])  # the same catalog whichever rows run
             report["results"].append(run(bench_one, verifier_cls, tuple(shape), items, reps, batch, batch_reps,
-                                         budget_s, dev, rng))
+                                         budget_s, dev, rng, sustained))
     report["load_average_1m"]["end"] = _load()
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +356,7 @@ def format_catalog_table(report: dict[str, Any]) -> str:
              f"{load['start']:.1f} -> {load.get('end', float('nan')):.1f}",
              f"{'shape':<16}{'items':>11}{'build s':>9}{'RSS B/it':>9}{'build pk':>9}{'chg pk':>8}{'own B/it':>9}"
              f"{'space MB':>9}{'change ms':>14}{'served ms':>14}{'pinned ms':>14}{'batch ms':>14}"
-             f"{'snap us':>9}{'load':>11}"]
+             f"{'snap us':>9}{'amort us':>9}{'load':>11}"]
 
     def ms(value: float) -> str:
         return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
@@ -348,10 +374,13 @@ def format_catalog_table(report: dict[str, Any]) -> str:
             f"{'-' if own is None else f'{own:.1f}':>9}"
             f"{'-' if space is None else f'{space / 2**20:.1f}':>9}{pair(row['change_ms']):>14}"
             f"{pair(row['served_ms']):>14}{pair(row['pinned_ms']):>14}{pair(row['batch_ms']):>14}"
-            f"{row['snapshot_ms']['p50'] * 1000:>9.1f}  "
+            f"{row['snapshot_ms']['p50'] * 1000:>9.1f}"
+            f"{row['sustained']['amortised_change_us'] if 'sustained' in row else float('nan'):>9.1f}  "
             f"{row['load_average_1m']['start']:>5.1f}->{row['load_average_1m']['end']:.1f}")
     lines.append(f"ms columns: p50/p99; batch: one update of {report['config']['batch']} changes; B/it: bytes "
-                 "per item (RSS growth after the build, its peak while building / changing; own: nbytes())")
+                 "per item (RSS growth after the build, its peak while building / changing; own: nbytes()); "
+                 f"amort: per change over {report['config'].get('sustained', 0):,} changes of fresh IDs in batches, "
+                 "merges included")
     for row in report.get("redis", []):
         lines.append(f"redis {row['shape']} {row['items']:,} items: " + json.dumps(
             {k: v for k, v in row.items() if k not in ("items", "shape")}, default=str))

@@ -16,13 +16,16 @@ MEASUREMENTS = ("change_ms", "served_ms", "pinned_ms", "snapshot_ms")
 def test_catalog_bench_cli_writes_every_measurement_per_size(tmp_path, capsys):
     out = tmp_path / "catalog.json"
     code = main(["bench", "catalog", "--sizes", "500,2000", "--shapes", "16x16x16", "--reps", "5", "--batch", "20",
-                 "--batch-reps", "3", "--json", str(out)])
+                 "--batch-reps", "3", "--sustained", "100", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert [(r["shape"], r["items"]) for r in report["results"]] == [([16, 16, 16], 500), ([16, 16, 16], 2000)]
     for row in report["results"]:
         assert all(row[m]["n"] == 5 and 0 < row[m]["p50"] <= row[m]["p99"] for m in MEASUREMENTS)
         assert row["batch_ms"]["n"] == 3 and row["batch"] == 20
+        # 100 changes of IDs the verifier has not seen: 5 updates of 20, timed per change
+        assert row["sustained"]["changes"] == 100 and row["sustained"]["batch_ms"]["n"] == 5
+        assert row["sustained"]["amortised_change_us"] > 0
         assert row["nbytes"]["ids"] == 8 * row["items"] and row["per_item_bytes_per_item"] == 8.0
         assert row["build_s"] > 0 and set(row["load_average_1m"]) == {"start", "end"}
     assert "16x16x16" in capsys.readouterr().out

@@ -64,12 +64,15 @@ def histories(draw: st.DrawFn) -> tuple:
     return sizes, dense_limit, draw(st.lists(ids, max_size=40)), draw(st.lists(ops, max_size=14))
 
 
-@pytest.mark.parametrize("replay_at_most", [1 << 20, 0])  # the spare set replays changes; or is dropped and copied
+# The spare set replays changes, or is dropped and copied; the full-ID layers merge into a new base after
+# every change, after a few, or (at these sizes) never.
+@pytest.mark.parametrize(("replay_at_most", "layer_at"), [(1 << 20, 1 << 16), (0, 0), (1 << 20, 3)])
 @settings(max_examples=200, deadline=None)
 @given(history=histories())
-def test_any_change_history_answers_like_a_verifier_built_from_scratch(history, replay_at_most):
+def test_any_change_history_answers_like_a_verifier_built_from_scratch(history, replay_at_most, layer_at):
     sizes, dense_limit, initial, ops = history
-    with mock.patch.object(verifier_module, "_REPLAY_AT_MOST", replay_at_most):
+    with mock.patch.object(verifier_module, "_REPLAY_AT_MOST", replay_at_most), \
+            mock.patch.object(verifier_module, "_LAYER_AT", layer_at):
         _check_history(sizes, dense_limit, initial, ops)
 
 
@@ -111,6 +114,29 @@ def test_large_batches_answer_like_a_verifier_built_from_scratch(dense_limit, sl
             current = (current | set(add.tolist())) - set(remove.tolist())
             assert_answers(verifier, current)
         assert pinned.ids.array.size == 1500 and pinned.version == 0 and verifier.version == 3
+
+
+def test_a_change_copies_the_pending_layers_not_the_catalog():
+    """Between merges a change leaves the base array of full IDs as it is (no O(items) copy); past _LAYER_AT
+    pending IDs they merge into a new base, and the answers stay those of a verifier built from scratch."""
+    rng = np.random.default_rng(2)
+    sizes = [16, 16, 16]
+    for dense_limit in (1 << 24, 300):  # the full IDs with a dense device table; with device layers
+        with mock.patch.object(verifier_module, "_LAYER_AT", 40):
+            verifier = PrefixVerifier(rng.choice(4096, 1500, replace=False), sizes, dense_limit=dense_limit)
+            current, base, merges = set(verifier.ids), verifier._tables.ids.base, 0
+            for step in range(30):
+                add, remove = rng.integers(0, 4096, 3), rng.integers(0, 4096, 3)
+                verifier.update(add=add, remove=remove)
+                current = (current | set(add.tolist())) - set(remove.tolist())
+                pending = verifier._tables.ids.added.size + verifier._tables.ids.removed.size
+                if verifier._tables.ids.base is base:
+                    assert pending <= 40, step
+                else:  # merged: a new base holds every change so far
+                    assert pending == 0 and np.array_equal(verifier._tables.ids.base, sorted(current)), step
+                    base, merges = verifier._tables.ids.base, merges + 1
+                assert_answers(verifier, current)
+            assert merges >= 2  # 30 changes of up to 6 IDs against a layer cap of 40
 
 
 def test_a_splice_of_a_tensor_matches_the_splice_of_the_array():

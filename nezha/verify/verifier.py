@@ -5,13 +5,16 @@ on the decoding device, as a dense boolean table when the prefix space is small 
 check there is) and as a sorted tensor + searchsorted otherwise. Both answer a whole [B, K, T] batch of
 candidates in one kernel with no host sync, so a decoder can mask invalid branches at every beam step.
 
-Catalog changes are incremental, so one change costs about a copy of the ID array, not a rebuild:
-  - the full IDs are one sorted int64 numpy array (8 bytes an item), replaced (never mutated) by a splice
-    of the changed IDs: one memcpy, no Python object per ID;
+Catalog changes are incremental, so one change costs time in proportion to the change, not the catalog:
+  - the full IDs are a sorted int64 numpy array (8 bytes an item) plus two small sorted layers, the IDs
+    added and removed since that array was built (never mutated: a change makes new layers). The layers
+    are merged into a new array once they hold _LAYER_AT IDs, so the O(items) copy (80 MB at 10M items)
+    runs once per that many changes instead of on every change; no Python object per ID;
   - each shorter prefix length keeps how many valid items extend each prefix (a count array over a dense
     prefix space; sorted unique prefixes + counts for a sparse one), so a removal knows when a prefix dies;
   - only the prefixes that appear or die are written to the device: a scatter into the dense tables, a
-    splice of the sorted ones (new tensors: the old ones stay as they were).
+    splice of the sorted ones (new tensors: the old ones stay as they were); where the full IDs have no
+    dense table (more than `dense_limit` of them, e.g. 4 x 256) the device holds the same three layers.
 
 A decode reads the tables at every level, so a change landing mid-search would mix two catalogs in one call:
 decode with `snapshot()`, a read-only verifier pinned to the tables of one moment. The dense tables are
@@ -45,6 +48,9 @@ _SLICED_EDITS = 2048
 # replay: copying the tables when they are next needed costs less than replaying millions of writes, and
 # the change's index arrays (17 bytes an entry) are not held until the next change.
 _REPLAY_AT_MOST = 1 << 20
+# The full-ID layers (added / removed since the base array) are merged into a new base past this many IDs:
+# a change copies at most this many 8-byte IDs (512 KiB), the O(items) merge runs once per this many changes.
+_LAYER_AT = 1 << 16
 
 
 class SortedIds(Set):
@@ -78,15 +84,65 @@ class SortedIds(Set):
         return f"SortedIds({self.array.size} IDs)"
 
 
+@dataclass(frozen=True, eq=False)
+class _FullIds:
+    """The valid full IDs of one version: `base` without `removed`, plus `added`. All three are sorted, unique
+    and never mutated; `removed` is a subset of `base`, `added` disjoint from it."""
+
+    base: np.ndarray
+    added: np.ndarray
+    removed: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.base.size - self.removed.size + self.added.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.base.nbytes + self.added.nbytes + self.removed.nbytes)
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        found = _isin_sorted(self.base, values)
+        if self.removed.size:
+            found &= ~_isin_sorted(self.removed, values)
+        if self.added.size:
+            found |= _isin_sorted(self.added, values)
+        return found
+
+    def array(self) -> np.ndarray:
+        """The IDs as one sorted array: the base itself when no layer is set, else a merge (O(items))."""
+        if not self.added.size and not self.removed.size:
+            return self.base
+        if not self.base.size:
+            return self.added
+        return _Splice(self.base, self.added, self.removed).apply(self.base, self.added)
+
+    def edited(self, born: np.ndarray, died: np.ndarray) -> _FullIds:
+        """These IDs with `born` (sorted, none valid now) added and `died` (sorted, all valid now) removed:
+        new layers, merged into a new base once they hold more than _LAYER_AT IDs."""
+        back = _isin_sorted(self.removed, born)  # removed from the base earlier, valid again
+        undone = _isin_sorted(self.added, died)  # added since the base, gone again
+        removed = _Splice(self.removed, died[~undone], born[back]).apply(self.removed, died[~undone])
+        added = _Splice(self.added, born[~back], died[undone]).apply(self.added, born[~back])
+        edited = _FullIds(self.base, added, removed)
+        if added.size + removed.size <= _LAYER_AT:
+            return edited
+        empty = np.empty(0, dtype=np.int64)
+        return _FullIds(edited.array(), empty, empty)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: compared and hashed by identity (holders and weak sets do)
 class _Tables:
     version: int
-    ids: np.ndarray  # sorted unique full IDs, never mutated
+    ids: _FullIds  # the valid full IDs (host)
     dense: tuple[torch.Tensor | None, ...]  # per length 1..L: bool[prod T_<l] or None
-    sorted_values: tuple[torch.Tensor | None, ...]  # per length 1..L: sorted unique int64 or None
+    # per length 1..L-1 without a dense table: sorted unique int64 (None elsewhere, and at length L)
+    sorted_values: tuple[torch.Tensor | None, ...]
     # per length 0..L-1: bool[prod T_<l, T_l], row p = which codes extend prefix p (None where the
     # longer prefix has no dense table). The beam step's mask is then one row gather, not K*T lookups.
     children: tuple[torch.Tensor | None, ...]
+    # the full IDs on the device when length L has no dense table: (base, added, removed) like `ids`
+    full_layers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 def _as_int64(values: Iterable[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -102,6 +158,14 @@ def _has_id(sorted_ids: np.ndarray, value: int) -> bool:
         return False
     at = int(np.searchsorted(sorted_ids, value))
     return at < sorted_ids.size and int(sorted_ids[at]) == value
+
+
+def _in_sorted(sorted_values: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Bool tensor like `values`: is each in the sorted tensor (one searchsorted, no host sync)."""
+    if sorted_values.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    at = torch.searchsorted(sorted_values, values.contiguous()).clamp(max=sorted_values.numel() - 1)
+    return sorted_values[at] == values
 
 
 def _first_of_runs(sorted_values: np.ndarray) -> np.ndarray:
@@ -317,9 +381,11 @@ class PrefixVerifier:
         self._spare: _DenseTables | None = None  # the previous version's tables, for double buffering
         self._last: list[_Delta | None] = []  # the change from the spare's version to the current one
         empty = np.empty(0, dtype=np.int64)
-        self._tables = _Tables(-1, empty, tuple(dense),
-                               tuple(None if t is not None else torch.from_numpy(empty).to(self.device)
-                                     for t in dense), tuple(children))
+        on_device = torch.from_numpy(empty).to(self.device)
+        self._tables = _Tables(-1, _FullIds(empty, empty, empty), tuple(dense),
+                               tuple(None if t is not None or n == self.levels - 1 else on_device
+                                     for n, t in enumerate(dense)), tuple(children),
+                               None if dense[-1] is not None else (on_device, on_device, on_device))
         self._apply(_distinct(values), empty)
 
     # ---- queries -------------------------------------------------------------------------------------
@@ -328,10 +394,11 @@ class PrefixVerifier:
         return len(self.sizes)
 
     def __len__(self) -> int:
-        return int(self._tables.ids.size)
+        return self._tables.ids.size
 
     def __contains__(self, packed_id: int) -> bool:
-        return _has_id(self._tables.ids, int(packed_id))
+        value = int(packed_id)
+        return 0 <= value < self.weights[-1] and bool(self._tables.ids.contains(np.array([value]))[0])
 
     @property
     def tables(self) -> object:
@@ -345,8 +412,9 @@ class PrefixVerifier:
 
     @property
     def ids(self) -> SortedIds:
-        """The valid full IDs: a read-only set view over the sorted array (`.array`)."""
-        return SortedIds(self._tables.ids)
+        """The valid full IDs: a read-only set view over the sorted array (`.array`; O(items) to build when
+        changes are pending since the last merge)."""
+        return SortedIds(self._tables.ids.array())
 
     def snapshot(self) -> PrefixVerifier:
         """A read-only verifier that keeps answering from the current tables whatever `update` or `replace` do
@@ -372,7 +440,7 @@ class PrefixVerifier:
             "ids": tables.ids.nbytes,
             "sparse_counts": sum(c.nbytes for c in counts if isinstance(c, _SparseCounts)),
             "sorted_tables": 0 if self.device.type == "cpu" else
-            sum(t.nbytes for t in tables.sorted_values if t is not None),
+            sum(t.nbytes for t in (*tables.sorted_values, *(tables.full_layers or ())) if t is not None),
             "dense_counts": sum(c.nbytes for c in counts if isinstance(c, _DenseCounts)),
             "dense_tables": sum(t.nbytes for t in (*tables.dense, *tables.children) if t is not None),
             "spare_tables": self._spare.nbytes if self._writable and self._spare is not None else 0,
@@ -392,12 +460,18 @@ class PrefixVerifier:
         dense = tables.dense[length - 1]
         if dense is not None:
             return dense[values.clamp(0, space - 1)] & in_range
+        if length == self.levels:
+            assert tables.full_layers is not None
+            base, added, removed = tables.full_layers
+            found = _in_sorted(base, values)
+            if removed.numel():
+                found &= ~_in_sorted(removed, values)
+            if added.numel():
+                found |= _in_sorted(added, values)
+            return found & in_range
         sorted_values = tables.sorted_values[length - 1]
         assert sorted_values is not None
-        if sorted_values.numel() == 0:
-            return torch.zeros_like(values, dtype=torch.bool)
-        idx = torch.searchsorted(sorted_values, values.contiguous()).clamp(max=sorted_values.numel() - 1)
-        return (sorted_values[idx] == values) & in_range
+        return _in_sorted(sorted_values, values) & in_range
 
     def child_mask(self, prefix_values: torch.Tensor, length: int) -> torch.Tensor:
         """[..., T_length] bool: which next codes extend each length-`length` prefix to a valid prefix."""
@@ -421,8 +495,8 @@ class PrefixVerifier:
         with self._lock:
             ids = self._tables.ids
             add_values = _distinct(add_values)
-            born = add_values[~_isin_sorted(ids, add_values) & ~_isin_sorted(remove_values, add_values)]
-            died = remove_values[_isin_sorted(ids, remove_values)]
+            born = add_values[~ids.contains(add_values) & ~_isin_sorted(remove_values, add_values)]
+            died = remove_values[ids.contains(remove_values)]
             if born.size or died.size:
                 self._apply(born, died)
 
@@ -433,7 +507,7 @@ class PrefixVerifier:
         self._check_range(values)
         values = _distinct(values)
         with self._lock:
-            ids = self._tables.ids
+            ids = self._tables.ids.array()
             born, died = values[~_isin_sorted(ids, values)], ids[~_isin_sorted(values, ids)]
             if born.size or died.size:
                 self._apply(born, died)
@@ -455,34 +529,41 @@ class PrefixVerifier:
         """Swap in the tables of the catalog with `born` added and `died` removed (both sorted; born new,
         died present)."""
         old = self._tables
-        splice = _Splice(old.ids, born, died)
-        ids = splice.apply(old.ids, born)
+        ids = old.ids.edited(born, died)
         deltas: list[_Delta | None] = []
         sorted_values = list(old.sorted_values)
-        for length in range(1, self.levels + 1):
-            if length < self.levels:
-                space = self.weights[length]
-                state = self._counts[length - 1]
-                if isinstance(state, _DenseCounts):
-                    appeared, gone = state.apply(born % space, died % space)
-                else:
-                    appeared, gone, level_splice = state.apply(born % space, died % space)
-                    host = state.values
+        for length in range(1, self.levels):
+            space = self.weights[length]
+            state = self._counts[length - 1]
+            if isinstance(state, _DenseCounts):
+                appeared, gone = state.apply(born % space, died % space)
             else:
-                appeared, gone, level_splice, host = born, died, splice, ids
+                appeared, gone, level_splice = state.apply(born % space, died % space)
             if self._is_dense(length):
                 deltas.append(self._delta(length, appeared, gone))
                 continue
             deltas.append(None)
+            assert isinstance(state, _SparseCounts)
             if self.device.type == "cpu":
-                sorted_values[length - 1] = torch.from_numpy(host)  # shares the (never mutated) host array
+                sorted_values[length - 1] = torch.from_numpy(state.values)  # shares the (never mutated) host array
             elif level_splice.sliced:
                 sorted_values[length - 1] = level_splice.apply(old.sorted_values[length - 1],
                                                                torch.from_numpy(appeared).to(self.device))
             else:
-                sorted_values[length - 1] = torch.from_numpy(host).to(self.device)
+                sorted_values[length - 1] = torch.from_numpy(state.values).to(self.device)
+        full_layers = None
+        if self._is_dense(self.levels):
+            deltas.append(self._delta(self.levels, born, died))
+        else:
+            deltas.append(None)
+            assert old.full_layers is not None
+            # the base uploads only when the layers were merged into a new one (on CPU: shared, no copy)
+            base = old.full_layers[0] if ids.base is old.ids.base else torch.from_numpy(ids.base).to(self.device)
+            full_layers = (base, torch.from_numpy(ids.added).to(self.device),
+                           torch.from_numpy(ids.removed).to(self.device))
         dense = self._write_dense(deltas)
-        tables = _Tables(old.version + 1, ids, tuple(dense.dense), tuple(sorted_values), tuple(dense.children))
+        tables = _Tables(old.version + 1, ids, tuple(dense.dense), tuple(sorted_values), tuple(dense.children),
+                         full_layers)
         dense.readers.add(tables)
         self._tables = tables
 
