@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,67 @@ def test_dataset_rows_are_the_training_examples_once_each(ray_session, tiny_prep
 def test_stream_refuses_a_shard_that_runs_short(ray_session, tiny_prepared):
     n = count_examples(tiny_prepared)
     data = StreamData(train_dataset(tiny_prepared, SEED).iterator(), valid_examples(tiny_prepared, 5),
-                      num_examples=2 * n, batch_size=8, shuffle_buffer=64, seed=SEED)
+                      num_examples=2 * n, batch_size=8, shuffle_buffer=64, seed=SEED, epochs=1)
     with pytest.raises(RuntimeError, match=f"gave {n // 8} batches in epoch 0, expected {2 * n // 8}"):
         list(data.batches(0))
+
+
+class FakeShard:
+    """A worker's shard without Ray: the same rows in the same block order at every epoch, as iter_batches
+    windows of `batch_size` rows; counts the epochs it was asked for."""
+
+    def __init__(self, rows: int, fail: bool = False) -> None:
+        lengths = np.arange(rows) % 7 + 1
+        self.rows = {"id": np.arange(rows), "length": lengths, "target": np.arange(rows) + 1000,
+                     "history": np.where(np.arange(8) < lengths[:, None], np.arange(rows)[:, None], 0)}
+        self.fail, self.epochs = fail, 0
+
+    def iter_batches(self, *, batch_size: int, **kwargs: Any) -> Any:
+        self.epochs += 1
+        if self.fail:
+            raise OSError("the split went away")
+        for start in range(0, len(self.rows["id"]), batch_size):
+            yield {k: v[start:start + batch_size] for k, v in self.rows.items()}
+
+
+def fake_epochs(seed: int, epochs: list[int], rows: int = 1000, shuffle_buffer: int = 300) -> list[list[list[int]]]:
+    data = StreamData(FakeShard(rows), valid=None, num_examples=rows, batch_size=8, shuffle_buffer=shuffle_buffer,
+                      seed=seed, epochs=max(epochs) + 1)
+    return [[b.ids.tolist() for b in data.batches(epoch)] for epoch in epochs]
+
+
+def test_stream_epochs_hold_every_example_once_but_the_last_rest_and_shuffle_by_seed():
+    rows, batch_size = 1000, 8
+    first, second = fake_epochs(SEED, [0, 1])
+    for batches in (first, second):
+        seen = [i for b in batches for i in b]
+        assert len(batches) == rows // batch_size and all(len(b) == batch_size for b in batches)
+        assert len(seen) == len(set(seen)) and rows - len(seen) < batch_size  # only the last window's rest
+    assert first != second  # each epoch shuffles anew
+    assert fake_epochs(SEED, [0, 1]) == [first, second]  # deterministic by seed
+    assert fake_epochs(SEED + 1, [0])[0] != first
+    # rows are mixed across the window (shuffle_buffer rounds up to whole buckets: 400 rows), not only by length
+    assert max(max(b) for b in first[:5]) > 50
+    assert fake_epochs(SEED, [1]) == [second]  # a resumed run asks for a later epoch first: the same order
+
+
+def test_stream_without_shuffle_buffer_keeps_the_block_order_of_buckets():
+    batches = fake_epochs(SEED, [0], rows=1000, shuffle_buffer=0)[0]
+    # windows of one bucket (50 batches = 400 rows) in block order: the first 50 batches are rows 0-399
+    assert sorted(i for b in batches[:50] for i in b) == list(range(400))
+
+
+def test_stream_reads_ahead_no_further_than_its_epochs_and_raises_read_errors():
+    shard = FakeShard(100)
+    data = StreamData(shard, valid=None, num_examples=100, batch_size=8, shuffle_buffer=0, seed=SEED, epochs=2)
+    for epoch in range(2):
+        assert len(list(data.batches(epoch))) == 100 // 8
+    time.sleep(0.2)  # time enough for the reading thread to start a third epoch, were it to
+    assert shard.epochs == 2
+    failing = StreamData(FakeShard(100, fail=True), valid=None, num_examples=100, batch_size=8, shuffle_buffer=0,
+                         seed=SEED)
+    with pytest.raises(OSError, match="the split went away"):
+        list(failing.batches(0))
 
 
 def record_epochs(config: dict[str, Any]) -> None:
@@ -93,7 +152,7 @@ def record_epochs(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     prepared = Path(config["prepared"])
     data = StreamData(ray.train.get_dataset_shard("train"), valid_examples(prepared, 5), count_examples(prepared),
-                      config["batch_size"], shuffle_buffer=32, seed=SEED, rank=rank, world_size=world_size)
+                      config["batch_size"], shuffle_buffer=32, seed=SEED, rank=rank, world_size=world_size, epochs=2)
     epochs = [[b.ids.tolist() for b in data.batches(epoch)] for epoch in range(2)]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(epochs))
 

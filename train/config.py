@@ -56,7 +56,8 @@ class RayTrainConfig(TrainConfig):
         "help": "in_memory: every worker loads the prepared split; stream: Ray Data reads it in chunks and "
                 "feeds each worker its shard (for splits larger than a worker's memory; see docs/training.md)"})
     shuffle_buffer: int = field(default=20_000, metadata={
-        "help": "data stream: rows each worker shuffles within per epoch (more: better mixed, more memory)"})
+        "help": "data stream: rows each worker shuffles within per epoch, rounded up to whole buckets of 50 batches "
+                "(more: better mixed, more memory)"})
     shard_validation: bool = field(default=True, metadata={
         "help": "every worker scores a slice of the validation users (false: rank 0 scores all, others wait)"})
     storage_path: str = field(default="runs/ray", metadata={"help": "Ray Train storage: local dir, NFS or s3://"})

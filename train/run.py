@@ -154,9 +154,11 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     shard = cfg.shard_validation and world_size > 1
     data: TrainingData | None = None  # in_memory: the library loads the split
     if cfg.data == "stream":
+        num_examples = count_examples(cfg.prepared)
+        plan = cfg.plan(num_examples, world_size)  # the stream reads no epoch the run will not train on
         data = StreamData(ray.train.get_dataset_shard("train"), valid_examples(cfg.prepared, cfg.eval_users),
-                          count_examples(cfg.prepared), cfg.batch_size, cfg.shuffle_buffer, cfg.seed, rank,
-                          world_size)
+                          num_examples, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, rank, world_size,
+                          epochs=-(-plan.total_steps // plan.steps_per_epoch))
     checkpoints = Checkpoints(cfg, rank, world_size)
     sync: ValidationSync | None = None
 

@@ -18,6 +18,9 @@ CHUNK_ROWS = 8192  # training examples per read (one Ray Data block of ~1.5 MB a
 # Reading a chunk is a memory-mapped gather: a quarter of a CPU, so the reads fit beside CPU workers that
 # hold most of a small machine's cores.
 READ_CPUS = 0.25
+# One read task at a time: a read is a ~3 ms gather of CHUNK_ROWS examples (~2.5M examples/s), while every
+# further read process costs ~1-2 s of CPU to start, at each epoch (Ray ends idle task workers).
+READ_TASKS = 1
 
 
 def npz_member(path: Path, name: str) -> np.ndarray:
