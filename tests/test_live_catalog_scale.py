@@ -305,3 +305,51 @@ def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops:
             assert items.item_of(p) == holder.get(p) and items.has_packed(p) == (p in holder)
     finally:
         item_table.MERGE_AT, item_table.RECENT_AT = old
+
+
+def test_the_maps_merge_in_a_thread_of_their_own_while_changes_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full bottom layer is merged into a new table off the apply path: changes applied while the merge
+    runs answer at once and are replayed on the merged table, which then replaces the layers."""
+    monkeypatch.setattr(item_table, "MERGE_AT", 6)
+    monkeypatch.setattr(item_table, "RECENT_AT", 2)
+    release, started = threading.Event(), threading.Event()
+    as_table = ItemMap.as_table
+
+    def slow_as_table(self: ItemMap) -> ItemTable:  # the merge thread waits until the test lets it finish
+        started.set()
+        assert release.wait(10)
+        return as_table(self)
+
+    monkeypatch.setattr(ItemMap, "as_table", slow_as_table)
+    local = LocalCatalog({f"I{i}": i for i in range(20)}, (8, 8, 8))
+    first_table = local.view().items.table
+    by_item = {f"I{i}": i for i in range(20)}
+    version = 0
+
+    def change(op: str, item: str, packed: int) -> None:
+        nonlocal version
+        version += 1
+        local.apply([FeedEntry(version, op, [(item, packed)])])
+        if op == "add":
+            by_item[item] = packed
+        else:
+            by_item.pop(item)
+        view = local.view()
+        assert {i: view.items.packed_of(i) for i in by_item} == by_item and len(view.items) == len(by_item)
+        assert sorted(view.verifier.ids) == sorted(by_item.values()) == view.items.packed_ids().tolist()
+
+    for n in range(10):  # past MERGE_AT: the merge starts, and waits
+        change("add", f"N{n}", 100 + n)
+    assert started.wait(10) and local._merge is not None
+    for n in range(5):  # applied at once while the merge is held
+        change("remove", f"I{n}", n)
+    merging = local._merge
+    assert merging is not None and merging.replay[-5:] == [("remove", f"I{n}", n) for n in range(5)]
+    release.set()
+    merging._thread.join(10)
+    change("add", "LAST", 200)  # the next change swaps in the merged table, with the held changes on it
+    table = local.view().items.table  # the catalog as the merge began (the adds); the later changes layered on it
+    assert local._merge is not merging and table is not first_table and table.has_packed(105) and table.has_packed(0)
+    assert local.view().items.packed_of("I0") is None
+    local.replace({"ONLY": 7}, version + 1, source="redis")  # a resync drops any merge in flight
+    assert local._merge is None and local.lookup(["ONLY", "I9"]) == ([7], ["I9"])

@@ -264,8 +264,10 @@ class ItemTable:
             gone_hashes = self.ids.hashes(gone_rows)
             lo = np.searchsorted(by_hash, gone_hashes, "left")
             hi = np.searchsorted(by_hash, gone_hashes, "right")
-            drop = [int(lo[i]) + int(np.flatnonzero(by_hash_row[lo[i]:hi[i]] == gone_rows[i])[0])
-                    for i in range(gone_rows.size)]
+            # 64-bit hashes almost never collide: the row is the one at `lo`; a Python search only where not
+            drop = lo.copy()
+            for i in np.flatnonzero(by_hash_row[np.minimum(lo, max(by_hash_row.size - 1, 0))] != gone_rows).tolist():
+                drop[i] = int(lo[i]) + int(np.flatnonzero(by_hash_row[lo[i]:hi[i]] == gone_rows[i])[0])
             by_hash, by_hash_row = np.delete(by_hash, drop), np.delete(by_hash_row, drop)
         ids, row_packed = self.ids, self.row_packed
         if added:
@@ -312,6 +314,8 @@ class ItemMap:
     `ItemMap.of(table)` stacks two layers on the table: a change copies the top one (at most RECENT_AT
     entries), a full top layer is folded into the one below (at most MERGE_AT entries, copied once per
     RECENT_AT changes), and a full lower layer is merged into a new table (O(N), once per MERGE_AT changes).
+    With `merge=False` the lower layer keeps growing instead, `merge_due` says so, and the owner merges
+    (`as_table`) where it does not hold up a change: LocalCatalog does it in a thread of its own.
     """
 
     base: ItemTable | ItemMap
@@ -366,9 +370,19 @@ class ItemMap:
             base = base[~np.isin(base, np.fromiter(self.removed, dtype=np.int64, count=len(self.removed)))]
         return np.union1d(base, np.fromiter(self.added_ids, dtype=np.int64, count=len(self.added_ids)))
 
-    def changed(self, changes: Iterable[tuple[str, str, int]]) -> tuple[ItemMap, np.ndarray, np.ndarray]:
+    @property
+    def merge_due(self) -> bool:
+        """The layer on the table holds more than MERGE_AT changes (only after changes with merge=False)."""
+        layer = self
+        while isinstance(layer.base, ItemMap):
+            layer = layer.base
+        return len(layer.added_ids) + len(layer.removed) > layer.fold_at
+
+    def changed(self, changes: Iterable[tuple[str, str, int]],
+                merge: bool = True) -> tuple[ItemMap, np.ndarray, np.ndarray]:
         """The map after `changes` ((add|remove, item id, packed ID), in order), and the packed IDs that became
-        valid and invalid. A removal only drops a pair that is there; an add sets both directions."""
+        valid and invalid. A removal only drops a pair that is there; an add sets both directions.
+        merge=False: a full lower layer is not merged into a new table here (see `merge_due`)."""
         changes = list(changes)
         added_items, added_ids, removed = dict(self.added_items), dict(self.added_ids), set(self.removed)
         touched = np.fromiter(dict.fromkeys(p for _, _, p in changes), dtype=np.int64)
@@ -387,7 +401,7 @@ class ItemMap:
         after = ItemMap(self.base, self.fold_at, added_items, added_ids, frozenset(removed))
         now = after.has_packed_many(touched)
         if len(added_ids) + len(removed) > self.fold_at:
-            after = after.folded()
+            after = after.folded(merge)
         return after, touched[now & ~before], touched[before & ~now]
 
     def as_table(self) -> ItemTable:
@@ -399,12 +413,15 @@ class ItemMap:
         return base.merged(np.fromiter(gone, dtype=np.int64, count=len(gone)),
                            [(item, p) for p, item in self.added_ids.items()])
 
-    def folded(self) -> ItemMap:
-        """The same catalog with this layer folded into its base (merged into a new table at the bottom)."""
+    def folded(self, merge: bool = True) -> ItemMap:
+        """The same catalog with this layer folded into its base (merged into a new table at the bottom, unless
+        not `merge`: the bottom layer then stays as it is)."""
         if isinstance(self.base, ItemMap):
             net = [("remove", self.base.item_of(p) or "", p) for p in self.removed]
             net += [("add", item, p) for p, item in self.added_ids.items()]
-            return ItemMap(self.base.changed(net)[0], self.fold_at)
+            return ItemMap(self.base.changed(net, merge)[0], self.fold_at)
+        if not merge:
+            return self
         gone = set(self.removed) | {p for p in self.added_ids if self.base.has_packed(p)}
         removed = np.fromiter(gone, dtype=np.int64, count=len(gone))
         return ItemMap(self.base.merged(removed, [(item, p) for p, item in self.added_ids.items()]), self.fold_at)

@@ -6,7 +6,8 @@ Redis; `InProcessStore` (memory_store.py) writes it directly when there is no Re
 
 Memory: the maps are numpy arrays (nezha/live_catalog/item_table.py, ~40 bytes an item plus the id's
 text), the verifier's valid-ID set is a sorted int64 array plus prefix tables; there is no Python object
-per item. A change costs O(changes) (plus an O(N) merge of the maps once per MERGE_AT changes).
+per item. A change costs O(changes); once per MERGE_AT changes the maps are merged into a new table, O(N)
+(seconds at 10M items), in a thread of its own so that no change waits for it.
 """
 
 from __future__ import annotations
@@ -115,6 +116,32 @@ class CatalogView:
         return self.meta.get_many(item_ids)
 
 
+class _TableMerge:
+    """A version's maps merged into one ItemTable in a thread of its own; `replay` collects the changes
+    applied meanwhile, to be applied again on the merged table."""
+
+    def __init__(self, items: ItemMap) -> None:
+        self.replay: list[tuple[str, str, int]] = []
+        self._table: ItemTable | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(items,), name="nezha-catalog-merge", daemon=True)
+        self._thread.start()
+
+    def _run(self, items: ItemMap) -> None:
+        try:
+            self._table = items.as_table()
+        except BaseException as exc:  # raised again by result(), in the thread that applies changes
+            self._error = exc
+
+    def result(self) -> ItemTable | None:
+        """The merged table once the thread is done (None before that)."""
+        if self._thread.is_alive():
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._table
+
+
 def _as_map(items: Mapping[str, int] | ItemTable) -> ItemMap:
     if isinstance(items, ItemTable):
         return ItemMap.of(items)
@@ -139,6 +166,7 @@ class LocalCatalog:
         self.verifier = PrefixVerifier(item_map.packed_ids(), self.sizes, device=device)
         self._view = CatalogView(version, item_map, self._meta_source(meta), self.verifier.snapshot())
         self.source = source  # checkpoint | redis | embedded
+        self._merge: _TableMerge | None = None  # the maps' merge into a new table, while it runs
 
     @staticmethod
     def _meta_source(meta: Mapping[str, ItemMeta] | MetaSource | None) -> MetaSource:
@@ -207,11 +235,27 @@ class LocalCatalog:
                     removed.add(item_id)
         with self._lock:
             old = self._view
-            items, born, died = old.items.changed(changes)
+            items, born, died = old.items.changed(changes, merge=False)
+            items = self._rebased(items, changes)
             self.verifier.update(add=born, remove=died)
             old.meta.changed(added, removed)
             self._view = CatalogView(entries[-1].version, items, old.meta, self.verifier.snapshot())
             self._lock.notify_all()
+
+    def _rebased(self, items: ItemMap, changes: list[tuple[str, str, int]]) -> ItemMap:
+        """`items` (the maps with `changes` applied) on a finished merge's table, or as they are; starts a merge
+        when their bottom layer is full. Called under the lock."""
+        merge = self._merge
+        if merge is not None:
+            table = merge.result()
+            if table is None:
+                merge.replay += changes
+                return items
+            self._merge = None
+            items = ItemMap.of(table).changed(merge.replay + changes, merge=False)[0]
+        if items.merge_due:
+            self._merge = _TableMerge(items)
+        return items
 
     def replace(self, items: Mapping[str, int] | ItemTable, version: int, source: str,
                 meta: Mapping[str, ItemMeta] | MetaSource | None = None) -> None:
@@ -220,6 +264,7 @@ class LocalCatalog:
         with self._lock:
             meta_source = self._view.meta if meta is None else self._meta_source(meta)
             self.verifier.replace(item_map.packed_ids())
+            self._merge = None  # a merge still running is of the replaced catalog: its table is dropped
             self._view = CatalogView(version, item_map, meta_source, self.verifier.snapshot())
             self.source = source
             self._lock.notify_all()
