@@ -18,8 +18,10 @@ For each size, on a fresh redis-server (no persistence, a free loopback port) an
               --no-gc-freeze: not, as before that existed).
 With --local-only, no Redis: a replica's copy built from the arrays a snapshot yields (ItemTable) and
 changed through LocalCatalog.apply, in this process: build time, RSS growth, bytes per item of the maps
-and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99). This
-needs a checkout with ItemTable (it measures where Redis at that size does not fit the machine).
+and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99), then
+--rate changes/s applied as the follower does, a batch every 0.1 s, for --seconds: apply time and lag
+(due -> applied) p50/p99/max. This needs a checkout with ItemTable (it measures where Redis at that size
+does not fit the machine).
 
 Run with `python -m nezha.live_catalog_bench --sizes 100000,1000000 --json out.json`. It uses only the
 API that older versions also had, so the same file measures an older checkout on PYTHONPATH.
@@ -344,15 +346,20 @@ def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str
     return {"add_by_text_ms": round(float(np.median(times)) * 1e3, 1)}
 
 
-def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200) -> dict[str, Any]:
+def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 0,
+                     seconds: float = 0.0) -> dict[str, Any]:
+    """The replica's copy alone: build, memory, one change and 1,000 at once; with `rate` and `seconds`, also
+    `rate` changes/s applied as a follower does (a batch every 0.1 s) for `seconds`: each batch's apply time
+    and its lag (from when the batch was due to when it was applied, so falling behind counts)."""
     # Imported here: the older checkouts this file also measures have no ItemTable.
     from nezha.live_catalog import FeedEntry, ItemTable
     from nezha.live_catalog.item_table import StringColumn
 
     rng = np.random.default_rng(0)
     space = int(np.prod(sizes))
-    packed = rng.choice(space, size=n + reps * 600, replace=False) if n * 4 > space else \
-        np.unique(rng.integers(0, space, size=int((n + reps * 600) * 1.2)))[:n + reps * 600]
+    extra = reps * 600 + int(rate * seconds)
+    packed = rng.choice(space, size=n + extra, replace=False) if n * 4 > space else \
+        np.unique(rng.integers(0, space, size=int((n + extra) * 1.2)))[:n + extra]
     rng.shuffle(packed)
     ids = StringColumn.from_encoded(b"".join(f"B{i:09d}".encode() for i in range(n)), np.full(n, 10, dtype=np.int64))
     base = _rss_mb()
@@ -388,12 +395,29 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200) -> dict[str,
         t = time.perf_counter()
         local.apply(entries)
         batch.append(time.perf_counter() - t)
+    stream: dict[str, Any] = {}
+    if rate and seconds:
+        per_batch, applies, lags = max(1, rate // 10), [], []
+        start = time.perf_counter()
+        for k in range(int(seconds * 10)):
+            due = start + k * 0.1
+            time.sleep(max(0.0, due - time.perf_counter()))
+            entries = changes(per_batch)
+            t = time.perf_counter()
+            local.apply(entries)
+            done = time.perf_counter()
+            applies.append(done - t)
+            lags.append(done - due)
+        stream = {"stream_rate": rate, "stream_seconds": seconds, "stream_batches": len(applies),
+                  "stream_apply_p50_ms": _pct(applies, 50), "stream_apply_p99_ms": _pct(applies, 99),
+                  "stream_apply_max_ms": round(max(applies) * 1000, 2), "stream_lag_p50_ms": _pct(lags, 50),
+                  "stream_lag_p99_ms": _pct(lags, 99), "stream_lag_max_ms": round(max(lags) * 1000, 2)}
     return {"items": n, "shape": "x".join(map(str, sizes)), "build_s": round(build_s, 2),
             "rss_growth_mb": round(growth), "maps_bytes_per_item": round(local.nbytes()["item_maps"] / n, 1),
             "valid_id_set_bytes_per_item": round(sum(verifier.get(k, 0) for k in ("ids", "sparse_counts",
                                                                                   "sorted_tables")) / n, 1),
             "verifier_bytes": verifier, "change_p50_ms": _pct(one, 50), "change_p99_ms": _pct(one, 99),
-            "batch1000_p50_ms": _pct(batch, 50), "batch1000_p99_ms": _pct(batch, 99)}
+            "batch1000_p50_ms": _pct(batch, 50), "batch1000_p99_ms": _pct(batch, 99), **stream}
 
 
 def _load() -> list[float]:
@@ -426,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--label", default="")
-    parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone")
+    parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone (its "
+                        "applies of --rate changes/s for --seconds timed in the process; 0: not streamed)")
     parser.add_argument("--decode-backbone", default="", help="time decodes in the replica with this random-init "
                                                               "preset (e.g. small), idle and during the stream")
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
@@ -436,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows.append({"load_before": _load(), **bench_local_copy(n, sizes), "load_after": _load()}
+        rows.append({"load_before": _load(), **bench_local_copy(n, sizes, rate=args.rate, seconds=args.seconds),
+                     "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
                                                        args.gc_freeze))
         log.info("%s", json.dumps(rows[-1]))  # each size's row as it lands (the JSON file gets them all)

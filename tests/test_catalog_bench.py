@@ -44,3 +44,18 @@ def test_catalog_bench_rejects_shapes_it_cannot_fill():
         CatalogBenchConfig(shapes=["256x256x"])
     with pytest.raises(ConfigError, match="no free ID"):
         run_catalog_bench(sizes=(64,), shapes=((4, 4, 4),), reps=3)
+
+
+def test_local_copy_bench_streams_changes_at_a_rate(tmp_path):
+    """`python -m nezha.live_catalog_bench --local-only`: the replica's copy alone, then --rate changes/s
+    applied a batch every 0.1 s for --seconds, with apply time and lag per batch."""
+    from nezha.live_catalog_bench import main as live_bench
+
+    out = tmp_path / "local.json"
+    live_bench(["--sizes", "3000", "--shape", "64x64x64", "--local-only", "--rate", "200", "--seconds", "0.5",
+                "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["items"] == 3000 and row["stream_batches"] == 5 and row["stream_rate"] == 200
+    assert 0 <= row["stream_apply_p50_ms"] <= row["stream_apply_max_ms"]
+    assert row["stream_lag_p99_ms"] >= row["stream_apply_p50_ms"] * 0.9  # a lag includes its own apply
+    assert row["change_p50_ms"] is not None and row["valid_id_set_bytes_per_item"] > 0
