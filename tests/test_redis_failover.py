@@ -146,10 +146,14 @@ def test_a_write_no_replica_acknowledges_is_a_retryable_error(tmp_path: Path, ca
     replica.start()
     try:
         assert wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up")
-        store = RedisCatalog(primary.url + "?wait_timeout_ms=300")
-        store.push(catalog)
+        # ...and online as the primary sees it (the store's default waits for 1 replica only then; a loaded
+        # machine can still show it syncing, and the store would then ask for no acknowledgement at all)
+        assert wait_until(lambda: online_replicas(primary.client().info("replication")) == 1)
+        patient = RedisCatalog(primary.url + "?wait_timeout_ms=10000")  # a loaded machine may ack slowly
+        patient.push(catalog)
         first, second = free_ids(catalog, 2)
-        assert store.add([("CONFIRMED", first)]) == 2  # the replica acknowledged it
+        assert patient.add([("CONFIRMED", first)]) == 2  # the replica acknowledged it
+        store = RedisCatalog(primary.url + "?wait_timeout_ms=300")  # the write below must time out: quickly
         assert replica.proc is not None
         os.kill(replica.proc.pid, signal.SIGSTOP)  # connected, but acknowledges nothing
         try:
