@@ -8,6 +8,7 @@ then scored on every test user. Layout of `out`:
         train/            best/ and last/ checkpoints, history.json (validation curve)
         ranks.npz         per evaluation row: the 0-based rank of each test user's item (-1: not returned)
         result.json       written last: a run with this file is finished and is never repeated
+    runs/<dataset>__<method>__s<seed>.claim   while a process trains the run: its host and pid
     summary.json          mean ± std per (dataset, row) over seeds, paired tests against each baseline
     results.md            the same as Markdown tables
     curves.png            validation NDCG@10 per epoch, one line per run
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -154,8 +156,61 @@ def prepare_datasets(cfg: ExperimentConfig) -> None:
         prepare(from_dict(PrepareConfig, values, source=f"datasets.{name}"))
 
 
-def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
-    """Train one run and score its evaluation rows on the test split; writes result.json last."""
+def claim_run(cfg: ExperimentConfig, run: Run) -> Path | None:
+    """The claim file that makes this process the one that trains `run`, or None when another live process
+    holds it or the run has finished meanwhile: two `nezha experiment` processes on one `out` never train the
+    same run. A claim left by a process that died (same host, pid gone) is taken over."""
+    runs_dir = Path(cfg.out) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    claim = runs_dir / f"{run.name}.claim"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_alive(claim):
+                log.info("%s: trained by another process (%s), skipped here", run.name, claim.read_text().strip())
+                return None
+            claim.unlink(missing_ok=True)  # its owner died: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        if (runs_dir / run.name / RESULT_FILE).is_file():
+            claim.unlink()
+            return None
+        return claim
+    return None
+
+
+def _claim_alive(claim: Path) -> bool:
+    try:
+        host, pid = claim.read_text().split()
+    except (OSError, ValueError):
+        return False  # vanished, or half-written by a process that died between create and write
+    if host != socket.gethostname():
+        return True  # another machine's process: cannot tell, so never steal it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_one(cfg: ExperimentConfig, run: Run) -> dict[str, Any] | None:
+    """Train one run and score its evaluation rows on the test split; writes result.json last. None when
+    another process has claimed the run (or finished it) meanwhile."""
+    claim = claim_run(cfg, run)
+    if claim is None:
+        return None
+    try:
+        return _train_and_score(cfg, run)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _train_and_score(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     run_dir = Path(cfg.out) / "runs" / run.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run (no result.json): start it again from scratch
@@ -268,7 +323,7 @@ def add_missing_rows(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
     return result
 
 
-def _run_in_worker(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
+def _run_in_worker(cfg: ExperimentConfig, run: Run) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO)
     return run_one(cfg, run)
 
@@ -305,7 +360,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     return summarize(cfg)
 
 
-def _report(result: dict[str, Any], done: int, total: int, start: float) -> None:
+def _report(result: dict[str, Any] | None, done: int, total: int, start: float) -> None:
+    if result is None:
+        return
     rows = " | ".join(f"{row} H@10 {r['hit@10']:.4f} N@10 {r['ndcg@10']:.4f}" for row, r in result["rows"].items())
     log.info("[%d/%d] %s: %s (trained %d steps in %.1f min; %.1f min elapsed)", done, total, result["run"], rows,
              result["steps"], result["train_seconds"] / 60, (time.perf_counter() - start) / 60)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from conftest import write_tiny_dataset
 
 from nezha.config import ConfigError
-from nezha.experiment import ExperimentConfig, grid, method_decoder, per_user, run_experiment
+from nezha.experiment import ExperimentConfig, Run, claim_run, grid, method_decoder, per_user, run_experiment
 
 
 def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> ExperimentConfig:
@@ -85,6 +88,26 @@ def test_grid_filter_and_parallel_workers(tmp_path: Path, tiny_data_root: Path) 
                                             "tiny__nezha-noph__s0"]
     assert method_decoder({"train": {"objectives": ["joint"]}}) == "nezha"
     assert method_decoder({"train": {"objectives": "mtp"}}) == "mtp"
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it(tmp_path: Path, tiny_data_root: Path) -> None:
+    """Two processes on one `out` never train one run twice: a live claim is respected, a dead one taken over,
+    a finished run never claimed."""
+    cfg = tiny_grid(tmp_path, tiny_data_root, seeds=[0], only=["tiny__nezha__s0"], width_sweep={})
+    run = Run("tiny", "nezha", 0)
+    runs_dir = Path(cfg.out) / "runs"
+    runs_dir.mkdir(parents=True)
+    live = runs_dir / f"{run.name}.claim"
+    live.write_text(f"{socket.gethostname()} {os.getpid()}")  # this test's process: alive
+    assert claim_run(cfg, run) is None
+    run_experiment(cfg)
+    assert not (runs_dir / run.name).exists()  # left to the live claimant
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live.write_text(f"{socket.gethostname()} {dead.pid}")
+    run_experiment(cfg)
+    assert (runs_dir / run.name / "result.json").is_file() and not live.exists()
+    assert claim_run(cfg, run) is None and not live.exists()  # finished: nothing to claim
 
 
 def test_bad_grid_is_refused(tmp_path: Path, tiny_data_root: Path) -> None:
