@@ -347,10 +347,12 @@ def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str
 
 
 def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 0,
-                     seconds: float = 0.0) -> dict[str, Any]:
+                     seconds: float = 0.0, decode_backbone: str = "") -> dict[str, Any]:
     """The replica's copy alone: build, memory, one change and 1,000 at once; with `rate` and `seconds`, also
     `rate` changes/s applied as a follower does (a batch every 0.1 s) for `seconds`: each batch's apply time
-    and its lag (from when the batch was due to when it was applied, so falling behind counts)."""
+    and its lag (from when the batch was due to when it was applied, so falling behind counts). With
+    `decode_backbone`, a thread also decodes against the copy, idle and then during the stream: the replica's
+    own cost of following the catalog, without Redis and a writer on the same cores."""
     # Imported here: the older checkouts this file also measures have no ItemTable.
     from nezha.live_catalog import FeedEntry, ItemTable
     from nezha.live_catalog.item_table import StringColumn
@@ -398,6 +400,16 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
     stream: dict[str, Any] = {}
     if rate and seconds:
         per_batch, applies, lags = max(1, rate // 10), [], []
+        decoding = threading.Thread()
+        if decode_backbone:
+            decoder, done = _Decodes(decode_backbone, sizes, local), threading.Event()
+            for b in decoder.batches:  # warm-up: first-call allocations
+                decoder.one(b)
+            done.set()
+            stream["decode_idle"] = decoder.run(done)
+            done = threading.Event()
+            decoding = threading.Thread(target=lambda: stream.update(decode_streaming=decoder.run(done)))
+            decoding.start()
         start = time.perf_counter()
         for k in range(int(seconds * 10)):
             due = start + k * 0.1
@@ -405,10 +417,13 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
             entries = changes(per_batch)
             t = time.perf_counter()
             local.apply(entries)
-            done = time.perf_counter()
-            applies.append(done - t)
-            lags.append(done - due)
-        stream = {"stream_rate": rate, "stream_seconds": seconds, "stream_batches": len(applies),
+            finished = time.perf_counter()
+            applies.append(finished - t)
+            lags.append(finished - due)
+        if decoding.is_alive():
+            done.set()
+            decoding.join()
+        stream |= {"stream_rate": rate, "stream_seconds": seconds, "stream_batches": len(applies),
                   "stream_apply_p50_ms": _pct(applies, 50), "stream_apply_p99_ms": _pct(applies, 99),
                   "stream_apply_max_ms": round(max(applies) * 1000, 2), "stream_lag_p50_ms": _pct(lags, 50),
                   "stream_lag_p99_ms": _pct(lags, 99), "stream_lag_max_ms": round(max(lags) * 1000, 2)}
@@ -453,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local-only", action="store_true", help="no Redis: the replica's copy alone (its "
                         "applies of --rate changes/s for --seconds timed in the process; 0: not streamed)")
     parser.add_argument("--decode-backbone", default="", help="time decodes in the replica with this random-init "
-                                                              "preset (e.g. small), idle and during the stream")
+                                                              "preset (e.g. small), idle and during the stream (also with --local-only)")
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                         help="the replica process does not freeze its heap out of the cyclic GC")
     parser.add_argument("--json")
@@ -461,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows.append({"load_before": _load(), **bench_local_copy(n, sizes, rate=args.rate, seconds=args.seconds),
+        rows.append({"load_before": _load(), **bench_local_copy(n, sizes, rate=args.rate, seconds=args.seconds,
+                                                                  decode_backbone=args.decode_backbone),
                      "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
                                                        args.gc_freeze))

@@ -53,9 +53,11 @@ def test_local_copy_bench_streams_changes_at_a_rate(tmp_path):
 
     out = tmp_path / "local.json"
     live_bench(["--sizes", "3000", "--shape", "64x64x64", "--local-only", "--rate", "200", "--seconds", "0.5",
-                "--json", str(out)])
+                "--decode-backbone", "tiny", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["items"] == 3000 and row["stream_batches"] == 5 and row["stream_rate"] == 200
     assert 0 <= row["stream_apply_p50_ms"] <= row["stream_apply_max_ms"]
     assert row["stream_lag_p99_ms"] >= row["stream_apply_p50_ms"] * 0.9  # a lag includes its own apply
     assert row["change_p50_ms"] is not None and row["valid_id_set_bytes_per_item"] > 0
+    for phase in ("decode_idle", "decode_streaming"):  # decodes against the copy, idle and while it changes
+        assert row[phase]["batch1"]["n"] >= 20 and row[phase]["batch32"]["p50_ms"] > 0
