@@ -80,6 +80,21 @@ def test_dataset_rows_are_the_training_examples_once_each(ray_session, tiny_prep
         assert not history[length:].any()  # padded with zeros to max_history
 
 
+def test_several_chunks_per_range_block_read_the_same_rows_in_the_same_order(ray_session, tiny_prepared):
+    """Many chunks (100M interactions: 8,546) are grouped into at most `range_blocks` blocks of chunk numbers;
+    the rows, and their order, are those of one block per chunk."""
+    split = Split.load(tiny_prepared / SPLIT_FILE)
+    chunks = -(-len(split.train) // 7)
+    assert chunks > 3
+    one_each = train_dataset(tiny_prepared, SEED, chunk_rows=7).take_batch(10_000, batch_format="numpy")
+    grouped = train_dataset(tiny_prepared, SEED, chunk_rows=7, range_blocks=3)
+    rows = grouped.take_batch(10_000, batch_format="numpy")
+    assert rows["id"].tolist() == one_each["id"].tolist() and sorted(rows["id"].tolist()) == list(range(len(split.train)))
+    assert np.array_equal(rows["history"], one_each["history"]) and np.array_equal(rows["target"], one_each["target"])
+    first_chunk = rows["id"][:7]
+    assert first_chunk.tolist() == list(range(first_chunk[0], first_chunk[0] + 7))  # chunks stay whole, in order
+
+
 def test_stream_refuses_a_shard_that_runs_short(ray_session, tiny_prepared):
     n = count_examples(tiny_prepared)
     data = StreamData(train_dataset(tiny_prepared, SEED).iterator(), valid_examples(tiny_prepared, 5),

@@ -39,6 +39,10 @@ from nezha.prepared import SPLIT_FILE, read_summary
 from nezha.training import BUCKET_BATCHES, ExampleBatch, length_buckets, steps_per_epoch
 from train.stream_read import CHUNK_ROWS, READ_CPUS, READ_TASKS, read_chunks, split_arrays
 
+# Blocks of chunk numbers (see train_dataset): up to 256 chunks (2.1M examples) one chunk per block, as
+# before; beyond, several chunks per read task.
+RANGE_BLOCKS = 256
+
 
 class DataIterator(Protocol):
     """What a worker gets from `ray.train.get_dataset_shard` (ray.data.DataIterator), as used here."""
@@ -59,13 +63,19 @@ def max_history(prepared: str | Path) -> int:
     return int(config["max_history"])
 
 
-def train_dataset(prepared: str | Path, seed: int) -> ray.data.Dataset:
-    """The prepared split's training examples as a Ray Data dataset, read lazily chunk by chunk."""
+def train_dataset(prepared: str | Path, seed: int, chunk_rows: int = CHUNK_ROWS,
+                  range_blocks: int = RANGE_BLOCKS) -> ray.data.Dataset:
+    """The prepared split's training examples as a Ray Data dataset, read lazily chunk by chunk.
+
+    The chunk numbers come from `ray.data.range` in at most `range_blocks` blocks: each of its blocks is a
+    task of its own (not fused with the read, which asks for less CPU), ~0.1-0.4 s each on a busy 2-core
+    machine, so one block per chunk (8,546 of them at 100M interactions) kept the read waiting for most
+    of an hour before the first batch."""
     num_examples = count_examples(prepared)
-    chunks = max(1, -(-num_examples // CHUNK_ROWS))
+    chunks = max(1, -(-num_examples // chunk_rows))
     fn_kwargs = {"split_path": str(Path(prepared) / SPLIT_FILE), "width": max_history(prepared),
-                 "num_examples": num_examples, "seed": seed}
-    return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
+                 "num_examples": num_examples, "seed": seed, "chunk_rows": chunk_rows}
+    return ray.data.range(chunks, override_num_blocks=min(chunks, range_blocks)).map_batches(
         read_chunks, fn_kwargs=fn_kwargs, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
         compute=ray.data.TaskPoolStrategy(size=READ_TASKS))
 

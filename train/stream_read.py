@@ -57,14 +57,14 @@ def split_arrays(split_path: str) -> dict[str, np.ndarray]:
 
 
 def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_examples: int,
-                seed: int) -> dict[str, np.ndarray]:
+                seed: int, chunk_rows: int = CHUNK_ROWS) -> dict[str, np.ndarray]:
     """Ray Data map function: chunk numbers -> their training examples, histories padded to `width`.
 
     Chunk k of the stream is chunk order[k] of the split (a seeded permutation), so the blocks arrive in
     a random order while each read stays sequential in the file."""
     arrays = split_arrays(split_path)
-    order = chunk_order(num_examples, seed)
-    ids = np.concatenate([np.arange(c * CHUNK_ROWS, min(num_examples, (c + 1) * CHUNK_ROWS))
+    order = chunk_order(num_examples, seed, chunk_rows)
+    ids = np.concatenate([np.arange(c * chunk_rows, min(num_examples, (c + 1) * chunk_rows))
                           for c in order[batch["id"]]])
     starts, ends = np.asarray(arrays["train_starts"][ids]), np.asarray(arrays["train_ends"][ids])
     lengths = ends - starts
@@ -76,5 +76,5 @@ def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_e
 
 
 @functools.lru_cache(maxsize=4)
-def chunk_order(num_examples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(-(-num_examples // CHUNK_ROWS))
+def chunk_order(num_examples: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(-(-num_examples // chunk_rows))
