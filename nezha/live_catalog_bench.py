@@ -347,12 +347,13 @@ def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str
 
 
 def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 0,
-                     seconds: float = 0.0, decode_backbone: str = "") -> dict[str, Any]:
+                     seconds: float = 0.0, decode_backbone: str = "", gc_freeze: bool = True) -> dict[str, Any]:
     """The replica's copy alone: build, memory, one change and 1,000 at once; with `rate` and `seconds`, also
     `rate` changes/s applied as a follower does (a batch every 0.1 s) for `seconds`: each batch's apply time
     and its lag (from when the batch was due to when it was applied, so falling behind counts). With
     `decode_backbone`, a thread also decodes against the copy, idle and then during the stream: the replica's
-    own cost of following the catalog, without Redis and a writer on the same cores."""
+    own cost of following the catalog, without Redis and a writer on the same cores. `gc_freeze`: the heap is
+    frozen before the stream (after the decoder's warm-up), as a serving replica does."""
     # Imported here: the older checkouts this file also measures have no ItemTable.
     from nezha.live_catalog import FeedEntry, ItemTable
     from nezha.live_catalog.item_table import StringColumn
@@ -397,7 +398,7 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
         t = time.perf_counter()
         local.apply(entries)
         batch.append(time.perf_counter() - t)
-    stream: dict[str, Any] = {}
+    stream: dict[str, Any] = {"gc_freeze": gc_freeze}
     if rate and seconds:
         per_batch, applies, lags = max(1, rate // 10), [], []
         decoding = threading.Thread()
@@ -405,6 +406,9 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
             decoder, done = _Decodes(decode_backbone, sizes, local), threading.Event()
             for b in decoder.batches:  # warm-up: first-call allocations
                 decoder.one(b)
+        if gc_freeze:
+            _freeze_heap()
+        if decode_backbone:
             done.set()
             stream["decode_idle"] = decoder.run(done)
             done = threading.Event()
@@ -470,14 +474,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--decode-backbone", default="", help="time decodes in the replica with this random-init "
                                                               "preset (e.g. small), idle and during the stream (also with --local-only)")
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
-                        help="the replica process does not freeze its heap out of the cyclic GC")
+                        help="the replica (or, with --local-only, the bench process) does not freeze its heap out of the cyclic GC")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows.append({"load_before": _load(), **bench_local_copy(n, sizes, rate=args.rate, seconds=args.seconds,
-                                                                  decode_backbone=args.decode_backbone),
+                                                                  decode_backbone=args.decode_backbone,
+                                                                  gc_freeze=args.gc_freeze),
                      "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
                                                        args.gc_freeze))
