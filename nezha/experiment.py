@@ -194,7 +194,7 @@ def _claim_alive(claim: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, another user's process
     return True
 
 

@@ -199,6 +199,8 @@ class _Decodes:
         self.rng = np.random.default_rng(3)
         self.known = local.view().items.packed_ids()  # history items (a later removal does not matter)
         self.times: dict[int, list[float]] = {b: [] for b in self.batches}
+        for batch in self.batches:  # warm-up: first-call allocations
+            self.one(batch)
 
     def one(self, batch: int) -> None:
         import torch
@@ -212,10 +214,11 @@ class _Decodes:
             decode(self.model, "nezha", histories, view.verifier, beam=self.beam)
         self.times[batch].append(time.perf_counter() - start)
 
-    def run(self, until: Any, least: int = 20) -> dict[str, Any]:
-        """Alternate batch sizes until `until` is set (and at least `least` of each); p50/p99 (ms) per batch."""
+    def run(self, until: threading.Event | None = None, least: int = 20) -> dict[str, Any]:
+        """Alternate batch sizes until `until` is set (None: at once) and at least `least` of each; p50/p99 (ms)
+        per batch."""
         self.times = {b: [] for b in self.batches}
-        while not until.is_set() or min(len(t) for t in self.times.values()) < least:
+        while (until is not None and not until.is_set()) or min(len(t) for t in self.times.values()) < least:
             for batch in self.batches:
                 self.one(batch)
         return {f"batch{b}": {"p50_ms": _pct(t, 50), "p99_ms": _pct(t, 99), "n": len(t)} for b, t in self.times.items()}
@@ -260,16 +263,12 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
     decodes: dict[str, Any] = {}
     if decode_backbone:
         decoder = _Decodes(decode_backbone, sizes, local)
-        for batch in decoder.batches:  # warm-up: first-call allocations
-            decoder.one(batch)
     if gc_freeze:
         _freeze_heap()
     if decode_backbone:
-        done = threading.Event()
-        done.set()
-        decodes["decode_idle"] = decoder.run(done)
+        decodes["decode_idle"] = decoder.run()
         print(json.dumps(decodes), flush=True)  # the stream starts once the idle figures are in
-        done.clear()
+        done = threading.Event()
         streaming = threading.Thread(target=lambda: decodes.update(decode_streaming=decoder.run(done)))
         streaming.start()
     target = int(sys.stdin.readline())  # the last version written: follow until it is applied (or 120 s)
@@ -401,18 +400,14 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
     stream: dict[str, Any] = {"gc_freeze": gc_freeze}
     if rate and seconds:
         per_batch, applies, lags = max(1, rate // 10), [], []
-        decoding = threading.Thread()
+        decoding, stop_decoding = threading.Thread(), threading.Event()
         if decode_backbone:
-            decoder, done = _Decodes(decode_backbone, sizes, local), threading.Event()
-            for b in decoder.batches:  # warm-up: first-call allocations
-                decoder.one(b)
+            decoder = _Decodes(decode_backbone, sizes, local)
         if gc_freeze:
             _freeze_heap()
         if decode_backbone:
-            done.set()
-            stream["decode_idle"] = decoder.run(done, least=100)  # a p99 needs more than 20
-            done = threading.Event()
-            decoding = threading.Thread(target=lambda: stream.update(decode_streaming=decoder.run(done)))
+            stream["decode_idle"] = decoder.run(least=100)  # a p99 needs more than 20
+            decoding = threading.Thread(target=lambda: stream.update(decode_streaming=decoder.run(stop_decoding)))
             decoding.start()
         start = time.perf_counter()
         for k in range(int(seconds * 10)):
@@ -425,7 +420,7 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
             applies.append(finished - t)
             lags.append(finished - due)
         if decoding.is_alive():
-            done.set()
+            stop_decoding.set()
             decoding.join()
         stream |= {"stream_rate": rate, "stream_seconds": seconds, "stream_batches": len(applies),
                   "stream_apply_p50_ms": _pct(applies, 50), "stream_apply_p99_ms": _pct(applies, 99),
