@@ -44,7 +44,14 @@ def synthetic_catalog(n: int, seed: int = 0, prefix: str = "SKU") -> Catalog:
 
 
 def redis_items(store: RedisCatalog) -> dict[str, int]:
-    return {item: int(p) for item, p in store.client.hgetall(store.item2id).items()}
+    return {item: int(p) for key in store.map_keys("item2id") for item, p in store.client.hgetall(key).items()}
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard the maps at test sizes (every push here of more than 400 items spreads over several hashes),
+    so every path below runs on the layout that 10M-item catalogs get."""
+    monkeypatch.setattr(redis_store, "SHARD_FIELDS", 400)
 
 
 def local_items(local: LocalCatalog) -> dict[str, int]:
@@ -66,7 +73,7 @@ def test_push_swaps_whole_catalogs_and_leaves_no_staging_keys(store: RedisCatalo
 
     def read() -> None:  # a reader sees one catalog or the other, never a half-written one
         while not stop.is_set():
-            seen.append(store.client.hlen(store.item2id))
+            seen.append(store.status()["size"])
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -77,9 +84,12 @@ def test_push_swaps_whole_catalogs_and_leaves_no_staging_keys(store: RedisCatalo
         reader.join()
     assert set(seen) <= {3000, 2000} and seen
     assert redis_items(store) == dict(zip(second.item_ids, second.packed.tolist(), strict=True))
-    assert store.client.hlen(store.id2item) == store.client.hlen(store.item_meta) == 2000
+    assert store.layout() == 8 and len(store.map_keys("item2id")) == 8  # 2000 items, <= 400 per hash
+    for name in redis_store.MAPS:
+        assert sum(store.client.hlen(k) for k in store.map_keys(name)) == 2000
+        assert all(store.client.ttl(k) == -1 for k in store.map_keys(name))  # the staging TTL stays behind
+    assert not set(store.client.keys(f"{store.tag}:item2id:*")) - set(store.map_keys("item2id"))  # 3000's 8 gone
     assert store.client.keys(f"{store.tag}:staging:*") == []
-    assert store.client.ttl(store.item2id) == -1  # the staging TTL does not follow the keys into place
     assert store.read_feed(version - 1, None)[-1].op == "reset"
     assert store.push(first, if_empty=True) is None and store.client.keys(f"{store.tag}:staging:*") == []
 
@@ -89,7 +99,7 @@ def test_chunked_snapshots_are_exact_while_changes_land(redis_server: RedisServe
                                                         monkeypatch: pytest.MonkeyPatch, use_blob: bool) -> None:
     store = RedisCatalog(redis_server.url)  # the default feed: it holds what lands during a read
     catalog = synthetic_catalog(1500)
-    store.push(catalog)
+    store.push(catalog, shards=2)  # ~750 fields per hash: HSCAN steps of ~50 (a small listpack comes whole)
     base_version = store.remote_state().version
     state = dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
     history: dict[int, dict[str, int]] = {base_version: dict(state)}  # the catalog at each version
@@ -234,6 +244,62 @@ def test_a_follower_that_overruns_the_feed_resyncs_once_and_catches_up(redis_ser
         stop.set()
         follower.stop()
         follower.join(timeout=5)
+
+
+def test_shard_counts_keep_each_hash_under_the_cap() -> None:
+    assert redis_store.shards_for(0) == redis_store.shards_for(400) == 1
+    assert redis_store.shards_for(401) == 2 and redis_store.shards_for(3000) == 8
+    redis_store.SHARD_FIELDS = 131_072  # the autouse fixture restores the test value, then the real one
+    assert redis_store.shards_for(10_000_000) == 128 and redis_store.shards_for(100_000_000) == 1024
+
+
+def test_a_push_with_another_layout_is_noticed_by_every_client(redis_server: RedisServer) -> None:  # noqa: F811
+    writer, reader = RedisCatalog(redis_server.url), RedisCatalog(redis_server.url)
+    try:
+        catalog = synthetic_catalog(300, prefix="A")
+        writer.push(catalog)
+        assert reader.layout() == 1 and reader.item_metas(["A-000001"])[0]["title"] == "A item 1"
+        writer.push(catalog, shards=4)  # the reader still caches the 1-hash layout
+        assert [m and m["title"] for m in reader.item_metas(["A-000001", "nope"])] == ["A item 1", None]
+        free = next(p for p in range(int(np.prod(SIZES))) if p not in set(catalog.packed.tolist()))
+        reader._shards = 1
+        reader.add([("NEW", free)])  # the script refuses the old layout's keys; the client reads it again
+        assert reader.layout() == 4 and reader.id_in_use(free) and "NEW" in redis_items(writer)
+        writer.push(catalog, shards=2)  # NEW is gone with the catalog it was added to
+        version = reader.remove(["A-000002"])  # its ID is read under the cached 4-hash layout first
+        snapshot = reader.snapshot(use_blob=False)
+        assert snapshot is not None and snapshot.version == version
+        expected = dict(zip(catalog.item_ids, catalog.packed.tolist(), strict=True))
+        del expected["A-000002"]
+        assert dict(snapshot.table.pairs()) == expected == redis_items(reader)
+        assert reader.status()["size"] == 299 and not reader.id_in_use(free)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_catalog_pushed_before_sharding_is_read_and_replaced(redis_server: RedisServer) -> None:  # noqa: F811
+    """Keys as a push before sharding wrote them (one unsuffixed hash per map, no `shards` in meta)."""
+    store = RedisCatalog(redis_server.url)
+    try:
+        catalog = synthetic_catalog(50)
+        tag, client = store.tag, store.client
+        pairs = dict(zip(catalog.item_ids, (str(p) for p in catalog.packed.tolist()), strict=True))
+        client.hset(f"{tag}:item2id", mapping=pairs)
+        client.hset(f"{tag}:id2item", mapping={p: i for i, p in pairs.items()})
+        client.hset(f"{tag}:itemmeta", mapping={i: '{"title": "old"}' for i in pairs})
+        client.hset(f"{tag}:meta", mapping={"codebook_sizes": "[32, 32, 32]", "epoch": "e0"})
+        client.set(f"{tag}:version", 1)
+        assert store.layout() == 0 and store.status()["size"] == 50
+        assert store.item_metas([catalog.item_ids[0]])[0]["title"] == "old"
+        store.remove([catalog.item_ids[0]])
+        snapshot = store.snapshot(use_blob=False)
+        assert snapshot is not None and len(snapshot.table) == 49
+        store.push(synthetic_catalog(900, prefix="B"))  # the push moves it to the sharded layout
+        assert store.layout() == 4 and store.status()["size"] == 900
+        assert not client.exists(f"{tag}:item2id", f"{tag}:id2item", f"{tag}:itemmeta")
+    finally:
+        store.close()
 
 
 def test_add_by_text_checks_ids_with_hexists_never_hkeys(store: RedisCatalog, tiny_prepared) -> None:

@@ -4,15 +4,22 @@ Keys under one prefix, hash-tagged: P is `{prefix}` (default `{nezha:catalog}`),
 in one Redis Cluster slot and each script and pipeline below runs on one node (keys written before the tag,
 `nezha:catalog:*`, are not read: push the catalog again, docs/operations.md):
 
-    P:item2id   hash  item id -> packed semantic ID (decimal string)
-    P:id2item   hash  packed semantic ID -> item id; its keys are the set of valid IDs
-    P:version   int   bumped by every change (INCR, or SET under WATCH for a full push)
-    P:meta      hash  codebook_sizes (JSON), epoch (random per push), source, pushed_at
-    P:itemmeta  hash  item id -> JSON {title, brand, categories}
+    P:item2id:<k>   hash  item id -> packed semantic ID (decimal string)
+    P:id2item:<k>   hash  packed semantic ID -> item id; their keys are the set of valid IDs
+    P:itemmeta:<k>  hash  item id -> JSON {title, brand, categories}
+    P:version       int   bumped by every change (INCR, or SET under WATCH for a full push)
+    P:meta          hash  codebook_sizes (JSON), epoch (random per push), source, pushed_at, shards
     P:feed      stream one entry per change, entry ID `<version>-0`, fields op (add|remove|reset), epoch, id and
                 prev (add/remove: a random token of the change and the previous change's, P:meta `head`),
                 and items (JSON [[item_id, packed, meta JSON], ...]; removals [[item_id, packed], ...]);
                 capped with MAXLEN ~ feed_maxlen
+
+The three maps are split into `shards` hashes each (P:meta `shards`, chosen by each push: a power of two
+giving at most SHARD_FIELDS fields per hash; shard k of a field is crc32(field) mod shards, computed by the
+client, which passes every key a script touches). One hash of 10M fields blocked Redis 40-60 ms each time it
+grew (a table of 2^24 buckets); 128 hashes of ~80k fields grow in steps of ~1 MB. A catalog pushed before
+sharding (no `shards` in P:meta) is read and written in place, as one unsuffixed hash per map, until the
+next push.
 
 Every change updates the maps, the version and the feed in one atomic step (a Lua script for add/remove),
 so a reader never sees a version whose feed entry or maps are missing. Stream IDs equal versions, so a
@@ -42,6 +49,7 @@ import json
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +82,9 @@ from nezha.live_catalog.store import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, FeedEn
 # Fields per HSET of a push, and per HSCAN step of a snapshot: each command stays in the milliseconds.
 PUSH_CHUNK = 2_000
 SCAN_COUNT = 5_000
+# Fields per map hash at push time (see the docstring): the shard count is the power of two that keeps under it.
+SHARD_FIELDS = 131_072
+MAPS = ("item2id", "id2item", "itemmeta")
 STAGING_TTL_S = 3600  # staging keys of a push that died expire after this
 # Rows per snapshot blob key (~1 MB with 10-character ids: one short SET / GET each), and blob keys per
 # pipelined round trip when reading.
@@ -82,77 +93,89 @@ BLOB_READ_AHEAD = 16
 PUBLISH_LOCK_S = 300  # one replica publishes a blob at a time; a lock left by a dead one expires
 REPLICA_CHECK_S = 5.0  # how long a write trusts its look at the primary's replicas (INFO replication)
 
-# ARGV[1] = feed maxlen, ARGV[2] = this change's token, then item id / packed ID / metadata JSON triples. All
-# checks happen before any write, so a rejected batch changes nothing; Redis runs the script atomically. Each
-# feed entry carries its token (`id`) and the previous change's (`prev`, kept in meta `head`): a follower
-# checks that chain, so a history that forked under it (a failover lost changes it applied) cannot go unseen.
+# KEYS[1..3] = version, feed, meta, then per item its item2id, id2item and itemmeta shard keys; ARGV[1] = feed
+# maxlen, ARGV[2] = this change's token, ARGV[3] = the shard layout the keys were computed for (P:meta
+# `shards`, '0' before sharding), then item id / packed ID / metadata JSON triples (ARGV[i..i+2] go with
+# KEYS[i..i+2]). All checks happen before any write, so a rejected batch changes nothing; Redis runs the
+# script atomically. Each feed entry carries its token (`id`) and the previous change's (`prev`, kept in meta
+# `head`): a follower checks that chain, so a history that forked under it (a failover lost changes it
+# applied) cannot go unseen.
 _ADD_LUA = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return {'nocatalog'} end
-for i = 3, #ARGV, 3 do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nocatalog'} end
+if (redis.call('HGET', KEYS[3], 'shards') or '0') ~= ARGV[3] then return {'layout'} end
+for i = 4, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[i], ARGV[i])
   if current then return {'exists', ARGV[i], current} end
-  local holder = redis.call('HGET', KEYS[2], ARGV[i + 1])
+  local holder = redis.call('HGET', KEYS[i + 1], ARGV[i + 1])
   if holder then return {'taken', ARGV[i], ARGV[i + 1], holder} end
 end
 local changes = {}
-for i = 3, #ARGV, 3 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i])
-  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 2])
+for i = 4, #ARGV, 3 do
+  redis.call('HSET', KEYS[i], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[i + 1], ARGV[i + 1], ARGV[i])
+  redis.call('HSET', KEYS[i + 2], ARGV[i], ARGV[i + 2])
   changes[#changes + 1] = {ARGV[i], ARGV[i + 1], ARGV[i + 2]}
 end
-local version = redis.call('INCR', KEYS[3])
-local epoch = redis.call('HGET', KEYS[5], 'epoch') or ''
-local prev = redis.call('HGET', KEYS[5], 'head') or ''
-redis.call('HSET', KEYS[5], 'head', ARGV[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'add', 'epoch', epoch,
+local version = redis.call('INCR', KEYS[1])
+local epoch = redis.call('HGET', KEYS[3], 'epoch') or ''
+local prev = redis.call('HGET', KEYS[3], 'head') or ''
+redis.call('HSET', KEYS[3], 'head', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'add', 'epoch', epoch,
            'id', ARGV[2], 'prev', prev, 'items', cjson.encode(changes))
 return {'ok', tostring(version)}
 """
 
-# ARGV[1] = feed maxlen, ARGV[2] = this change's token, then item ids.
+# As _ADD_LUA, with item id / packed ID / metadata triples where the packed ID is the one the client read for
+# the item ('' for none: the item is missing) and the metadata is unused: an item whose ID moved since the
+# client read it (a concurrent remove and add) is reported and the client reads again.
 _REMOVE_LUA = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return {'nocatalog'} end
-for i = 3, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return {'missing', ARGV[i]} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nocatalog'} end
+if (redis.call('HGET', KEYS[3], 'shards') or '0') ~= ARGV[3] then return {'layout'} end
+for i = 4, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[i], ARGV[i])
+  if not current then return {'missing', ARGV[i]} end
+  if current ~= ARGV[i + 1] then return {'moved', ARGV[i]} end
 end
 local changes = {}
-for i = 3, #ARGV do
-  local id = redis.call('HGET', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('HDEL', KEYS[6], ARGV[i])
-  changes[#changes + 1] = {ARGV[i], id}
+for i = 4, #ARGV, 3 do
+  redis.call('HDEL', KEYS[i], ARGV[i])
+  redis.call('HDEL', KEYS[i + 1], ARGV[i + 1])
+  redis.call('HDEL', KEYS[i + 2], ARGV[i])
+  changes[#changes + 1] = {ARGV[i], ARGV[i + 1]}
 end
-local version = redis.call('INCR', KEYS[3])
-local epoch = redis.call('HGET', KEYS[5], 'epoch') or ''
-local prev = redis.call('HGET', KEYS[5], 'head') or ''
-redis.call('HSET', KEYS[5], 'head', ARGV[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'remove', 'epoch', epoch,
+local version = redis.call('INCR', KEYS[1])
+local epoch = redis.call('HGET', KEYS[3], 'epoch') or ''
+local prev = redis.call('HGET', KEYS[3], 'head') or ''
+redis.call('HSET', KEYS[3], 'head', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], version .. '-0', 'op', 'remove', 'epoch', epoch,
            'id', ARGV[2], 'prev', prev, 'items', cjson.encode(changes))
 return {'ok', tostring(version)}
 """
 
 
-# KEYS: live item2id, id2item, itemmeta, meta, version, feed, then the staged item2id, id2item, itemmeta.
-# ARGV: if_empty (0|1), feed maxlen, epoch, then meta field/value pairs. The live keys are UNLINKed first,
-# so each RENAME finds no destination to free (O(1)); UNLINK frees the old hashes in a background thread.
+# KEYS: meta, version, feed, then n staged map keys, the n live keys they become, then the old layout's live
+# map keys. ARGV: if_empty (0|1), feed maxlen, epoch, n, the old layout (P:meta `shards` as the client read
+# it, '0' before sharding), then meta field/value pairs. The old live keys are UNLINKed first, so each RENAME
+# finds no destination to free (O(1)); UNLINK frees the old hashes in a background thread.
 _SWAP_LUA = """
-if ARGV[1] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
-  redis.call('UNLINK', KEYS[7], KEYS[8], KEYS[9])
+local n = tonumber(ARGV[4])
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  for i = 4, 3 + n do redis.call('UNLINK', KEYS[i]) end
   return {'exists'}
 end
-for i = 7, 9 do
+if (redis.call('HGET', KEYS[1], 'shards') or '0') ~= ARGV[5] then return {'layout'} end
+for i = 4, 3 + n do
   if redis.call('EXISTS', KEYS[i]) == 0 then return {'nostage', KEYS[i]} end
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-for i = 1, 3 do
-  redis.call('RENAME', KEYS[i + 6], KEYS[i])
-  redis.call('PERSIST', KEYS[i])
+for i = 4 + 2 * n, #KEYS do redis.call('UNLINK', KEYS[i]) end
+redis.call('UNLINK', KEYS[1])
+for i = 4, 3 + n do
+  redis.call('RENAME', KEYS[i], KEYS[i + n])
+  redis.call('PERSIST', KEYS[i + n])
 end
-redis.call('HSET', KEYS[4], unpack(ARGV, 4))
-local version = redis.call('INCR', KEYS[5])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], version .. '-0', 'op', 'reset', 'items', '[]',
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local version = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], version .. '-0', 'op', 'reset', 'items', '[]',
            'epoch', ARGV[3])
 return {'ok', tostring(version)}
 """
@@ -239,6 +262,19 @@ class RemoteState:
     run_id: str
 
 
+def shards_for(items: int) -> int:
+    """Hashes per map for a catalog of `items`: the least power of two keeping each under SHARD_FIELDS."""
+    shards = 1
+    while items > shards * SHARD_FIELDS:
+        shards *= 2
+    return shards
+
+
+def shard_of(field: str, shards: int) -> int:
+    """The shard of a map field (an item id, or a packed ID's decimal string) under `shards` (0: unsharded)."""
+    return zlib.crc32(field.encode()) % shards if shards > 1 else 0
+
+
 class RedisCatalog:
     """Atomic reads and writes of one catalog in Redis. Thread-safe (redis-py pools connections).
 
@@ -263,9 +299,8 @@ class RedisCatalog:
         self.wait_timeout_ms = target.wait_timeout_ms if wait_timeout_ms is None else wait_timeout_ms
         self._auto_replicas = (0, 0.0)  # (replicas to wait for, monotonic time until which that holds)
         self.client = self.deployment.client(decode_responses=True)
-        self.item2id, self.id2item = f"{self.tag}:item2id", f"{self.tag}:id2item"
         self.version_key, self.meta, self.feed = f"{self.tag}:version", f"{self.tag}:meta", f"{self.tag}:feed"
-        self.item_meta = f"{self.tag}:itemmeta"  # item id -> JSON title/brand/categories
+        self._shards: int | None = None  # the layout last read (P:meta `shards`); checked by every use
         # Snapshot chunks are read as bytes (item ids stay UTF-8, parsed by numpy, never one str per item).
         self._raw = self.deployment.client(decode_responses=False)
         self._add = self.client.register_script(_ADD_LUA)
@@ -281,13 +316,53 @@ class RedisCatalog:
     def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
         return StoreUnavailableError(self.display_url, describe_error(exc), what)
 
+    # ---- the sharded maps ------------------------------------------------------------------------------
+    def map_key(self, name: str, shard: int, shards: int) -> str:
+        """The key of shard `shard` of map `name` (item2id, id2item, itemmeta) under `shards` (0: unsharded)."""
+        return f"{self.tag}:{name}" if shards == 0 else f"{self.tag}:{name}:{shard}"
+
+    def map_keys(self, name: str, shards: int | None = None) -> list[str]:
+        """Every key of map `name` under `shards` (default: the catalog's layout now)."""
+        shards = self.layout() if shards is None else shards
+        return [self.map_key(name, k, shards) for k in range(max(shards, 1))]
+
+    def _field_key(self, name: str, field: str, shards: int) -> str:
+        return self.map_key(name, shard_of(field, shards), shards)
+
+    def layout(self, refresh: bool = False) -> int:
+        """The catalog's shard count (P:meta `shards`; 0: pushed before sharding, or no catalog), cached: each
+        script checks it and each read reads it in the same transaction, so a re-push is noticed."""
+        if refresh or self._shards is None:
+            self._shards = int(self.client.hget(self.meta, "shards") or 0)
+        return self._shards
+
+    def _read_keyed(self, shards: int, build: Any) -> list[Any] | None:
+        """The replies of `build(pipe, shards)`'s reads, run in one transaction with a check that `shards` is
+        still the catalog's layout; None when it is not (pushed again)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(self.meta, "shards")
+            build(pipe, shards)
+            current, *replies = pipe.execute()
+        return replies if int(current or 0) == shards else None
+
+    def _read_maps(self, build: Any) -> list[Any]:
+        """`_read_keyed` under the catalog's layout now, looked up again after a push."""
+        for attempt in range(3):
+            replies = self._read_keyed(self.layout(refresh=attempt > 0), build)
+            if replies is not None:
+                return replies
+        raise CatalogStoreError(f"the catalog at {self.display_url} was pushed again under three reads in a row: "
+                                "retry")
+
     # ---- writes ----------------------------------------------------------------------------------------
     def push(self, catalog: Catalog, source: str = "", if_empty: bool = False,
-             item_meta: Mapping[str, ItemMeta] | None = None, chunk: int = PUSH_CHUNK) -> int | None:
+             item_meta: Mapping[str, ItemMeta] | None = None, chunk: int = PUSH_CHUNK,
+             shards: int | None = None) -> int | None:
         """Replace the catalog with `catalog` (maps, item metadata, meta, version+1, a `reset` feed entry)
         atomically. `item_meta`: title/brand/categories by item id (default: the catalog's titles).
 
-        The maps are written `chunk` fields per HSET into staging keys, then swapped in by one script, so
+        The maps are written `chunk` items per pipelined round trip into staging keys (`shards` hashes per
+        map, default shards_for(items)), then swapped in by one script, so
         readers see the old catalog or the new one, and no command blocks Redis for long. A concurrent
         add/remove lands in the old catalog and is replaced, as with any push. Idempotent in content; every
         push bumps the version so followers resync. With `if_empty`, only seeds a prefix that holds no
@@ -295,9 +370,10 @@ class RedisCatalog:
         """
         item_meta = item_meta or {}
         epoch = uuid.uuid4().hex
-        staged = [f"{self.tag}:staging:{epoch}:{name}" for name in ("item2id", "id2item", "itemmeta")]
+        shards = shards or shards_for(catalog.num_items)
         meta = {"codebook_sizes": json.dumps(list(catalog.codebook_sizes)), "epoch": epoch, "source": source,
-                "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items)}
+                "pushed_at": f"{time.time():.3f}", "pushed_items": str(catalog.num_items), "shards": str(shards)}
+        staged: dict[str, str] = {}  # staged key -> the live key it becomes
         packed = [str(p) for p in catalog.packed.tolist()]
         order = np.argsort(catalog.packed, kind="stable")
         blob_ids = StringColumn.of(catalog.item_ids[i] for i in order.tolist())
@@ -311,22 +387,36 @@ class RedisCatalog:
                     ids = packed[start:start + chunk]
                     metas = [json.dumps(clean_meta(item_meta.get(item) or {"title": title}))
                              for item, title in zip(items, catalog.titles[start:start + chunk], strict=True)]
-                    pipe.hset(staged[0], mapping=dict(zip(items, ids, strict=True)))
-                    pipe.hset(staged[1], mapping=dict(zip(ids, items, strict=True)))
-                    pipe.hset(staged[2], mapping=dict(zip(items, metas, strict=True)))
-                    for key in staged:
-                        pipe.expire(key, STAGING_TTL_S)
+                    writes: dict[str, dict[str, str]] = {}
+                    for item, packed_id, item_json in zip(items, ids, metas, strict=True):
+                        item_shard, id_shard = shard_of(item, shards), shard_of(packed_id, shards)
+                        writes.setdefault(f"item2id:{item_shard}", {})[item] = packed_id
+                        writes.setdefault(f"id2item:{id_shard}", {})[packed_id] = item
+                        writes.setdefault(f"itemmeta:{item_shard}", {})[item] = item_json
+                    for name_shard, mapping in writes.items():
+                        name, shard = name_shard.split(":")
+                        key = f"{self.tag}:staging:{epoch}:{name_shard}"
+                        pipe.hset(key, mapping=mapping)
+                        if key not in staged:  # expires if the push dies before the swap
+                            staged[key] = self.map_key(name, int(shard), shards)
+                            pipe.expire(key, STAGING_TTL_S)
                     pipe.execute()
-            keys = [self.item2id, self.id2item, self.item_meta, self.meta, self.version_key, self.feed, *staged]
-            reply = self._durable(self._swap, keys, [int(if_empty), self.feed_maxlen, epoch,
-                                                     *(x for pair in meta.items() for x in pair)], "push")
+            for _attempt in range(3):
+                old = self.layout(refresh=True)
+                old_keys = [self.map_key(name, k, old) for name in MAPS for k in range(max(old, 1))]
+                keys = [self.meta, self.version_key, self.feed, *staged, *staged.values(), *old_keys]
+                reply = self._durable(self._swap, keys, [int(if_empty), self.feed_maxlen, epoch, len(staged), old,
+                                                         *(x for pair in meta.items() for x in pair)], "push")
+                if reply[0] != "layout":  # another push changed the layout between our look and the swap
+                    break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "the push was not applied") from None
         if reply[0] == "exists":
             self._drop_blob(epoch, blob_chunks_staged)
             return None
         if reply[0] != "ok":
-            raise CatalogStoreError(f"the push's staged keys vanished before the swap ({reply[1]}): retry it")
+            raise CatalogStoreError(f"the push's staged keys vanished before the swap ({reply[1:]}): retry it")
+        self._shards = shards
         try:
             self._install_blob(epoch, epoch, int(reply[1]), blob_chunks_staged, catalog.num_items)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -431,19 +521,45 @@ class RedisCatalog:
         """Add (item id, packed ID) pairs with their metadata, all or none; returns the new version."""
         check_unique([i for i, _ in items], "item id")
         check_unique([p for _, p in items], "semantic ID")
-        args: list[Any] = [self.feed_maxlen, uuid.uuid4().hex]
-        for item_id, packed in items:
-            args += [item_id, str(int(packed)), json.dumps(clean_meta((meta or {}).get(item_id)))]
-        return self._run(self._add, args, "add")
+        triples = [(item_id, str(int(packed)), json.dumps(clean_meta((meta or {}).get(item_id))))
+                   for item_id, packed in items]
+        return self._run(self._add, lambda _shards: triples, "add")
 
     def remove(self, item_ids: Sequence[str]) -> int:
         """Remove items, all or none; returns the new version."""
         check_unique(list(item_ids), "item id")
-        return self._run(self._remove, [self.feed_maxlen, uuid.uuid4().hex, *item_ids], "remove")
 
-    def _run(self, script: Any, args: list[Any], what: str) -> int:
-        keys = [self.item2id, self.id2item, self.version_key, self.feed, self.meta, self.item_meta]
-        reply = self._durable(script, keys, args, what)
+        def triples(shards: int) -> list[tuple[str, str, str]] | None:
+            # each item's packed ID as it is now: the script needs its id2item shard, and checks it is unchanged
+            ids = self._read_keyed(shards, lambda pipe, n: [pipe.hget(self._field_key("item2id", i, n), i)
+                                                          for i in item_ids])
+            return None if ids is None else [(i, packed or "", "") for i, packed in zip(item_ids, ids, strict=True)]
+
+        return self._run(self._remove, triples, "remove")
+
+    def _run(self, script: Any, triples: Any, what: str) -> int:
+        """Run an add/remove script over `triples(shards)` (item id, packed ID, metadata JSON; None: the layout
+        changed while reading), keyed for the catalog's layout; again when the catalog was re-pushed in between
+        (a 'layout' reply) or an item's ID changed since it was read ('moved')."""
+        for attempt in range(3):
+            try:
+                shards = self.layout(refresh=attempt > 0)
+                batch = triples(shards)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise self._unavailable(exc, f"the {what} was not applied") from None
+            if batch is None:
+                continue
+            keys, args = [self.version_key, self.feed, self.meta], [self.feed_maxlen, uuid.uuid4().hex, shards]
+            for item_id, packed, item_json in batch:
+                keys += [self._field_key("item2id", item_id, shards), self._field_key("id2item", packed, shards),
+                         self._field_key("itemmeta", item_id, shards)]
+                args += [item_id, packed, item_json]
+            reply = self._durable(script, keys, args, what)
+            if reply[0] not in ("layout", "moved"):
+                break
+        else:
+            raise CatalogStoreError(f"the catalog at {self.display_url} changed under three {what}s in a row "
+                                    "(pushes, or the same items changed concurrently): retry")
         status = reply[0]
         if status == "ok":
             return int(reply[1])
@@ -543,20 +659,21 @@ class RedisCatalog:
         sizes = self.codebook_sizes()
         if state.version is None or sizes is None:
             return None
-        keys = [self.id2item, self.version_key, self.meta]
-        cursor: bytes = b"0"
         ids, lengths, texts = [], [], []
         first: int | None = None
-        while True:
-            cursor, chunk_ids, chunk_lengths, chunk_texts, version, epoch = self._scan(keys=keys, args=[cursor, count])
-            if epoch.decode() != state.epoch or not version:
-                return None  # pushed (or lost) while reading
-            first = int(version) if first is None else first
-            ids.append(np.fromstring(chunk_ids, dtype=np.int64, sep=","))
-            lengths.append(np.fromstring(chunk_lengths, dtype=np.int64, sep=","))
-            texts.append(chunk_texts)
-            if cursor == b"0":
-                break
+        for key in self.map_keys("id2item", self.layout(refresh=True)):  # a push since `state`: epoch differs
+            cursor: bytes = b"0"
+            while True:
+                cursor, chunk_ids, chunk_lengths, chunk_texts, version, epoch = self._scan(
+                    keys=[key, self.version_key, self.meta], args=[cursor, count])
+                if epoch.decode() != state.epoch or not version:
+                    return None  # pushed (or lost) while reading
+                first = int(version) if first is None else first
+                ids.append(np.fromstring(chunk_ids, dtype=np.int64, sep=","))
+                lengths.append(np.fromstring(chunk_lengths, dtype=np.int64, sep=","))
+                texts.append(chunk_texts)
+                if cursor == b"0":
+                    break
         last = int(version)
         table = ItemTable.build(StringColumn.from_encoded(b"".join(texts), np.concatenate(lengths)),
                                 np.concatenate(ids))
@@ -614,17 +731,24 @@ class RedisCatalog:
 
     def id_in_use(self, packed: int) -> bool:
         """Whether an item holds the packed ID now (one HEXISTS)."""
+        field = str(int(packed))
         try:
-            return bool(self.client.hexists(self.id2item, str(int(packed))))
+            return bool(self._read_maps(lambda pipe, shards: pipe.hexists(self._field_key("id2item", field,
+                                                                                           shards), field))[0])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "cannot read the IDs in use") from None
 
     def item_metas(self, item_ids: Sequence[str]) -> list[ItemMeta | None]:
-        """Metadata of each item (None: not in the catalog), in one HMGET."""
+        """Metadata of each item (None: not in the catalog), one HMGET per shard in one round trip."""
         if not item_ids:
             return []
+
+        def read(pipe: Any, shards: int) -> None:
+            for item in item_ids:
+                pipe.hget(self._field_key("itemmeta", item, shards), item)
+
         try:
-            values = self.client.hmget(self.item_meta, list(item_ids))
+            values = self._read_maps(read)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "cannot read item metadata") from None
         return [None if v is None else clean_meta(json.loads(v)) for v in values]
@@ -639,9 +763,13 @@ class RedisCatalog:
     def status(self) -> dict[str, Any]:
         """Version, size, feed length and persistence settings, as seen in Redis now."""
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key).hlen(self.item2id).hgetall(self.meta).xlen(self.feed)
-                version, size, meta, feed_len = pipe.execute()
+            def read(pipe: Any, shards: int) -> None:
+                pipe.get(self.version_key).hgetall(self.meta).xlen(self.feed)
+                for key in self.map_keys("item2id", shards):
+                    pipe.hlen(key)
+
+            version, meta, feed_len, *sizes = self._read_maps(read)
+            size = sum(sizes)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc, "cannot read the catalog status") from None
         return {"url": self.display_url, "prefix": self.prefix, "version": None if version is None else int(version),
