@@ -3,7 +3,8 @@
     python train/stream_bench.py --prepared /tmp/beauty --out docs/measurements/data-bench/stream-beauty.json
 
 Each run is train/run.py's `run` with `data: in_memory` then `data: stream` (same model, steps, batch size
-and workers); recorded per run: training examples/s per worker (the loop's rate, validation included, over
+and workers; `--modes in_memory,stream,stream,in_memory` repeats and interleaves them, so a drift in the
+machine's load falls on both); recorded per run: training examples/s per worker (the loop's rate, validation included, over
 the number of workers), every worker's peak RSS, and the machine's load average before and after, since
 on a shared machine the rates move with it.
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(measure_feed(args, mode, storage))
                 print(json.dumps(runs[-1]), flush=True)
                 continue
-            cfg = RayTrainConfig(prepared=args.prepared, storage_path=storage, name=f"bench-{mode}",
+            cfg = RayTrainConfig(prepared=args.prepared, storage_path=storage, name=f"bench-{len(runs)}-{mode}",
                                  backbone=args.backbone, max_steps=args.max_steps, batch_size=args.batch_size,
                                  eval_every=args.max_steps, eval_users=args.eval_users, eval_beam=5,
                                  num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
