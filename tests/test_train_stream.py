@@ -28,6 +28,7 @@ from nezha.training import steps_per_epoch
 from train.config import RayTrainConfig
 from train.data import StreamData, count_examples, split_arrays, train_dataset, valid_examples
 from train.run import run
+from train.stream_read import SEGMENT_ROWS, chunk_ids, num_chunks
 
 SEED = 3
 # Ray Train workers cannot import this test module: send its worker function by value.
@@ -78,6 +79,19 @@ def test_dataset_rows_are_the_training_examples_once_each(ray_session, tiny_prep
     for i, history, length, target in zip(rows["id"], rows["history"], rows["length"], rows["target"], strict=True):
         assert history[:length].tolist() == split.train.histories[i].tolist() and target == split.train.targets[i]
         assert not history[length:].any()  # padded with zeros to max_history
+
+
+@pytest.mark.parametrize(("num_examples", "chunk_rows"), [(1, 8192), (5, 7), (100, 7), (81_474, 8192), (50_000, 2048)])
+def test_chunks_hold_every_example_once_in_runs_from_all_over_the_split(num_examples: int, chunk_rows: int):
+    chunks = [chunk_ids(c, num_examples, SEED, chunk_rows) for c in range(num_chunks(num_examples, chunk_rows))]
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(num_examples))
+    assert all(np.all(np.diff(ids) > 0) for ids in chunks)  # each read goes forward through the file
+    segment = min(SEGMENT_ROWS, chunk_rows)
+    if chunk_rows // segment >= 16:  # the split is written user by user: a chunk must not be one region of it
+        for ids in chunks[:-1]:
+            assert np.count_nonzero(np.diff(ids) != 1) < chunk_rows // segment  # in runs of consecutive examples
+            deciles = np.histogram(ids, bins=10, range=(0, num_examples))[0]
+            assert deciles.min() > 0 and deciles.max() <= 3 * deciles.mean()
 
 
 def test_several_chunks_per_range_block_read_the_same_rows_in_the_same_order(ray_session, tiny_prepared):

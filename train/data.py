@@ -3,8 +3,9 @@
 The prepared split (split.npz, format nezha-prepared/2) is one item-sequence array `values` plus per part
 the examples' (start, end, target). `np.savez` stores its arrays uncompressed, so each one is read here as
 a memory map of its bytes inside the zip file: the driver learns the number of examples from the header
-of `train_targets`, and Ray Data tasks read the training examples chunk by chunk (CHUNK_ROWS examples,
-their histories gathered from `values` and padded to `max_history`).
+of `train_targets`, and Ray Data tasks read the training examples chunk by chunk (CHUNK_ROWS examples in
+runs of SEGMENT_ROWS from all over the split, their histories gathered from `values` and padded to
+`max_history`).
 
     driver:  ray.data.range(chunks) -> map_batches(read_chunks, one task at a time):
              rows {id, history[H], length, target}
@@ -37,7 +38,7 @@ import ray.data
 from nezha.data.split import Examples, Ragged
 from nezha.prepared import SPLIT_FILE, read_summary
 from nezha.training import BUCKET_BATCHES, ExampleBatch, length_buckets, steps_per_epoch
-from train.stream_read import CHUNK_ROWS, READ_CPUS, READ_TASKS, read_chunks, split_arrays
+from train.stream_read import CHUNK_ROWS, READ_CPUS, READ_TASKS, num_chunks, read_chunks, split_arrays
 
 # Blocks of chunk numbers (see train_dataset): up to 256 chunks (2.1M examples) one chunk per block, as
 # before; beyond, several chunks per read task.
@@ -72,7 +73,7 @@ def train_dataset(prepared: str | Path, seed: int, chunk_rows: int = CHUNK_ROWS,
     machine, so one block per chunk (8,546 of them at 100M interactions) kept the read waiting for most
     of an hour before the first batch."""
     num_examples = count_examples(prepared)
-    chunks = max(1, -(-num_examples // chunk_rows))
+    chunks = num_chunks(num_examples, chunk_rows)
     fn_kwargs = {"split_path": str(Path(prepared) / SPLIT_FILE), "width": max_history(prepared),
                  "num_examples": num_examples, "seed": seed, "chunk_rows": chunk_rows}
     return ray.data.range(chunks, override_num_blocks=min(chunks, range_blocks)).map_batches(

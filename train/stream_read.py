@@ -9,12 +9,18 @@ and importing train.data (torch and the model code through nezha.training) cost 
 from __future__ import annotations
 
 import functools
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 CHUNK_ROWS = 8192  # training examples per read (one Ray Data block of ~1.5 MB at max_history 20)
+# A chunk is CHUNK_ROWS / SEGMENT_ROWS runs of SEGMENT_ROWS consecutive examples taken from all over the split
+# (see chunk_ids): the split is written user by user, and its first examples have ~2.5x the history of its
+# last (Beauty: 9.4 items on average in the first 8,192, 3.7 in the last), so whole contiguous chunks gave the
+# worker that drew the long ones ~1.5x the compute per step, and every step waited for it.
+SEGMENT_ROWS = 64
 # Reading a chunk is a memory-mapped gather: a quarter of a CPU, so the reads fit beside CPU workers that
 # hold most of a small machine's cores.
 READ_CPUS = 0.25
@@ -61,11 +67,10 @@ def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_e
     """Ray Data map function: chunk numbers -> their training examples, histories padded to `width`.
 
     Chunk k of the stream is chunk order[k] of the split (a seeded permutation), so the blocks arrive in
-    a random order while each read stays sequential in the file."""
+    a random order; each chunk's examples come from all over the split (chunk_ids), read in file order."""
     arrays = split_arrays(split_path)
     order = chunk_order(num_examples, seed, chunk_rows)
-    ids = np.concatenate([np.arange(c * chunk_rows, min(num_examples, (c + 1) * chunk_rows))
-                          for c in order[batch["id"]]])
+    ids = np.concatenate([chunk_ids(int(c), num_examples, seed, chunk_rows) for c in order[batch["id"]]])
     starts, ends = np.asarray(arrays["train_starts"][ids]), np.asarray(arrays["train_ends"][ids])
     lengths = ends - starts
     columns = np.arange(width)
@@ -75,6 +80,31 @@ def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_e
     return {"id": ids, "history": histories, "length": lengths, "target": np.asarray(arrays["train_targets"][ids])}
 
 
+def num_chunks(num_examples: int, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Chunks of the stream: whole segments each (see chunk_ids), at least one."""
+    segment = min(SEGMENT_ROWS, chunk_rows)
+    segments = -(-num_examples // segment)
+    return max(1, -(-segments // (chunk_rows // segment)))
+
+
 @functools.lru_cache(maxsize=4)
 def chunk_order(num_examples: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(-(-num_examples // chunk_rows))
+    return np.random.default_rng(seed).permutation(num_chunks(num_examples, chunk_rows))
+
+
+def chunk_ids(chunk: int, num_examples: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """The example ids of chunk `chunk`, ascending: chunk_rows / SEGMENT_ROWS segments of SEGMENT_ROWS
+    consecutive examples, the segments s = k * per_chunk ... of the split's segments permuted by
+    s -> (a * s + b) mod segments (a coprime with it: a bijection; a near the golden ratio of it, so a
+    chunk's segments are spread evenly over the split). No table is kept, whatever the split's size, and
+    each segment is one sequential read."""
+    segment = min(SEGMENT_ROWS, chunk_rows)
+    per_chunk, segments = chunk_rows // segment, -(-num_examples // segment)
+    a = int(segments * 0.6180339887) | 1
+    while math.gcd(a, segments) != 1:
+        a += 1
+    b = int(np.random.default_rng(seed).integers(segments))
+    picked = np.arange(chunk * per_chunk, min(segments, (chunk + 1) * per_chunk), dtype=np.int64)
+    starts = np.sort((a * picked + b) % segments) * segment
+    ids = (starts[:, None] + np.arange(segment)).ravel()
+    return ids[ids < num_examples]
