@@ -156,6 +156,22 @@ def test_stream_epochs_hold_every_example_once_but_the_last_rest_and_shuffle_by_
     assert fake_epochs(SEED, [1]) == [second]  # a resumed run asks for a later epoch first: the same order
 
 
+def test_ranks_train_on_batches_of_the_same_length_rank_at_each_step():
+    """Each rank shuffles its own rows, but step k of every rank is the same length rank of its bucket, so a
+    DDP step does not wait for one rank's long batch beside another's short one."""
+    rows, batch_size = 2000, 8
+    longest = []
+    for rank, offset in ((0, 0), (1, 3)):  # different rows (ids, lengths shifted), the same length spread
+        shard = FakeShard(rows)
+        shard.rows["id"] = shard.rows["id"] + rank * rows
+        shard.rows["length"] = (np.arange(rows) + offset) % 7 + 1
+        data = StreamData(shard, valid=None, num_examples=2 * rows, batch_size=batch_size, shuffle_buffer=400,
+                          seed=SEED, rank=rank, world_size=2, epochs=1)
+        batches = list(data.batches(0))
+        longest.append([int(shard.rows["length"][b.ids - rank * rows].max()) for b in batches])
+    assert np.mean(np.abs(np.subtract(*longest))) < 0.5  # per rank alone the steps' lengths differ by ~2.3
+
+
 def test_stream_without_shuffle_buffer_keeps_the_block_order_of_buckets():
     batches = fake_epochs(SEED, [0], rows=1000, shuffle_buffer=0)[0]
     # windows of one bucket (50 batches = 400 rows) in block order: the first 50 batches are rows 0-399
