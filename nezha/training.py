@@ -477,6 +477,7 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
         save_checkpoint(model, last_dir, catalog_dir, {**extra, "steps": step})
         (out / "history.json").write_text(json.dumps(history, indent=2))
     rate = seen * world_size / seconds
-    log.info("trained %d steps in %.1f s (%.0f examples/s); best validation ndcg@10 %.4f", step, seconds, rate,
-             best.get("ndcg@10", float("nan")))
+    # only rank 0 keeps the best validation (the other ranks score a slice of it, or none)
+    best_note = f"; best validation ndcg@10 {best['ndcg@10']:.4f}" if "ndcg@10" in best else ""
+    log.info("trained %d steps in %.1f s (%.0f examples/s)%s", step, seconds, rate, best_note)
     return TrainResult(best_dir, last_dir, best, history, step, seconds, rate)
