@@ -15,7 +15,8 @@ runs of SEGMENT_ROWS from all over the split, their histories gathered from `val
 Order of an epoch: the chunks come in one seeded random order (fixed for the run); every worker takes the
 rows it receives in windows of `shuffle_buffer` rows (rounded up to whole buckets of BUCKET_BATCHES
 batches), permutes each window (seeded per epoch and rank), cuts it into buckets, sorts each bucket by
-history length (as the in-memory path does) and yields its batches in a shuffled order. Ray Train splits
+history length (as the in-memory path does) and yields its batches in a shuffled order that is the same on
+every rank, so the ranks' batches at one step are alike in length (DDP steps wait for the slowest rank). Ray Train splits
 the stream with `equal=True`, so each of W workers gets N // W examples per epoch and makes (N // W) //
 batch_size batches of them: the same steps per epoch as the in-memory path. The rows left over (fewer than
 W + W x batch_size of them) are not trained on that epoch; which ones they are changes with the order.
