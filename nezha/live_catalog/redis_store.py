@@ -414,6 +414,11 @@ class RedisCatalog:
         if reply[0] == "exists":
             self._drop_blob(epoch, blob_chunks_staged)
             return None
+        if reply[0] == "layout":
+            self._drop_blob(epoch, blob_chunks_staged)
+            if staged:
+                self.client.unlink(*staged)
+            raise CatalogStoreError("other pushes changed the catalog's layout under this one three times: retry it")
         if reply[0] != "ok":
             raise CatalogStoreError(f"the push's staged keys vanished before the swap ({reply[1:]}): retry it")
         self._shards = shards
