@@ -18,8 +18,9 @@ import numpy as np
 CHUNK_ROWS = 8192  # training examples per read (one Ray Data block of ~1.5 MB at max_history 20)
 # A chunk is CHUNK_ROWS / SEGMENT_ROWS runs of SEGMENT_ROWS consecutive examples taken from all over the split
 # (see chunk_ids): the split is written user by user, and its first examples have ~2.5x the history of its
-# last (Beauty: 9.4 items on average in the first 8,192, 3.7 in the last), so whole contiguous chunks gave the
-# worker that drew the long ones ~1.5x the compute per step, and every step waited for it.
+# last (Beauty: 9.4 items on average in the first 8,192, 3.7 in the last), so with whole contiguous chunks one
+# worker could draw most of the long ones; the ranks' batches only line up step by step (train/data.py) when
+# their chunks hold the same mix.
 SEGMENT_ROWS = 64
 # Reading a chunk is a memory-mapped gather: a quarter of a CPU, so the reads fit beside CPU workers that
 # hold most of a small machine's cores.
@@ -80,11 +81,26 @@ def read_chunks(batch: dict[str, np.ndarray], split_path: str, width: int, num_e
     return {"id": ids, "history": histories, "length": lengths, "target": np.asarray(arrays["train_targets"][ids])}
 
 
+def _segment_counts(num_examples: int, chunk_rows: int) -> tuple[int, int, int]:
+    """(rows per segment, segments per chunk, segments in the split) of chunk_ids."""
+    segment = min(SEGMENT_ROWS, chunk_rows)
+    return segment, chunk_rows // segment, -(-num_examples // segment)
+
+
+@functools.lru_cache(maxsize=4)
+def _affine(segments: int, seed: int) -> tuple[int, int]:
+    """(a, b) of chunk_ids' permutation s -> (a * s + b) mod segments: a coprime with segments (a bijection)
+    and near its golden ratio, so a chunk's segments are spread evenly over the split; b from the seed."""
+    a = int(segments * 0.6180339887) | 1
+    while math.gcd(a, segments) != 1:
+        a += 1
+    return a, int(np.random.default_rng(seed).integers(segments))
+
+
 def num_chunks(num_examples: int, chunk_rows: int = CHUNK_ROWS) -> int:
     """Chunks of the stream: whole segments each (see chunk_ids), at least one."""
-    segment = min(SEGMENT_ROWS, chunk_rows)
-    segments = -(-num_examples // segment)
-    return max(1, -(-segments // (chunk_rows // segment)))
+    _segment, per_chunk, segments = _segment_counts(num_examples, chunk_rows)
+    return max(1, -(-segments // per_chunk))
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,16 +110,10 @@ def chunk_order(num_examples: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> n
 
 def chunk_ids(chunk: int, num_examples: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """The example ids of chunk `chunk`, ascending: chunk_rows / SEGMENT_ROWS segments of SEGMENT_ROWS
-    consecutive examples, the segments s = k * per_chunk ... of the split's segments permuted by
-    s -> (a * s + b) mod segments (a coprime with it: a bijection; a near the golden ratio of it, so a
-    chunk's segments are spread evenly over the split). No table is kept, whatever the split's size, and
-    each segment is one sequential read."""
-    segment = min(SEGMENT_ROWS, chunk_rows)
-    per_chunk, segments = chunk_rows // segment, -(-num_examples // segment)
-    a = int(segments * 0.6180339887) | 1
-    while math.gcd(a, segments) != 1:
-        a += 1
-    b = int(np.random.default_rng(seed).integers(segments))
+    consecutive examples, the segments s = k * per_chunk ... of the split's segments under the permutation
+    of `_affine`. No table is kept, whatever the split's size, and each segment is one sequential read."""
+    segment, per_chunk, segments = _segment_counts(num_examples, chunk_rows)
+    a, b = _affine(segments, seed)
     picked = np.arange(chunk * per_chunk, min(segments, (chunk + 1) * per_chunk), dtype=np.int64)
     starts = np.sort((a * picked + b) % segments) * segment
     ids = (starts[:, None] + np.arange(segment)).ravel()
