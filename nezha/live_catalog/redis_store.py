@@ -387,23 +387,22 @@ class RedisCatalog:
                     ids = packed[start:start + chunk]
                     metas = [json.dumps(clean_meta(item_meta.get(item) or {"title": title}))
                              for item, title in zip(items, catalog.titles[start:start + chunk], strict=True)]
-                    writes: dict[str, dict[str, str]] = {}
+                    writes: dict[tuple[str, int], dict[str, str]] = {}
                     for item, packed_id, item_json in zip(items, ids, metas, strict=True):
                         item_shard, id_shard = shard_of(item, shards), shard_of(packed_id, shards)
-                        writes.setdefault(f"item2id:{item_shard}", {})[item] = packed_id
-                        writes.setdefault(f"id2item:{id_shard}", {})[packed_id] = item
-                        writes.setdefault(f"itemmeta:{item_shard}", {})[item] = item_json
-                    for name_shard, mapping in writes.items():
-                        name, shard = name_shard.split(":")
-                        key = f"{self.tag}:staging:{epoch}:{name_shard}"
+                        writes.setdefault(("item2id", item_shard), {})[item] = packed_id
+                        writes.setdefault(("id2item", id_shard), {})[packed_id] = item
+                        writes.setdefault(("itemmeta", item_shard), {})[item] = item_json
+                    for (name, shard), mapping in writes.items():
+                        key = f"{self.tag}:staging:{epoch}:{name}:{shard}"
                         pipe.hset(key, mapping=mapping)
                         if key not in staged:  # expires if the push dies before the swap
-                            staged[key] = self.map_key(name, int(shard), shards)
+                            staged[key] = self.map_key(name, shard, shards)
                             pipe.expire(key, STAGING_TTL_S)
                     pipe.execute()
             for _attempt in range(3):
                 old = self.layout(refresh=True)
-                old_keys = [self.map_key(name, k, old) for name in MAPS for k in range(max(old, 1))]
+                old_keys = [key for name in MAPS for key in self.map_keys(name, old)]
                 keys = [self.meta, self.version_key, self.feed, *staged, *staged.values(), *old_keys]
                 reply = self._durable(self._swap, keys, [int(if_empty), self.feed_maxlen, epoch, len(staged), old,
                                                          *(x for pair in meta.items() for x in pair)], "push")
@@ -744,7 +743,7 @@ class RedisCatalog:
             raise self._unavailable(exc, "cannot read the IDs in use") from None
 
     def item_metas(self, item_ids: Sequence[str]) -> list[ItemMeta | None]:
-        """Metadata of each item (None: not in the catalog), one HMGET per shard in one round trip."""
+        """Metadata of each item (None: not in the catalog), one HGET per item in one round trip."""
         if not item_ids:
             return []
 
