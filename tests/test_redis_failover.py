@@ -28,6 +28,7 @@ from nezha.live_catalog import (
     ItemNotFoundError,
     LocalCatalog,
     RedisCatalog,
+    StoreUnavailableError,
     WriteNotConfirmedError,
     redact_url,
 )
@@ -175,8 +176,9 @@ def test_a_write_no_replica_acknowledges_is_a_retryable_error(tmp_path: Path, ca
 
 
 class Writer(threading.Thread):
-    """Admin changes one after another (adds, and removes of earlier adds), each retried on the retryable error
-    until answered; records what was answered and when."""
+    """Admin changes one after another (adds, and removes of earlier adds), each retried on the retryable errors
+    (503: not confirmed, or Redis unreachable, e.g. a remove's read of the item's ID when the primary dies) until
+    answered; records what was answered and when."""
 
     def __init__(self, url: str, ids: list[int], pause_s: float = 0.02) -> None:
         super().__init__(daemon=True)
@@ -198,7 +200,7 @@ class Writer(threading.Thread):
                 self.ok_after_retry += refused
                 self.ok_times.append(time.monotonic())
                 return
-            except WriteNotConfirmedError:
+            except StoreUnavailableError:  # WriteNotConfirmedError too
                 self.retryable += 1
                 self.refused_times.append(time.monotonic())
                 refused = True
@@ -323,10 +325,11 @@ def test_a_tls_sentinel_url_as_documented_confirms_writes_and_follows_a_failover
 
 
 def _answered(write: Callable[[], int]) -> bool:
-    """True once `write` is answered; False on the retryable error a failover in progress gives."""
+    """True once `write` is answered; False on the retryable errors a failover in progress gives (503: not
+    confirmed, or Redis unreachable when the write reads the catalog's layout first)."""
     try:
         write()
-    except WriteNotConfirmedError:
+    except StoreUnavailableError:  # WriteNotConfirmedError too
         return False
     return True
 
