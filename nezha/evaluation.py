@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nezha.catalog import Catalog
+from nezha.catalog import Catalog, ItemCodes
 from nezha.config import ConfigError
 from nezha.data.split import Examples, Split, load_sequences
 from nezha.decoding import DECODERS, available_decoders, decode, decoder_available
@@ -38,7 +38,7 @@ EVAL_DECODERS = (*DECODERS, "popular")
 LATENCY_ROUNDS = 5  # rounds of a latency sweep (see latency_rounds)
 
 
-def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
+def rank_examples(model: NezhaModel, decoder: str, catalog: ItemCodes, verifier: PrefixVerifier, examples: Examples,
                   beam: int, topk: int | None = None, batch_size: int = 256, verify: str = "prefix",
                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ranked packed IDs [N, k] with -1 padding, invalid IDs per user [N]) for every example."""
@@ -52,7 +52,7 @@ def rank_examples(model: NezhaModel, decoder: str, catalog: Catalog, verifier: P
     return np.concatenate(ranked), np.concatenate(invalid)
 
 
-def measure_latency(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier,
+def measure_latency(model: NezhaModel, decoder: str, catalog: ItemCodes, verifier: PrefixVerifier,
                     examples: Examples, beam: int, batch_size: int, repeats: int, warmup: int = 3,
                     verify: str = "prefix") -> dict[str, float]:
     """Wall-clock ms per call of `batch_size` requests (p50, p99, mean) and per request (mean / batch)."""
@@ -69,7 +69,7 @@ def measure_latency(model: NezhaModel, decoder: str, catalog: Catalog, verifier:
             "per_request_mean": stats["mean"] / batch_size}
 
 
-def sweep_widths(model: NezhaModel, decoder: str, catalog: Catalog, verifier: PrefixVerifier, examples: Examples,
+def sweep_widths(model: NezhaModel, decoder: str, catalog: ItemCodes, verifier: PrefixVerifier, examples: Examples,
                  widths: Sequence[int], topk: int | None = None,
                  ks: Sequence[int] = DEFAULT_KS) -> list[dict[str, float]]:
     """Quality of one model at every beam width: {"width", hit@k, ndcg@k} per width (a width below a k
@@ -83,7 +83,7 @@ def sweep_widths(model: NezhaModel, decoder: str, catalog: Catalog, verifier: Pr
     return rows
 
 
-def latency_rounds(settings: Sequence[tuple[NezhaModel, str, int]], catalog: Catalog, verifier: PrefixVerifier,
+def latency_rounds(settings: Sequence[tuple[NezhaModel, str, int]], catalog: ItemCodes, verifier: PrefixVerifier,
                    examples: Examples, batch_size: int, repeats: int,
                    rounds: int = LATENCY_ROUNDS) -> list[dict[str, float]]:
     """p50/p99 ms per call of every (model, decoder, width) setting, timed in `rounds` rounds over all of them

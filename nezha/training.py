@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nezha.catalog import Catalog
+from nezha.catalog import ItemCodes
 from nezha.config import ConfigError
 from nezha.data.split import Examples, Split
 from nezha.decoding import SELECTION_ORDER, available_decoders
@@ -305,7 +305,7 @@ class InMemoryData:
             yield ExampleBatch(idx, self.train.histories[idx], self.train.targets[idx])
 
 
-def make_batch(model: NezhaModel, catalog: Catalog, histories: Sequence[np.ndarray], targets: np.ndarray,
+def make_batch(model: NezhaModel, catalog: ItemCodes, histories: Sequence[np.ndarray], targets: np.ndarray,
                device: torch.device | str) -> dict[str, torch.Tensor]:
     """Tensors for `NezhaModel.losses` from item-index histories and targets."""
     layout = model.layout
@@ -332,7 +332,7 @@ def validation_decoder(model: NezhaModel, select_by: str = "auto") -> str:
     return select_by
 
 
-def validate(model: NezhaModel, catalog: Catalog, verifier: PrefixVerifier, examples: Examples, beam: int,
+def validate(model: NezhaModel, catalog: ItemCodes, verifier: PrefixVerifier, examples: Examples, beam: int,
              max_users: int = 0, batch_size: int = 256, decoder: str | None = None, rank: int = 0,
              world_size: int = 1) -> dict[str, float]:
     """hit/ndcg@1,5,10 on `max_users` validation users. With world_size > 1 every rank decodes every
@@ -382,11 +382,12 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     catalog_dir = Path(cfg.prepared) / CATALOG_DIR
+    catalog: ItemCodes
     if data is None:
         catalog, split, _quantizer = load_prepared(cfg.prepared)
         data = InMemoryData(split, cfg.batch_size, cfg.seed, rank, world_size)
     else:
-        catalog = Catalog.load(catalog_dir)
+        catalog = ItemCodes.load(catalog_dir)  # codes only: the ids and titles are most of a large catalog
     model = create_model(cfg.model_config(catalog.codebook_sizes), seed=cfg.seed).to(device)
     model.train()
     verifier = catalog.verifier(device)
