@@ -72,6 +72,9 @@ class CatalogBenchConfig:
     decode_backbone: str = field(default="", metadata={
         "help": "with redis: time NEZHA decodes (batch 1 and 32) in the replica, idle and during the stream, "
                 "with this random-init preset (e.g. small; empty: not timed)"})
+    pin_replica: bool = field(default=False, metadata={
+        "help": "with redis: the replica process alone on the last CPU, Redis and the writer on the others (as on "
+                "separate machines)"})
     json: str | None = field(default=None, metadata={"help": "write the report here"})
 
     def __post_init__(self) -> None:
@@ -81,6 +84,10 @@ class CatalogBenchConfig:
             raise ConfigError(f"sustained: must be >= 0, got {self.sustained}")
         for shape in self.shapes:
             parse_shape(shape)
+        if self.pin_replica and not self.redis:
+            raise ConfigError("pin_replica: pins the Redis run's processes; add --redis true")
+        if self.pin_replica and len(os.sched_getaffinity(0)) < 2:
+            raise ConfigError(f"pin_replica: needs at least 2 CPUs, this process may use {len(os.sched_getaffinity(0))}")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -336,14 +343,14 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
 def bench_catalog(cfg: CatalogBenchConfig) -> dict[str, Any]:
     """`run_catalog_bench` from a config (the CLI's entry)."""
     values = asdict(cfg)
-    for key in ("redis", "rate", "stream_s", "decode_backbone"):
+    for key in ("redis", "rate", "stream_s", "decode_backbone", "pin_replica"):
         values.pop(key)
     values["shapes"] = [parse_shape(s) for s in cfg.shapes]
     values["json_path"] = values.pop("json")
     report = run_catalog_bench(**values)
     if cfg.redis:  # a real redis-server on a free port and a replica process per size (nezha.live_catalog_bench)
-        report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s, cfg.decode_backbone)
-                           for n in cfg.sizes]
+        report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s, cfg.decode_backbone,
+                                            pin_replica=cfg.pin_replica) for n in cfg.sizes]
         if cfg.json:
             Path(cfg.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -233,10 +233,14 @@ def _freeze_heap() -> None:
     freeze_heap()
 
 
-def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_freeze: bool = True) -> None:
+def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_freeze: bool = True,
+                 cpus: Sequence[int] = ()) -> None:
     """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times).
     With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream.
-    `gc_freeze`: freeze the heap once loaded (after the decoder's warm-up), as serve/replica.py does."""
+    `gc_freeze`: freeze the heap once loaded (after the decoder's warm-up), as serve/replica.py does. `cpus`:
+    run on these CPUs only (set before any thread starts, so every thread keeps them)."""
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
     baseline = _rss_mb()
     applied: list[tuple[int, float]] = []
     start = time.perf_counter()
@@ -258,7 +262,8 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
     local.apply, local.replace = timed_apply, timed_replace  # type: ignore[method-assign]
     print(json.dumps({"ready_s": round(ready_s, 2), "items": len(local), "version": local.version,
                       "rss_growth_mb": round(_rss_mb() - baseline), "rss_mb": round(_rss_mb()),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "replica_ran_on_cpus": sorted(os.sched_getaffinity(0))}), flush=True)
     follower.start()
     decodes: dict[str, Any] = {}
     if decode_backbone:
@@ -281,11 +286,12 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
 
 
 def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
-                 decode_backbone: str = "", gc_freeze: bool = True) -> dict[str, Any]:
+                 decode_backbone: str = "", gc_freeze: bool = True, replica_cpus: Sequence[int] = ()) -> dict[str, Any]:
     replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
                                 "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
-                                "sys.argv[4] == '1')", url, json.dumps(list(catalog.codebook_sizes)), decode_backbone,
-                                "1" if gc_freeze else "0"],
+                                "sys.argv[4] == '1', json.loads(sys.argv[5]))", url,
+                                json.dumps(list(catalog.codebook_sizes)), decode_backbone, "1" if gc_freeze else "0",
+                                json.dumps(list(replica_cpus))],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert replica.stdin is not None and replica.stdout is not None
     ready = json.loads(replica.stdout.readline())
@@ -438,19 +444,44 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def pin_split() -> tuple[set[int], set[int]]:
+    """(CPUs for Redis and the writer, CPUs for the replica): the last CPU this process may use for the replica,
+    the others for the rest, as when Redis and the admin client run on other machines than the replica."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"--pin-replica needs at least 2 CPUs, this process may use {len(cpus)}")
+    return set(cpus[:-1]), {cpus[-1]}
+
+
+def _pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` on `cpus` (redis-server starts its background threads before we can pin it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "",
-               gc_freeze: bool = True) -> dict[str, Any]:
+               gc_freeze: bool = True, pin_replica: bool = False) -> dict[str, Any]:
+    """Push, stream and add-by-text against a fresh redis-server. `pin_replica`: the replica process alone on
+    one CPU, Redis and this process (the writer) on the others (`pin_split`)."""
     row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "gc_freeze": gc_freeze,
                            "load_before": _load()}
     catalog = synthetic_catalog(n, sizes)
+    mine = os.sched_getaffinity(0)
+    others, replica_cpus = pin_split() if pin_replica else (mine, set())
+    if pin_replica:
+        row["pinned"] = {"redis_and_writer_cpus": sorted(others), "replica_cpus": sorted(replica_cpus)}
     with tempfile.TemporaryDirectory() as directory:
         proc, url = _start_redis(Path(directory))
         try:
+            if pin_replica:
+                _pin_process(proc.pid, others)
+                os.sched_setaffinity(0, others)
             row.update(bench_push(url, catalog))
             log.info("%d items: push %s", n, row)
-            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze))
+            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze, sorted(replica_cpus)))
             row.update(bench_add_by_text(url, sizes))
         finally:
+            os.sched_setaffinity(0, mine)
             proc.kill()
             proc.wait()
     row["load_after"] = _load()
@@ -470,8 +501,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                               "preset (e.g. small), idle and during the stream (also with --local-only)")
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                         help="the replica (or, with --local-only, the bench process) does not freeze its heap out of the cyclic GC")
+    parser.add_argument("--pin-replica", action="store_true",
+                        help="the replica process alone on the last CPU, Redis and the writer on the others, as on "
+                             "separate machines (not with --local-only)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.pin_replica and args.local_only:
+        parser.error("--pin-replica pins the Redis run's processes; --local-only has none")
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -480,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                   gc_freeze=args.gc_freeze),
                      "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
-                                                       args.gc_freeze))
+                                                       args.gc_freeze, args.pin_replica))
         log.info("%s", json.dumps(rows[-1]))  # each size's row as it lands (the JSON file gets them all)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -61,3 +62,26 @@ def test_local_copy_bench_streams_changes_at_a_rate(tmp_path):
     assert row["change_p50_ms"] is not None and row["valid_id_set_bytes_per_item"] > 0
     for phase in ("decode_idle", "decode_streaming"):  # decodes against the copy, idle and while it changes
         assert row[phase]["batch1"]["n"] >= 20 and row[phase]["batch32"]["p50_ms"] > 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning the replica apart needs 2 CPUs")
+def test_redis_bench_pins_the_replica_apart_from_redis_and_the_writer(tmp_path):
+    """`python -m nezha.live_catalog_bench --pin-replica`: a real redis-server, a push, a stream of changes
+    and a replica process that follows it on the last CPU alone while Redis and the writer use the others."""
+    from nezha.live_catalog_bench import main as live_bench
+
+    out = tmp_path / "redis.json"
+    live_bench(["--sizes", "2000", "--shape", "64x64x64", "--rate", "100", "--seconds", "1", "--pin-replica",
+                "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    cpus = sorted(os.sched_getaffinity(0))
+    assert row["pinned"] == {"redis_and_writer_cpus": cpus[:-1], "replica_cpus": cpus[-1:]}
+    assert row["replica_ran_on_cpus"] == cpus[-1:]
+    assert row["items"] == 2000 and row["changes"] >= 90 and row["unapplied"] == 0
+    assert row["resyncs_during_stream"] == 0 and 0 <= row["lag_p50_ms"] <= row["lag_max_ms"]
+    assert row["push_s"] > 0 and row["add_by_text_ms"] > 0
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the bench gave this process its CPUs back
+    with pytest.raises(SystemExit):
+        live_bench(["--sizes", "2000", "--local-only", "--pin-replica"])
+    with pytest.raises(ConfigError, match="add --redis true"):
+        CatalogBenchConfig(pin_replica=True)
