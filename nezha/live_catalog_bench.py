@@ -50,7 +50,14 @@ from typing import Any, overload
 import numpy as np
 import redis
 
-from nezha.live_catalog import CatalogFollower, LocalCatalog, NewItem, RedisCatalog, add_new_items
+from nezha.live_catalog import (
+    DEFAULT_FEED_MAXLEN,
+    CatalogFollower,
+    LocalCatalog,
+    NewItem,
+    RedisCatalog,
+    add_new_items,
+)
 from nezha.semantic_ids.quantizer import ResidualQuantizer
 
 log = logging.getLogger(__name__)
@@ -147,7 +154,7 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 1) if len(values) else None
 
 
-def bench_push(url: str, catalog: SyntheticCatalog) -> dict[str, Any]:
+def bench_push(url: str, catalog: SyntheticCatalog, feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> dict[str, Any]:
     admin = redis.Redis.from_url(url, decode_responses=True)
     admin.config_set("slowlog-log-slower-than", 1000)
     admin.config_set("slowlog-max-len", 100_000)
@@ -157,7 +164,7 @@ def bench_push(url: str, catalog: SyntheticCatalog) -> dict[str, Any]:
     probe = ctx.Process(target=_ping_probe, args=(url, started, stop, result))
     probe.start()
     started.wait(timeout=120)
-    store = RedisCatalog(url, socket_timeout=600)
+    store = RedisCatalog(url, feed_maxlen=feed_maxlen, socket_timeout=600)
     start = time.perf_counter()
     store.push(catalog, source="bench")  # type: ignore[arg-type]
     push_s = time.perf_counter() - start
@@ -234,18 +241,21 @@ def _freeze_heap() -> None:
 
 
 def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_freeze: bool = True,
-                 cpus: Sequence[int] = ()) -> None:
+                 cpus: Sequence[int] = (), feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> None:
     """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times).
     With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream.
     `gc_freeze`: freeze the heap once loaded (after the decoder's warm-up), as serve/replica.py does. `cpus`:
     run on these CPUs only (set before any thread starts, so every thread keeps them)."""
     if cpus:
         os.sched_setaffinity(0, set(cpus))
+    # the follower's lines (resyncs, snapshot blobs published) on this process's stderr, the bench's log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s replica %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     baseline = _rss_mb()
     applied: list[tuple[int, float]] = []
     start = time.perf_counter()
     local = LocalCatalog({}, sizes)
-    follower = CatalogFollower(RedisCatalog(url, socket_timeout=60), local, block_ms=200)
+    follower = CatalogFollower(RedisCatalog(url, feed_maxlen=feed_maxlen, socket_timeout=60), local, block_ms=200)
     follower.sync_once()
     ready_s = time.perf_counter() - start
     apply, replace = local.apply, local.replace
@@ -271,7 +281,7 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
     if gc_freeze:
         _freeze_heap()
     if decode_backbone:
-        decodes["decode_idle"] = decoder.run()
+        decodes["decode_idle"] = decoder.run(least=100)  # a p99 needs more than 20
         print(json.dumps(decodes), flush=True)  # the stream starts once the idle figures are in
         done = threading.Event()
         streaming = threading.Thread(target=lambda: decodes.update(decode_streaming=decoder.run(done)))
@@ -286,18 +296,19 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
 
 
 def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
-                 decode_backbone: str = "", gc_freeze: bool = True, replica_cpus: Sequence[int] = ()) -> dict[str, Any]:
+                 decode_backbone: str = "", gc_freeze: bool = True, replica_cpus: Sequence[int] = (),
+                 feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> dict[str, Any]:
     replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
                                 "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
-                                "sys.argv[4] == '1', json.loads(sys.argv[5]))", url,
+                                "sys.argv[4] == '1', json.loads(sys.argv[5]), int(sys.argv[6]))", url,
                                 json.dumps(list(catalog.codebook_sizes)), decode_backbone, "1" if gc_freeze else "0",
-                                json.dumps(list(replica_cpus))],
+                                json.dumps(list(replica_cpus)), str(feed_maxlen)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert replica.stdin is not None and replica.stdout is not None
     ready = json.loads(replica.stdout.readline())
     if decode_backbone:
         ready.update(json.loads(replica.stdout.readline()))  # idle decode figures
-    store = RedisCatalog(url, socket_timeout=60)
+    store = RedisCatalog(url, feed_maxlen=feed_maxlen, socket_timeout=60)
     rng = np.random.default_rng(1)
     space = int(np.prod(catalog.codebook_sizes))
     wanted = int((rate * seconds + 1000) / max(1 - catalog.num_items / space, 0.05) * 1.5)  # enough free IDs
@@ -320,6 +331,7 @@ def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
     replica.stdin.flush()
     record = json.loads(replica.stdout.readline())
     replica.wait(timeout=30)
+    feed_mb = store.client.memory_usage(store.feed, samples=0) / 2**20  # what the feed's cap costs Redis
     store.close()
     applied = sorted(record["applied"])
     versions = np.array([v for v, _ in applied])
@@ -331,7 +343,7 @@ def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
             lags.append(times[at] - t)
     return {**ready, "changes": n, "changes_per_s": round(achieved), "lag_p50_ms": _pct(lags, 50),
             "lag_p99_ms": _pct(lags, 99), "lag_max_ms": _pct(lags, 100), "unapplied": n - len(lags),
-            "resyncs_during_stream": record["resyncs"] - 1,
+            "resyncs_during_stream": record["resyncs"] - 1, "feed_entries_mb": round(feed_mb, 1),
             **({"decode_streaming": record["decode_streaming"]} if "decode_streaming" in record else {})}
 
 
@@ -460,11 +472,13 @@ def _pin_process(pid: int, cpus: set[int]) -> None:
 
 
 def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "",
-               gc_freeze: bool = True, pin_replica: bool = False) -> dict[str, Any]:
+               gc_freeze: bool = True, pin_replica: bool = False,
+               feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> dict[str, Any]:
     """Push, stream and add-by-text against a fresh redis-server. `pin_replica`: the replica process alone on
-    one CPU, Redis and this process (the writer) on the others (`pin_split`)."""
+    one CPU, Redis and this process (the writer) on the others (`pin_split`). `feed_maxlen`: the change feed's
+    cap (the replica republishes the snapshot blob once it is half a feed ahead of it)."""
     row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "gc_freeze": gc_freeze,
-                           "load_before": _load()}
+                           "feed_maxlen": feed_maxlen, "load_before": _load()}
     catalog = synthetic_catalog(n, sizes)
     mine = os.sched_getaffinity(0)
     others, replica_cpus = pin_split() if pin_replica else (mine, set())
@@ -476,9 +490,10 @@ def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_b
             if pin_replica:
                 _pin_process(proc.pid, others)
                 os.sched_setaffinity(0, others)
-            row.update(bench_push(url, catalog))
+            row.update(bench_push(url, catalog, feed_maxlen))
             log.info("%d items: push %s", n, row)
-            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze, sorted(replica_cpus)))
+            row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze, sorted(replica_cpus),
+                                    feed_maxlen))
             row.update(bench_add_by_text(url, sizes))
         finally:
             os.sched_setaffinity(0, mine)
@@ -504,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pin-replica", action="store_true",
                         help="the replica process alone on the last CPU, Redis and the writer on the others, as on "
                              "separate machines (not with --local-only)")
+    parser.add_argument("--feed-maxlen", type=int, default=DEFAULT_FEED_MAXLEN,
+                        help="the change feed's cap (Redis runs)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.pin_replica and args.local_only:
@@ -516,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                   gc_freeze=args.gc_freeze),
                      "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
-                                                       args.gc_freeze, args.pin_replica))
+                                                       args.gc_freeze, args.pin_replica, args.feed_maxlen))
         log.info("%s", json.dumps(rows[-1]))  # each size's row as it lands (the JSON file gets them all)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

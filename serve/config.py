@@ -17,7 +17,7 @@ from typing import Any
 
 from nezha.config import ConfigError
 from nezha.decoding import DECODERS
-from nezha.live_catalog import DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, REDIS_URL_ENV
+from nezha.live_catalog import DEFAULT_BATCH_MS, DEFAULT_FEED_MAXLEN, DEFAULT_PREFIX, REDIS_URL_ENV
 
 ADMIN_TOKEN_ENV = "NEZHA_ADMIN_TOKEN"
 RECOMMENDER = "Recommender"  # the deployment's name, as in the `deployments:` section
@@ -84,6 +84,9 @@ class ServeConfig:
                 f"(else ${REDIS_URL_ENV}; neither: in-process)"})
     redis_prefix: str = DEFAULT_PREFIX
     feed_block_ms: int = field(default=500, metadata={"help": "follower's XREAD BLOCK timeout"})
+    feed_batch_ms: int = field(default=DEFAULT_BATCH_MS, metadata={
+        "help": "after a feed read that found changes, the follower waits this long before the next, so that "
+                "a stream of changes is applied in batches (0: read again at once)"})
     feed_maxlen: int = DEFAULT_FEED_MAXLEN
     admin_token: str | None = field(default=None, repr=False, metadata={
         "help": f"bearer token of the catalog admin API (else ${ADMIN_TOKEN_ENV}; neither: admin API off)"})
@@ -111,6 +114,8 @@ class ServeConfig:
         for name in ("max_history_items", "max_batch_users", "max_body_bytes", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feed_batch_ms < 0:
+            raise ConfigError(f"feed_batch_ms must be >= 0, got {self.feed_batch_ms}")
 
     def resolved(self) -> ServeConfig:
         """Absolute checkpoint path; secrets from the environment where the config leaves them out."""

@@ -144,7 +144,7 @@ class Recommender:
             self.store: CatalogStore = RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen)
             self.follower = CatalogFollower(RedisCatalog(cfg.redis_url, cfg.redis_prefix, cfg.feed_maxlen,
                                                          socket_timeout=cfg.feed_block_ms / 1000 + 5),
-                                            self.local, block_ms=cfg.feed_block_ms,
+                                            self.local, block_ms=cfg.feed_block_ms, batch_ms=cfg.feed_batch_ms,
                                             logger=logging.getLogger("ray.serve.nezha.catalog"))
             self.follower.sync_once()  # start from Redis's view when it is reachable
             if self.local.source != "redis":  # unreachable or empty: serve the checkpoint's catalog meanwhile

@@ -128,6 +128,38 @@ def test_follower_applies_changes_within_a_second(store: RedisCatalog, follower:
     assert follower.degraded() == []
 
 
+@pytest.mark.parametrize("batch_ms", [1000, 0])
+def test_follower_applies_a_stream_of_changes_in_batches_and_a_lone_change_at_once(
+        redis_server: RedisServer, store: RedisCatalog, catalog: Catalog, batch_ms: int) -> None:  # noqa: F811
+    """Under a stream of changes the follower reads the feed every batch_ms at most, so each read is a batch
+    (0: a read and an apply for every change or two); a change after a quiet spell is applied at once."""
+    local = LocalCatalog.from_catalog(catalog)
+    applied: list[int] = []
+    apply = local.apply
+    local.apply = lambda entries: (applied.append(len(entries)), apply(entries))[1]  # type: ignore[method-assign]
+    follower = CatalogFollower(RedisCatalog(redis_server.url), local, block_ms=100, batch_ms=batch_ms)
+    follower.sync_once()
+    follower.start()
+    try:
+        ids = free_ids(local.used_ids(), catalog.codebook_sizes, 41)
+        for n, packed in enumerate(ids[:40]):  # ~1 s of changes, one every 25 ms
+            version = store.add([(f"STREAM-{n}", packed)])
+            time.sleep(0.025)
+        assert local.wait_for(version, timeout=5.0) and sum(applied) == 40
+        if batch_ms:
+            assert len([a for a in applied if a]) <= 4, applied  # ~1 s of changes / 1 s between reads
+        else:
+            assert len([a for a in applied if a]) >= 20, applied
+        time.sleep(1.5)  # quiet for longer than batch_ms: the next change is read as soon as it lands
+        start = time.monotonic()
+        version = store.add([("LONE", ids[40])])
+        assert local.wait_for(version, timeout=5.0)
+        assert time.monotonic() - start < 0.5
+    finally:
+        follower.stop()
+        follower.join(timeout=5)
+
+
 def test_follower_resyncs_after_a_push(store: RedisCatalog, follower: CatalogFollower, catalog: Catalog) -> None:
     resyncs = follower.health.resyncs
     version = store.push(catalog)

@@ -27,7 +27,7 @@ from nezha.live_catalog.errors import (
     StoreUnavailableError,
     WriteNotConfirmedError,
 )
-from nezha.live_catalog.follower import CatalogFollower, FollowerHealth, freeze_heap
+from nezha.live_catalog.follower import DEFAULT_BATCH_MS, CatalogFollower, FollowerHealth, freeze_heap
 from nezha.live_catalog.item_table import ItemMap, ItemTable
 from nezha.live_catalog.local import CatalogView, LocalCatalog
 from nezha.live_catalog.memory_store import InProcessStore
@@ -51,7 +51,7 @@ from nezha.live_catalog.store import (
 )
 
 __all__ = [
-    "DEFAULT_FEED_MAXLEN", "DEFAULT_PREFIX", "MAX_ITEM_ID_CHARS", "META_FIELDS", "REDIS_URL_ENV",
+    "DEFAULT_BATCH_MS", "DEFAULT_FEED_MAXLEN", "DEFAULT_PREFIX", "MAX_ITEM_ID_CHARS", "META_FIELDS", "REDIS_URL_ENV",
     "CatalogConflictError", "CatalogFollower", "CatalogView", "ItemMeta", "CatalogStore", "CatalogStoreError",
     "FeedEntry", "FollowerHealth", "IdTakenError", "InProcessStore", "InvalidItemError", "ItemExistsError",
     "ItemMap", "ItemNotFoundError", "ItemTable", "LocalCatalog", "MemoryMeta", "MetaSource", "NewItem",

@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from nezha.live_catalog.errors import InvalidItemError
 
 DEFAULT_PREFIX = "nezha:catalog"
-DEFAULT_FEED_MAXLEN = 10_000
+DEFAULT_FEED_MAXLEN = 100_000  # ~200 B of Redis memory a change: ~20 MB; see docs/operations.md, "Catalog size"
 REDIS_URL_ENV = "NEZHA_REDIS_URL"
 MAX_ITEM_ID_CHARS = 256
 
