@@ -371,8 +371,8 @@ def train(cfg: TrainConfig, *, stepper_factory: Callable[[NezhaModel, Plan], Ste
     The distributed trainer also passes `resume()` (called once the stepper exists: the state of a loaded
     full-state checkpoint, or None), `on_step(state)` (every rank, after each step and its validation) and
     `shard_validation` (every rank scores a slice of the validation users instead of rank 0 all of them).
-    `data` replaces the split loaded into memory (train/ streams it from Ray Data); the catalog is still read
-    from `cfg.prepared`.
+    `data` replaces the split loaded into memory (train/ streams it from Ray Data); the catalog's codes are
+    still read from `cfg.prepared` (`ItemCodes`: without the ids and titles, which training never reads).
     """
     if cfg.patience and world_size > 1:
         # Rank 0 alone decides an early stop; the other ranks would be left waiting in a collective.
