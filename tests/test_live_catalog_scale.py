@@ -336,13 +336,13 @@ pairs_ops = st.lists(st.tuples(st.booleans(), st.integers(0, 40), st.integers(0,
 
 @settings(max_examples=60, deadline=None)
 @given(initial=st.dictionaries(st.integers(0, 60), st.integers(0, 40), max_size=30), ops=pairs_ops,
-       merge_at=st.sampled_from([1, 3, 1000]))
+       merge_at=st.sampled_from([1, 3, 8, 1000]))
 def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops: list[tuple[bool, int, int]],
                                                    merge_at: int) -> None:
     """Adds and removes as Redis allows them (an add of a free id and packed ID, a removal of a held pair),
     merged into new tables at any point: the map answers like a pair of dicts, and reports born/died IDs."""
-    old = item_table.MERGE_AT, item_table.RECENT_AT
-    item_table.MERGE_AT, item_table.RECENT_AT = merge_at, max(1, merge_at // 3)
+    old = item_table.MERGE_AT, item_table.MIDDLE_AT, item_table.RECENT_AT
+    item_table.MERGE_AT, item_table.MIDDLE_AT, item_table.RECENT_AT = merge_at, max(1, merge_at // 2), max(1, merge_at // 4)
     try:
         by_item: dict[str, int] = {}  # item id -> packed ID, one-to-one
         for packed, item_n in initial.items():
@@ -370,13 +370,14 @@ def test_item_map_matches_a_dict_after_any_changes(initial: dict[int, int], ops:
         for p in range(61):
             assert items.item_of(p) == holder.get(p) and items.has_packed(p) == (p in holder)
     finally:
-        item_table.MERGE_AT, item_table.RECENT_AT = old
+        item_table.MERGE_AT, item_table.MIDDLE_AT, item_table.RECENT_AT = old
 
 
 def test_the_maps_merge_in_a_thread_of_their_own_while_changes_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """A full bottom layer is merged into a new table off the apply path: changes applied while the merge
     runs answer at once and are replayed on the merged table, which then replaces the layers."""
     monkeypatch.setattr(item_table, "MERGE_AT", 6)
+    monkeypatch.setattr(item_table, "MIDDLE_AT", 3)
     monkeypatch.setattr(item_table, "RECENT_AT", 2)
     release, started = threading.Event(), threading.Event()
     as_table = ItemMap.as_table
@@ -404,7 +405,7 @@ def test_the_maps_merge_in_a_thread_of_their_own_while_changes_go_on(monkeypatch
         assert {i: view.items.packed_of(i) for i in by_item} == by_item and len(view.items) == len(by_item)
         assert sorted(view.verifier.ids) == sorted(by_item.values()) == view.items.packed_ids().tolist()
 
-    for n in range(10):  # past MERGE_AT: the merge starts, and waits
+    for n in range(14):  # past MERGE_AT in the bottom layer: the merge starts, and waits
         change("add", f"N{n}", 100 + n)
     assert started.wait(10) and local._merge is not None
     for n in range(5):  # applied at once while the merge is held

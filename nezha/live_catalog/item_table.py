@@ -3,13 +3,15 @@
     StringColumn  strings as one UTF-8 buffer + int64 offsets (8 bytes an item plus the text)
     ItemTable     a catalog's (item id, packed ID) pairs: rows in a StringColumn, a sorted packed-ID index
                   and a sorted hash index of the item ids (about 40 bytes an item plus the id's text)
-    ItemMap       an ItemTable plus the changes applied since it was built (two small layers of dicts): what
-                  one catalog version is; a change makes a new ItemMap and leaves the old one as it was
+    ItemMap       an ItemTable plus the changes applied since it was built (three small layers of dicts):
+                  what one catalog version is; a change makes a new ItemMap and leaves the old one as it was
 
 Lookups are binary searches (item id -> hash -> candidate rows whose text is compared). A change copies
-the top layer (<= RECENT_AT entries); every RECENT_AT changes it folds into the lower layer (a copy of
-<= MERGE_AT entries), and every MERGE_AT changes that merges into a new table in O(N) numpy passes (no
-sort of the catalog).
+the top layer (<= RECENT_AT entries); every RECENT_AT changes it folds into the middle layer (a copy of
+<= MIDDLE_AT entries), every MIDDLE_AT changes that folds into the bottom one (a copy of <= MERGE_AT
+entries), and every MERGE_AT changes the bottom layer merges into a new table in O(N) numpy passes (no
+sort of the catalog). The middle layer keeps the copy most folds make small: with two layers every
+RECENT_AT changes copied up to MERGE_AT entries, the replica's slowest applies.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Entries (adds + removes) of the lower layer that trigger a merge into a new table, and of the top layer
-# that fold it into the lower one (see ItemMap).
+# Entries (adds + removes) of the bottom layer that trigger a merge into a new table, and of the middle and
+# top layers that fold each into the one below (see ItemMap).
 MERGE_AT = 32768
+MIDDLE_AT = 4096
 RECENT_AT = 256
 # Rows gathered per step when compacting (bounds the temporary index arrays).
 _GATHER_BYTES = 1 << 21
@@ -311,10 +314,11 @@ class ItemMap:
     """One catalog version's item id <-> packed ID maps: a base (a table, or another ItemMap) plus the changes
     made since it (a layer of small dicts, copied by every change).
 
-    `ItemMap.of(table)` stacks two layers on the table: a change copies the top one (at most RECENT_AT
-    entries), a full top layer is folded into the one below (at most MERGE_AT entries, copied once per
-    RECENT_AT changes), and a full lower layer is merged into a new table (O(N), once per MERGE_AT changes).
-    With `merge=False` the lower layer keeps growing instead, `merge_due` says so, and the owner merges
+    `ItemMap.of(table)` stacks three layers on the table: a change copies the top one (at most RECENT_AT
+    entries), a full top layer is folded into the middle one (at most MIDDLE_AT entries, copied once per
+    RECENT_AT changes), a full middle layer into the bottom one (at most MERGE_AT entries, copied once per
+    MIDDLE_AT changes), and a full bottom layer is merged into a new table (O(N), once per MERGE_AT changes).
+    With `merge=False` the bottom layer keeps growing instead, `merge_due` says so, and the owner merges
     (`as_table`) where it does not hold up a change: LocalCatalog does it in a thread of its own.
     """
 
@@ -326,7 +330,7 @@ class ItemMap:
 
     @classmethod
     def of(cls, table: ItemTable) -> ItemMap:
-        return cls(cls(table, MERGE_AT), RECENT_AT)
+        return cls(cls(cls(table, MERGE_AT), MIDDLE_AT), RECENT_AT)
 
     @property
     def table(self) -> ItemTable:
@@ -382,7 +386,7 @@ class ItemMap:
                 merge: bool = True) -> tuple[ItemMap, np.ndarray, np.ndarray]:
         """The map after `changes` ((add|remove, item id, packed ID), in order), and the packed IDs that became
         valid and invalid. A removal only drops a pair that is there; an add sets both directions.
-        merge=False: a full lower layer is not merged into a new table here (see `merge_due`)."""
+        merge=False: a full bottom layer is not merged into a new table here (see `merge_due`)."""
         changes = list(changes)
         added_items, added_ids, removed = dict(self.added_items), dict(self.added_ids), set(self.removed)
         touched = np.fromiter(dict.fromkeys(p for _, _, p in changes), dtype=np.int64)
@@ -413,13 +417,28 @@ class ItemMap:
         return base.merged(np.fromiter(gone, dtype=np.int64, count=len(gone)),
                            [(item, p) for p, item in self.added_ids.items()])
 
+    def absorbed(self, layer: ItemMap, merge: bool = True) -> ItemMap:
+        """This map with `layer`, a layer stacked on it, folded in: dict operations only, no lookups, since
+        `changed` checked each of the layer's changes against this map when it made them (its removals are
+        IDs held below it, its adds the pairs it holds)."""
+        added_items, added_ids, removed = dict(self.added_items), dict(self.added_ids), set(self.removed)
+        for packed in layer.removed:
+            item = added_ids.pop(packed, None)
+            if item is None:
+                removed.add(packed)  # held below this layer
+            elif added_items.get(item) == packed:
+                del added_items[item]
+        for packed, item in layer.added_ids.items():
+            added_ids[packed] = item
+            added_items[item] = packed
+        after = ItemMap(self.base, self.fold_at, added_items, added_ids, frozenset(removed))
+        return after.folded(merge) if len(added_ids) + len(removed) > self.fold_at else after
+
     def folded(self, merge: bool = True) -> ItemMap:
         """The same catalog with this layer folded into its base (merged into a new table at the bottom, unless
         not `merge`: the bottom layer then stays as it is)."""
         if isinstance(self.base, ItemMap):
-            net = [("remove", self.base.item_of(p) or "", p) for p in self.removed]
-            net += [("add", item, p) for p, item in self.added_ids.items()]
-            return ItemMap(self.base.changed(net, merge)[0], self.fold_at)
+            return ItemMap(self.base.absorbed(self, merge), self.fold_at)
         if not merge:
             return self
         gone = set(self.removed) | {p for p in self.added_ids if self.base.has_packed(p)}
