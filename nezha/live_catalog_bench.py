@@ -363,6 +363,29 @@ def bench_add_by_text(url: str, sizes: Sequence[int], reps: int = 3) -> dict[str
     return {"add_by_text_ms": round(float(np.median(times)) * 1e3, 1)}
 
 
+class SyntheticChanges:
+    """Feed entries for a synthetic catalog whose first `n` of `packed` are items B000000000, B000000001, ...:
+    alternately an add of the next unused ID (item N<version>) and a removal of the next original item,
+    versions counted from 1. `changes(count)` gives the next `count` entries."""
+
+    def __init__(self, packed: np.ndarray, n: int) -> None:
+        self.packed, self.fresh = packed, iter(packed[n:].tolist())
+        self.version = self.gone = 0
+
+    def __call__(self, count: int) -> list[Any]:
+        from nezha.live_catalog import FeedEntry
+
+        entries = []
+        for j in range(count):
+            self.version += 1
+            if j % 2 == 0:
+                entries.append(FeedEntry(self.version, "add", [(f"N{self.version:09d}", next(self.fresh))]))
+            else:
+                entries.append(FeedEntry(self.version, "remove", [(f"B{self.gone:09d}", int(self.packed[self.gone]))]))
+                self.gone += 1
+        return entries
+
+
 def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 0,
                      seconds: float = 0.0, decode_backbone: str = "", gc_freeze: bool = True) -> dict[str, Any]:
     """The replica's copy alone: build, memory, one change and 1,000 at once; with `rate` and `seconds`, also
@@ -372,7 +395,7 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
     own cost of following the catalog, without Redis and a writer on the same cores. `gc_freeze`: the heap is
     frozen before the stream (after the decoder's warm-up), as a serving replica does."""
     # Imported here: the older checkouts this file also measures have no ItemTable.
-    from nezha.live_catalog import FeedEntry, ItemTable
+    from nezha.live_catalog import ItemTable
     from nezha.live_catalog.item_table import StringColumn
 
     rng = np.random.default_rng(0)
@@ -389,20 +412,7 @@ def bench_local_copy(n: int, sizes: Sequence[int], reps: int = 200, rate: int = 
     del ids
     growth = _rss_mb() - base
     verifier = local.verifier.nbytes() if hasattr(local.verifier, "nbytes") else {}
-    fresh = iter(packed[n:].tolist())
-    version, gone = 0, 0
-
-    def changes(count: int) -> list[Any]:
-        nonlocal version, gone
-        entries = []
-        for j in range(count):
-            version += 1
-            if j % 2 == 0:
-                entries.append(FeedEntry(version, "add", [(f"N{version:09d}", next(fresh))]))
-            else:
-                entries.append(FeedEntry(version, "remove", [(f"B{gone:09d}", int(packed[gone]))]))
-                gone += 1
-        return entries
+    changes = SyntheticChanges(packed, n)
 
     one, batch = [], []
     for _ in range(reps):

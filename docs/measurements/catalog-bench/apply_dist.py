@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from nezha.live_catalog import FeedEntry, ItemTable, LocalCatalog
+from nezha.live_catalog import ItemTable, LocalCatalog
 from nezha.live_catalog.item_table import StringColumn
+from nezha.live_catalog_bench import SyntheticChanges
 
 
 def main(n: int, applies: int, batch: int = 20) -> dict[str, float]:
@@ -21,18 +22,10 @@ def main(n: int, applies: int, batch: int = 20) -> dict[str, float]:
     packed = rng.choice(256**3, size=n + max(300_000, applies * batch), replace=False)
     ids = StringColumn.from_encoded(b"".join(f"B{i:09d}".encode() for i in range(n)), np.full(n, 10, dtype=np.int64))
     local = LocalCatalog(ItemTable.build(ids, packed[:n]), (256, 256, 256))
-    fresh = iter(packed[n:].tolist())
-    version = gone = 0
+    changes = SyntheticChanges(packed, n)
     times = []
     for _ in range(applies):
-        entries = []
-        for j in range(batch):
-            version += 1
-            if j % 2 == 0:
-                entries.append(FeedEntry(version, "add", [(f"N{version:09d}", next(fresh))]))
-            else:
-                entries.append(FeedEntry(version, "remove", [(f"B{gone:09d}", int(packed[gone]))]))
-                gone += 1
+        entries = changes(batch)
         start = time.perf_counter()
         local.apply(entries)
         times.append((time.perf_counter() - start) * 1e3)
