@@ -10,8 +10,10 @@ Lookups are binary searches (item id -> hash -> candidate rows whose text is com
 the top layer (<= RECENT_AT entries); every RECENT_AT changes it folds into the middle layer (a copy of
 <= MIDDLE_AT entries), every MIDDLE_AT changes that folds into the bottom one (a copy of <= MERGE_AT
 entries), and every MERGE_AT changes the bottom layer merges into a new table in O(N) numpy passes (no
-sort of the catalog). The middle layer keeps the copy most folds make small: with two layers every
-RECENT_AT changes copied up to MERGE_AT entries, the replica's slowest applies.
+sort of the catalog). A fold merges a layer's dicts into the copy below without looking anything up (the
+changes were checked when made), and the middle layer keeps the frequent folds' copies small: these folds,
+each replaying its changes with a lookup apiece into a copy of up to MERGE_AT entries, were a replica's
+slowest applies.
 """
 
 from __future__ import annotations
