@@ -36,6 +36,7 @@ import torch
 from nezha.config import ConfigError
 from nezha.device import cpu_model, device_name, resolve_device
 from nezha.live_catalog_bench import bench_size as bench_redis_size
+from nezha.live_catalog_bench import pin_split
 from nezha.timing import latency_stats, synchronize
 from nezha.verify import PrefixVerifier
 from nezha.verify.codec import random_packed_ids
@@ -86,8 +87,11 @@ class CatalogBenchConfig:
             parse_shape(shape)
         if self.pin_replica and not self.redis:
             raise ConfigError("pin_replica: pins the Redis run's processes; add --redis true")
-        if self.pin_replica and len(os.sched_getaffinity(0)) < 2:
-            raise ConfigError(f"pin_replica: needs at least 2 CPUs, this process may use {len(os.sched_getaffinity(0))}")
+        if self.pin_replica:
+            try:
+                pin_split()
+            except ValueError as exc:
+                raise ConfigError(f"pin_replica: {exc}") from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -471,7 +471,7 @@ def pin_split() -> tuple[set[int], set[int]]:
     the others for the rest, as when Redis and the admin client run on other machines than the replica."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        raise ValueError(f"--pin-replica needs at least 2 CPUs, this process may use {len(cpus)}")
+        raise ValueError(f"pinning the replica apart needs at least 2 CPUs, this process may use {len(cpus)}")
     return set(cpus[:-1]), {cpus[-1]}
 
 
@@ -535,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.pin_replica and args.local_only:
         parser.error("--pin-replica pins the Redis run's processes; --local-only has none")
+    if args.pin_replica:
+        try:
+            pin_split()
+        except ValueError as exc:
+            parser.error(str(exc))
     sizes = tuple(int(s) for s in args.shape.split("x"))
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

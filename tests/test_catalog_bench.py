@@ -85,3 +85,11 @@ def test_redis_bench_pins_the_replica_apart_from_redis_and_the_writer(tmp_path):
         live_bench(["--sizes", "2000", "--local-only", "--pin-replica"])
     with pytest.raises(ConfigError, match="add --redis true"):
         CatalogBenchConfig(pin_replica=True)
+    os.sched_setaffinity(0, {cpus[0]})  # one CPU: nothing to pin the replica apart on
+    try:
+        with pytest.raises(ConfigError, match="needs at least 2 CPUs, this process may use 1"):
+            CatalogBenchConfig(redis=True, pin_replica=True)
+        with pytest.raises(SystemExit):
+            live_bench(["--sizes", "2000", "--pin-replica"])
+    finally:
+        os.sched_setaffinity(0, set(cpus))
