@@ -292,7 +292,10 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
         streaming.join()
     local.wait_for(target, timeout=120)
     follower.stop()
-    print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs, **decodes}), flush=True)
+    merged = local.merged()
+    print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs, **decodes,
+                      "last_merge_version": merged[0] if merged else None,
+                      "blob_version": follower._blob_version}), flush=True)
 
 
 def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
@@ -344,6 +347,8 @@ def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
     return {**ready, "changes": n, "changes_per_s": round(achieved), "lag_p50_ms": _pct(lags, 50),
             "lag_p99_ms": _pct(lags, 99), "lag_max_ms": _pct(lags, 100), "unapplied": n - len(lags),
             "resyncs_during_stream": record["resyncs"] - 1, "feed_entries_mb": round(feed_mb, 1),
+            "replica_last_merge_version": record.get("last_merge_version"),
+            "replica_blob_version": record.get("blob_version"),
             **({"decode_streaming": record["decode_streaming"]} if "decode_streaming" in record else {})}
 
 

@@ -6,6 +6,8 @@ dict model by hypothesis)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -204,6 +206,44 @@ def test_a_blob_older_than_the_feed_is_scanned_past_and_republished(redis_server
                 if k != f"{store.blob_key}:lock" and store.client.ttl(k) != -1]  # no staged keys left behind
 
 
+def test_a_follower_publishes_its_last_merged_table_as_the_blob(redis_server: RedisServer,  # noqa: F811
+                                                                 store: RedisCatalog,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the blob is half a feed behind, a follower whose maps merged recently publishes that merge's table
+    at its version (no second O(N) pass), and a replica starting then reads it plus the feed since."""
+    monkeypatch.setattr(item_table, "MERGE_AT", 6)
+    monkeypatch.setattr(item_table, "MIDDLE_AT", 3)
+    monkeypatch.setattr(item_table, "RECENT_AT", 2)
+    catalog = synthetic_catalog(500)
+    pushed = store.push(catalog)
+    local = LocalCatalog({}, SIZES)
+    follower = CatalogFollower(RedisCatalog(redis_server.url, feed_maxlen=40), local, block_ms=100,
+                               max_backoff_s=0.2, batch_ms=0)
+    follower.sync_once()
+    assert follower._blob_version == pushed and follower._publisher is None  # the push's blob is current
+    free = iter(p for p in range(int(np.prod(SIZES))) if p not in set(catalog.packed.tolist()))
+    as_table = ItemMap.as_table
+    monkeypatch.setattr(ItemMap, "as_table", lambda self: pytest.fail("a second O(N) pass") if threading.current_thread()
+                        .name == "nezha-catalog-blob" else as_table(self))
+    for n in range(25):  # one change a read; past 20 (half the feed) ahead of the push's blob, it publishes
+        store.add([(f"LATE-{n}", next(free))])
+        if local._merge is not None:
+            local._merge._thread.join(10)  # so each merge is swapped in by the next change
+        follower._step()
+        if follower._publisher is not None:
+            break
+    assert follower._publisher is not None and local.version == pushed + 21
+    follower._publisher.join(10)
+    merged = local.merged()
+    assert merged is not None and pushed < merged[0] < local.version
+    assert store.blob_state()[1] == merged[0] == follower._blob_version
+    store.add([("LATER", next(free))])
+    snapshot = store.snapshot()
+    assert snapshot is not None and snapshot.blob_version == merged[0]  # the blob plus the feed since it
+    follower._step()
+    assert dict(snapshot.table.pairs()) == redis_items(store) == local_items(local)
+
+
 def test_a_follower_that_overruns_the_feed_resyncs_once_and_catches_up(redis_server: RedisServer,  # noqa: F811
                                                                        store: RedisCatalog) -> None:
     catalog = synthetic_catalog(2000)
@@ -382,7 +422,10 @@ def test_the_maps_merge_in_a_thread_of_their_own_while_changes_go_on(monkeypatch
     release, started = threading.Event(), threading.Event()
     as_table = ItemMap.as_table
 
+    priorities: list[int] = []
+
     def slow_as_table(self: ItemMap) -> ItemTable:  # the merge thread waits until the test lets it finish
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         started.set()
         assert release.wait(10)
         return as_table(self)
@@ -418,5 +461,10 @@ def test_the_maps_merge_in_a_thread_of_their_own_while_changes_go_on(monkeypatch
     table = local.view().items.table  # the catalog as the merge began (the adds); the later changes layered on it
     assert local._merge is not merging and table is not first_table and table.has_packed(105) and table.has_packed(0)
     assert local.view().items.packed_of("I0") is None
+    # the merged table is kept with its version (what a follower publishes as the snapshot blob)
+    assert local.merged() == (merging.version, table) and merging.version == 12
+    assert dict(table.pairs()) == {**{f"I{i}": i for i in range(20)}, **{f"N{n}": 100 + n for n in range(12)}}
+    if sys.platform.startswith("linux"):  # the merge ran at the lowest priority, the applying thread did not
+        assert priorities[0] == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
     local.replace({"ONLY": 7}, version + 1, source="redis")  # a resync drops any merge in flight
     assert local._merge is None and local.lookup(["ONLY", "I9"]) == ([7], ["I9"])

@@ -12,7 +12,9 @@ never a mix of the two histories.
 
 A snapshot starts from Redis's snapshot blob when the feed still reaches back to it (redis_store.py). When
 its copy is more than half a feed ahead of that blob (or there is none), a follower publishes its copy as
-the new blob from a background thread, at most every BLOB_CHECK_S, so the next replica starts from it.
+the new blob from a background thread at the lowest OS priority, at most every BLOB_CHECK_S, so the next
+replica starts from it. Where the copy's last merge of its maps is recent enough (within half a feed), that
+merge's table is published as it is, at its version: no second O(N) pass over the catalog.
 
 The follower's applies allocate Python objects steadily (feed entries, dicts), so they trigger the cyclic
 GC's full collections, which walk every object of the process (the model, torch, the catalog) while
@@ -26,10 +28,12 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nezha.live_catalog.errors import CatalogStoreError, NoCatalogError, StoreUnavailableError
-from nezha.live_catalog.local import CatalogView, LocalCatalog
+from nezha.live_catalog.item_table import ItemTable
+from nezha.live_catalog.local import LocalCatalog, lower_thread_priority
 from nezha.live_catalog.redis_store import RedisCatalog, RedisItemMeta, Snapshot
 from nezha.live_catalog.store import FeedEntry
 
@@ -234,15 +238,23 @@ class CatalogFollower(threading.Thread):
             self._blob_version = version
             if self.local.version - version <= ahead:
                 return
-        self._publisher = threading.Thread(target=self._publish, args=(self.local.view(), self._epoch),
+        merged = self.local.merged()
+        if merged is not None and merged[0] > (self._blob_version or 0) and self.local.version - merged[0] <= ahead:
+            version, table_of = merged[0], lambda: merged[1]
+        else:
+            view = self.local.view()
+            version, table_of = view.version, view.items.as_table
+        self._publisher = threading.Thread(target=self._publish, args=(table_of, version, self._epoch),
                                            name="nezha-catalog-blob", daemon=True)
         self._publisher.start()
 
-    def _publish(self, view: CatalogView, epoch: str | None) -> None:
-        """In its own thread: the view as one table (O(N)), written as the blob (short commands only)."""
+    def _publish(self, table_of: Callable[[], ItemTable], version: int, epoch: str | None) -> None:
+        """In its own thread, at the lowest priority: the catalog at `version` as one table (`table_of`: O(N)
+        unless a merge built it), written as the blob (short commands only)."""
+        lower_thread_priority()
         try:
             start = time.perf_counter()
-            status = self.store.publish_snapshot(view.items.as_table(), view.version, epoch or "")
+            status = self.store.publish_snapshot(table_of(), version, epoch or "")
         except StoreUnavailableError as exc:
             self._log.info("snapshot blob not published: %s", exc)
             return
@@ -250,8 +262,8 @@ class CatalogFollower(threading.Thread):
             self._log.exception("snapshot blob publish failed")
             return
         if status == "ok":
-            self._blob_version = view.version
-        self._log.info("snapshot blob of version %d: %s (%.1f s)", view.version, status, time.perf_counter() - start)
+            self._blob_version = version
+        self._log.info("snapshot blob of version %d: %s (%.1f s)", version, status, time.perf_counter() - start)
 
     def _ok(self, remote_version: int) -> None:
         h = self.health
