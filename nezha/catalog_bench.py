@@ -76,6 +76,9 @@ class CatalogBenchConfig:
     pin_replica: bool = field(default=False, metadata={
         "help": "with redis: the replica process alone on the last CPU, Redis and the writer on the others (as on "
                 "separate machines)"})
+    decode_busy: float = field(default=1.0, metadata={
+        "help": "with redis and decode_backbone: the decode thread's share of busy time (1: back to back, a saturated "
+                "replica; 0.7: idle time left for the replica's background work)"})
     json: str | None = field(default=None, metadata={"help": "write the report here"})
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class CatalogBenchConfig:
             raise ConfigError(f"sustained: must be >= 0, got {self.sustained}")
         for shape in self.shapes:
             parse_shape(shape)
+        if not 0 < self.decode_busy <= 1:
+            raise ConfigError(f"decode_busy: a share in (0, 1], got {self.decode_busy}")
         if self.pin_replica and not self.redis:
             raise ConfigError("pin_replica: pins the Redis run's processes; add --redis true")
         if self.pin_replica:
@@ -347,14 +352,15 @@ def _run(sizes: Sequence[int], shapes: Sequence[Sequence[int]], reps: int, batch
 def bench_catalog(cfg: CatalogBenchConfig) -> dict[str, Any]:
     """`run_catalog_bench` from a config (the CLI's entry)."""
     values = asdict(cfg)
-    for key in ("redis", "rate", "stream_s", "decode_backbone", "pin_replica"):
+    for key in ("redis", "rate", "stream_s", "decode_backbone", "pin_replica", "decode_busy"):
         values.pop(key)
     values["shapes"] = [parse_shape(s) for s in cfg.shapes]
     values["json_path"] = values.pop("json")
     report = run_catalog_bench(**values)
     if cfg.redis:  # a real redis-server on a free port and a replica process per size (nezha.live_catalog_bench)
         report["redis"] = [bench_redis_size(n, values["shapes"][0], cfg.rate, cfg.stream_s, cfg.decode_backbone,
-                                            pin_replica=cfg.pin_replica) for n in cfg.sizes]
+                                            pin_replica=cfg.pin_replica, decode_busy=cfg.decode_busy)
+                          for n in cfg.sizes]
         if cfg.json:
             Path(cfg.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

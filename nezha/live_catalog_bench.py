@@ -15,7 +15,9 @@ For each size, on a fresh redis-server (no persistence, a free loopback port) an
               random histories at batch 1 and 32 (beam 10, one torch thread, the replica's current view)
               timed while the follower is idle and again while the stream lands: p50/p99 of each. Like a
               serving replica, the process first freezes its heap out of the cyclic GC (freeze_heap;
-              --no-gc-freeze: not, as before that existed).
+              --no-gc-freeze: not, as before that existed). Back to back by default (a saturated replica,
+              no idle time for its background work); --decode-busy 0.7 pauses 3/7 of each decode's length
+              after it. The replica reports the version of its last maps merge and of the blob it published.
 With --local-only, no Redis: a replica's copy built from the arrays a snapshot yields (ItemTable) and
 changed through LocalCatalog.apply, in this process: build time, RSS growth, bytes per item of the maps
 and of the verifier's valid-ID set, and one change / a batch of 1,000 changes applied (p50/p99), then
@@ -189,11 +191,14 @@ def _rss_mb() -> float:
 
 
 class _Decodes:
-    """NEZHA decodes against a replica's current catalog view, as a serving replica runs them (one thread)."""
+    """NEZHA decodes against a replica's current catalog view, as a serving replica runs them (one thread).
+    `busy`: the share of the time spent decoding (1.0: back to back, a saturated replica; 0.7: each decode
+    followed by a pause of 3/7 of its length, a replica with idle time for its background work)."""
 
     batches = (1, 32)
 
-    def __init__(self, backbone: str, sizes: Sequence[int], local: LocalCatalog, beam: int = 10) -> None:
+    def __init__(self, backbone: str, sizes: Sequence[int], local: LocalCatalog, beam: int = 10,
+                 busy: float = 1.0) -> None:
         import torch
 
         from nezha.model.checkpoint import create_model
@@ -202,7 +207,7 @@ class _Decodes:
         torch.set_num_threads(1)
         self.model = create_model(ModelConfig(backbone=backbone, codebook_sizes=list(sizes),
                                               objectives=["nezha", "lm", "mtp"]), seed=0).eval()
-        self.local, self.beam = local, beam
+        self.local, self.beam, self.busy = local, beam, busy
         self.rng = np.random.default_rng(3)
         self.known = local.view().items.packed_ids()  # history items (a later removal does not matter)
         self.times: dict[int, list[float]] = {b: [] for b in self.batches}
@@ -219,7 +224,10 @@ class _Decodes:
         start = time.perf_counter()
         with torch.inference_mode():
             decode(self.model, "nezha", histories, view.verifier, beam=self.beam)
-        self.times[batch].append(time.perf_counter() - start)
+        took = time.perf_counter() - start
+        self.times[batch].append(took)
+        if self.busy < 1:
+            time.sleep(took * (1 - self.busy) / self.busy)
 
     def run(self, until: threading.Event | None = None, least: int = 20) -> dict[str, Any]:
         """Alternate batch sizes until `until` is set (None: at once) and at least `least` of each; p50/p99 (ms)
@@ -241,11 +249,12 @@ def _freeze_heap() -> None:
 
 
 def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_freeze: bool = True,
-                 cpus: Sequence[int] = (), feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> None:
+                 cpus: Sequence[int] = (), feed_maxlen: int = DEFAULT_FEED_MAXLEN, decode_busy: float = 1.0) -> None:
     """A replica process: ready from Redis alone, then follow; prints JSON lines (ready, then applied times).
     With `decode_backbone`, also times decodes idle (before reading the stream's target) and during the stream.
     `gc_freeze`: freeze the heap once loaded (after the decoder's warm-up), as serve/replica.py does. `cpus`:
-    run on these CPUs only (set before any thread starts, so every thread keeps them)."""
+    run on these CPUs only (set before any thread starts, so every thread keeps them). `decode_busy`: the
+    decode thread's share of busy time (`_Decodes`)."""
     if cpus:
         os.sched_setaffinity(0, set(cpus))
     # the follower's lines (resyncs, snapshot blobs published) on this process's stderr, the bench's log
@@ -277,7 +286,7 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
     follower.start()
     decodes: dict[str, Any] = {}
     if decode_backbone:
-        decoder = _Decodes(decode_backbone, sizes, local)
+        decoder = _Decodes(decode_backbone, sizes, local, busy=decode_busy)
     if gc_freeze:
         _freeze_heap()
     if decode_backbone:
@@ -300,12 +309,13 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
 
 def bench_stream(url: str, catalog: SyntheticCatalog, rate: int, seconds: float,
                  decode_backbone: str = "", gc_freeze: bool = True, replica_cpus: Sequence[int] = (),
-                 feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> dict[str, Any]:
+                 feed_maxlen: int = DEFAULT_FEED_MAXLEN, decode_busy: float = 1.0) -> dict[str, Any]:
     replica = subprocess.Popen([sys.executable, "-c", "import sys, json; from nezha.live_catalog_bench import "
                                 "replica_main; replica_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
-                                "sys.argv[4] == '1', json.loads(sys.argv[5]), int(sys.argv[6]))", url,
-                                json.dumps(list(catalog.codebook_sizes)), decode_backbone, "1" if gc_freeze else "0",
-                                json.dumps(list(replica_cpus)), str(feed_maxlen)],
+                                "sys.argv[4] == '1', json.loads(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7]))",
+                                url, json.dumps(list(catalog.codebook_sizes)), decode_backbone,
+                                "1" if gc_freeze else "0", json.dumps(list(replica_cpus)), str(feed_maxlen),
+                                str(decode_busy)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert replica.stdin is not None and replica.stdout is not None
     ready = json.loads(replica.stdout.readline())
@@ -488,12 +498,13 @@ def _pin_process(pid: int, cpus: set[int]) -> None:
 
 def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_backbone: str = "",
                gc_freeze: bool = True, pin_replica: bool = False,
-               feed_maxlen: int = DEFAULT_FEED_MAXLEN) -> dict[str, Any]:
+               feed_maxlen: int = DEFAULT_FEED_MAXLEN, decode_busy: float = 1.0) -> dict[str, Any]:
     """Push, stream and add-by-text against a fresh redis-server. `pin_replica`: the replica process alone on
     one CPU, Redis and this process (the writer) on the others (`pin_split`). `feed_maxlen`: the change feed's
-    cap (the replica republishes the snapshot blob once it is half a feed ahead of it)."""
+    cap (the replica republishes the snapshot blob once it is half a feed ahead of it). `decode_busy`: the
+    replica's decode thread's share of busy time."""
     row: dict[str, Any] = {"items": n, "shape": "x".join(map(str, sizes)), "gc_freeze": gc_freeze,
-                           "feed_maxlen": feed_maxlen, "load_before": _load()}
+                           "feed_maxlen": feed_maxlen, "decode_busy": decode_busy, "load_before": _load()}
     catalog = synthetic_catalog(n, sizes)
     mine = os.sched_getaffinity(0)
     others, replica_cpus = pin_split() if pin_replica else (mine, set())
@@ -508,7 +519,7 @@ def bench_size(n: int, sizes: Sequence[int], rate: int, seconds: float, decode_b
             row.update(bench_push(url, catalog, feed_maxlen))
             log.info("%d items: push %s", n, row)
             row.update(bench_stream(url, catalog, rate, seconds, decode_backbone, gc_freeze, sorted(replica_cpus),
-                                    feed_maxlen))
+                                    feed_maxlen, decode_busy))
             row.update(bench_add_by_text(url, sizes))
         finally:
             os.sched_setaffinity(0, mine)
@@ -536,8 +547,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "separate machines (not with --local-only)")
     parser.add_argument("--feed-maxlen", type=int, default=DEFAULT_FEED_MAXLEN,
                         help="the change feed's cap (Redis runs)")
+    parser.add_argument("--decode-busy", type=float, default=1.0,
+                        help="the replica's decode thread's share of busy time: 1 back to back (a saturated replica), "
+                             "0.7 a pause of 3/7 of each decode's length after it (Redis runs)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if not 0 < args.decode_busy <= 1:
+        parser.error(f"--decode-busy: a share in (0, 1], got {args.decode_busy}")
     if args.pin_replica and args.local_only:
         parser.error("--pin-replica pins the Redis run's processes; --local-only has none")
     if args.pin_replica:
@@ -553,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                   gc_freeze=args.gc_freeze),
                      "load_after": _load()}
                     if args.local_only else bench_size(n, sizes, args.rate, args.seconds, args.decode_backbone,
-                                                       args.gc_freeze, args.pin_replica, args.feed_maxlen))
+                                                       args.gc_freeze, args.pin_replica, args.feed_maxlen,
+                                                       args.decode_busy))
         log.info("%s", json.dumps(rows[-1]))  # each size's row as it lands (the JSON file gets them all)
     report = {"label": args.label, "code": os.environ.get("PYTHONPATH") or "this checkout",
               "cpus": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

@@ -93,3 +93,29 @@ def test_redis_bench_pins_the_replica_apart_from_redis_and_the_writer(tmp_path):
             live_bench(["--sizes", "2000", "--pin-replica"])
     finally:
         os.sched_setaffinity(0, set(cpus))
+
+
+def test_decodes_leave_idle_time_at_a_busy_share_below_one():
+    """`--decode-busy 0.5`: each decode is followed by a pause as long as it (a replica with idle time for its
+    background work); 1, the default, decodes back to back. Out-of-range shares are refused."""
+    import time
+
+    from nezha.live_catalog import LocalCatalog
+    from nezha.live_catalog_bench import _Decodes
+    from nezha.live_catalog_bench import main as live_bench
+
+    local = LocalCatalog({f"I{i}": i * 7 for i in range(300)}, (16, 16, 16))
+    for busy, least_share in ((0.5, 2.0), (1.0, 1.0)):
+        decodes = _Decodes("tiny", (16, 16, 16), local, busy=busy)
+        start = time.perf_counter()
+        decodes.run(least=5)
+        wall = time.perf_counter() - start
+        decoding = sum(sum(t) for t in decodes.times.values())
+        assert wall >= least_share * decoding and all(len(t) == 5 for t in decodes.times.values())
+        if busy == 1.0:
+            assert wall < 1.5 * decoding + 0.5  # no pauses beyond the loop's own overhead
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="decode_busy"):
+            CatalogBenchConfig(decode_busy=bad)
+        with pytest.raises(SystemExit):
+            live_bench(["--sizes", "2000", "--decode-busy", str(bad)])
