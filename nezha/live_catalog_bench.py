@@ -301,7 +301,7 @@ def replica_main(url: str, sizes: Sequence[int], decode_backbone: str = "", gc_f
         streaming.join()
     local.wait_for(target, timeout=120)
     follower.stop()
-    merged = local.merged()
+    merged = local.merged() if hasattr(local, "merged") else None  # older checkouts keep no merged table
     print(json.dumps({"applied": applied, "resyncs": follower.health.resyncs, **decodes,
                       "last_merge_version": merged[0] if merged else None,
                       "blob_version": follower._blob_version}), flush=True)
