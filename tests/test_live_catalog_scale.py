@@ -225,6 +225,13 @@ def test_a_follower_publishes_its_last_merged_table_as_the_blob(redis_server: Re
     as_table = ItemMap.as_table
     monkeypatch.setattr(ItemMap, "as_table", lambda self: pytest.fail("a second O(N) pass") if threading.current_thread()
                         .name == "nezha-catalog-blob" else as_table(self))
+    publish, priorities = follower.store.publish_snapshot, []
+
+    def observed_publish(*args: object) -> str:  # the real publish, noting the priority of the thread it runs in
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return publish(*args)
+
+    monkeypatch.setattr(follower.store, "publish_snapshot", observed_publish)
     for n in range(25):  # one change a read; past 20 (half the feed) ahead of the push's blob, it publishes
         store.add([(f"LATE-{n}", next(free))])
         if local._merge is not None:
@@ -237,6 +244,8 @@ def test_a_follower_publishes_its_last_merged_table_as_the_blob(redis_server: Re
     merged = local.merged()
     assert merged is not None and pushed < merged[0] < local.version
     assert store.blob_state()[1] == merged[0] == follower._blob_version
+    if sys.platform.startswith("linux"):
+        assert priorities == [19]  # published at the lowest priority
     store.add([("LATER", next(free))])
     snapshot = store.snapshot()
     assert snapshot is not None and snapshot.blob_version == merged[0]  # the blob plus the feed since it
