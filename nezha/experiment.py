@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -72,7 +73,7 @@ class ExperimentConfig:
         "beam": {"train": {"objectives": ["lm"]}},
         "mtp": {"train": {"objectives": ["mtp"]}},
     }, metadata={"help": "name -> {train: TrainConfig fields, select_by: decoder, evals: {row: {decoder, verify}}, "
-                         "seeds: [...] (default: the grid's)}"})
+                         "seeds: [...] (default: the grid's; a method's own seeds are not changed by --seeds)}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields shared by every run"})
     beam: int = field(default=10, metadata={"help": "beam width of the test evaluation (top-10 returned)"})
@@ -143,6 +144,17 @@ def grid(cfg: ExperimentConfig) -> list[Run]:
     runs = [Run(d, m, s) for s in cfg.seeds for d in cfg.datasets for m in main]
     runs += [Run(d, m, s) for m in extra for s in cfg.methods[m]["seeds"] for d in cfg.datasets]
     return [r for r in runs if not cfg.only or any(o in r.name for o in cfg.only)]
+
+
+def own_seed_warning(cfg: ExperimentConfig, runs: Sequence[Run]) -> str | None:
+    """What to say when `only` picks methods with their own `seeds`: the grid's `seeds` (e.g. `--seeds 1,2`)
+    do not apply to them, which a command selecting them with other seeds most likely did not mean."""
+    own = {r.method: cfg.methods[r.method]["seeds"] for r in runs if "seeds" in cfg.methods[r.method]}
+    ignored = {m: seeds for m, seeds in own.items() if sorted(seeds) != sorted(cfg.seeds)}
+    if not cfg.only or not ignored:
+        return None
+    return ("; ".join(f"{m} runs its own seeds {seeds}" for m, seeds in sorted(ignored.items())) +
+            f", not the grid's {cfg.seeds}: to run other seeds of it, set methods.<name>.seeds in the config")
 
 
 def prepared_dir(cfg: ExperimentConfig, dataset: str) -> Path:
@@ -333,11 +345,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2))
-    prepare_datasets(cfg)
     runs = grid(cfg)
+    warning = own_seed_warning(cfg, runs)
+    if warning:
+        log.warning("%s", warning)
     todo = [r for r in runs if not (out / "runs" / r.name / RESULT_FILE).is_file()]
-    log.info("%d runs, %d finished before, %d to run (%d at a time)", len(runs), len(runs) - len(todo), len(todo),
-             cfg.parallel)
+    log.info("%d runs, %d finished before, %d to run (%d at a time)%s", len(runs), len(runs) - len(todo), len(todo),
+             cfg.parallel, f": {', '.join(r.name for r in todo)}" if len(todo) <= 10 else "")
+    prepare_datasets(cfg)
     for run in runs:
         if run not in todo:
             add_missing_rows(cfg, run)

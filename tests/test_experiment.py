@@ -13,7 +13,16 @@ import pytest
 from conftest import write_tiny_dataset
 
 from nezha.config import ConfigError
-from nezha.experiment import ExperimentConfig, Run, claim_run, grid, method_decoder, per_user, run_experiment
+from nezha.experiment import (
+    ExperimentConfig,
+    Run,
+    claim_run,
+    grid,
+    method_decoder,
+    own_seed_warning,
+    per_user,
+    run_experiment,
+)
 
 
 def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> ExperimentConfig:
@@ -123,3 +132,18 @@ def test_per_user_metrics_match_the_definitions() -> None:
     ranks = np.array([0, 1, 9, 10, -1])
     assert per_user(ranks, "hit@10").tolist() == [1, 1, 1, 0, 0]
     np.testing.assert_allclose(per_user(ranks, "ndcg@10"), [1, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
+
+
+def test_a_method_with_its_own_seeds_keeps_them_and_only_says_so() -> None:
+    """`--only big --seeds 1,2` on a method whose config lists `seeds: [0]` runs seed 0 (the method's own
+    seeds win); the experiment warns, naming the method and how to run other seeds, before anything runs."""
+    methods = {"nezha": {"train": {}}, "big": {"train": {}, "seeds": [0]}}
+    cfg = ExperimentConfig(methods=methods, seeds=[1, 2], only=["big"])
+    runs = grid(cfg)
+    assert [r.name for r in runs] == ["beauty__big__s0"]
+    warning = own_seed_warning(cfg, runs)
+    assert warning is not None and "big runs its own seeds [0], not the grid's [1, 2]" in warning
+    assert "methods.<name>.seeds" in warning
+    assert own_seed_warning(ExperimentConfig(methods=methods, seeds=[0], only=["big"]), runs) is None  # the same seeds
+    everything = ExperimentConfig(methods=methods, seeds=[1, 2])
+    assert own_seed_warning(everything, grid(everything)) is None  # the whole grid: as configured
