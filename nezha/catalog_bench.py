@@ -36,7 +36,7 @@ import torch
 from nezha.config import ConfigError
 from nezha.device import cpu_model, device_name, resolve_device
 from nezha.live_catalog_bench import bench_size as bench_redis_size
-from nezha.live_catalog_bench import pin_split
+from nezha.live_catalog_bench import check_decode_busy, pin_split
 from nezha.timing import latency_stats, synchronize
 from nezha.verify import PrefixVerifier
 from nezha.verify.codec import random_packed_ids
@@ -88,8 +88,10 @@ class CatalogBenchConfig:
             raise ConfigError(f"sustained: must be >= 0, got {self.sustained}")
         for shape in self.shapes:
             parse_shape(shape)
-        if not 0 < self.decode_busy <= 1:
-            raise ConfigError(f"decode_busy: a share in (0, 1], got {self.decode_busy}")
+        try:
+            check_decode_busy(self.decode_busy)
+        except ValueError as exc:
+            raise ConfigError(f"decode_busy: {exc}") from None
         if self.pin_replica and not self.redis:
             raise ConfigError("pin_replica: pins the Redis run's processes; add --redis true")
         if self.pin_replica:

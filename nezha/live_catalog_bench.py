@@ -190,6 +190,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def check_decode_busy(busy: float) -> float:
+    """`busy` as a decode thread's share of busy time; ValueError unless in (0, 1]."""
+    if not 0 < busy <= 1:
+        raise ValueError(f"a share in (0, 1], got {busy}")
+    return busy
+
+
 class _Decodes:
     """NEZHA decodes against a replica's current catalog view, as a serving replica runs them (one thread).
     `busy`: the share of the time spent decoding (1.0: back to back, a saturated replica; 0.7: each decode
@@ -552,8 +559,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "0.7 a pause of 3/7 of each decode's length after it (Redis runs)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if not 0 < args.decode_busy <= 1:
-        parser.error(f"--decode-busy: a share in (0, 1], got {args.decode_busy}")
+    try:
+        check_decode_busy(args.decode_busy)
+    except ValueError as exc:
+        parser.error(f"--decode-busy: {exc}")
     if args.pin_replica and args.local_only:
         parser.error("--pin-replica pins the Redis run's processes; --local-only has none")
     if args.pin_replica:
